@@ -1,0 +1,96 @@
+// Input checks shared by the CPU and CUDA kernels: each failure names the op, the argument, and the
+// shapes / dtypes / devices involved.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+namespace resnet_fused {
+
+#define RF_CHECK(cond, op, ...) TORCH_CHECK(cond, "resnet_fused::", op, ": ", __VA_ARGS__)
+
+// A 4-D activation in fp32 / fp16 / bf16.
+inline void check_activation(const at::Tensor& t, const char* op, const char* name) {
+  RF_CHECK(t.dim() == 4, op, "expected `", name, "` to be a 4-D (N, C, H, W) tensor, got shape ", t.sizes());
+  RF_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+           "expected `", name, "` to be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// Another activation that must match `ref` in shape, dtype and device.
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  RF_CHECK(t.sizes() == ref.sizes(), op, "`", name, "` has shape ", t.sizes(), " but `", ref_name, "` has shape ", ref.sizes());
+  RF_CHECK(t.scalar_type() == ref.scalar_type(), op, "`", name, "` is ", t.scalar_type(), " but `", ref_name, "` is ",
+           ref.scalar_type());
+  RF_CHECK(t.device() == ref.device(), op, "`", name, "` is on ", t.device(), " but `", ref_name, "` is on ", ref.device());
+}
+
+// A per-channel fp32 vector of C elements on ref's device.
+inline void check_channel_vector(const at::Tensor& v, const at::Tensor& ref, const char* op, const char* name) {
+  const int64_t C = ref.size(1);
+  RF_CHECK(v.dim() == 1 && v.numel() == C, op, "expected `", name, "` of shape [", C, "] (one per channel of a tensor of shape ",
+           ref.sizes(), "), got shape ", v.sizes());
+  RF_CHECK(v.scalar_type() == at::kFloat, op, "expected `", name, "` to be float32, got ", v.scalar_type());
+  RF_CHECK(v.device() == ref.device(), op, "`", name, "` is on ", v.device(), " but the activations are on ", ref.device());
+}
+
+// Dispatch over the activation dtypes the kernels take (fp64 goes to the plain-PyTorch path in Python).
+#define RF_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The layout every kernel runs in: channels_last (N, H, W, C) or contiguous (N, C, H, W).
+inline at::MemoryFormat layout_of(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous;
+}
+
+// x laid out densely in fmt (a no-op when it already is); an undefined optional stays undefined.
+inline at::Tensor dense(const at::Tensor& x, at::MemoryFormat fmt) { return x.defined() ? x.contiguous(fmt) : x; }
+inline at::Tensor dense(const std::optional<at::Tensor>& x, at::MemoryFormat fmt) {
+  return x.has_value() ? dense(*x, fmt) : at::Tensor();
+}
+
+// ---- per-op checks, called by every backend before it touches memory ----
+
+inline void check_add_relu(const at::Tensor& input, const at::Tensor& residual) {
+  check_activation(input, "add_relu_forward", "input");
+  check_like(residual, input, "add_relu_forward", "residual", "input");
+}
+
+inline void check_bn_stats(const at::Tensor& input) { check_activation(input, "bn_stats", "input"); }
+
+inline void check_bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                               const std::optional<at::Tensor>& residual) {
+  const char* op = "bn_act_apply";
+  check_activation(input, op, "input");
+  check_channel_vector(scale, input, op, "scale");
+  check_channel_vector(shift, input, op, "shift");
+  if (residual.has_value()) check_like(*residual, input, op, "residual", "input");
+}
+
+inline void check_bn_act_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                         const std::optional<at::Tensor>& output) {
+  const char* op = "bn_act_backward_reduce";
+  check_activation(input, op, "input");
+  check_like(grad_out, input, op, "grad_out", "input");
+  check_channel_vector(mean, input, op, "mean");
+  if (output.has_value()) check_like(*output, input, op, "output", "input");
+}
+
+inline void check_bn_act_backward_elemt(const at::Tensor& grad_out, const std::optional<at::Tensor>& output,
+                                        const std::optional<at::Tensor>& input, const at::Tensor& dy_scale,
+                                        const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& shift) {
+  const char* op = "bn_act_backward_elemt";
+  check_activation(grad_out, op, "grad_out");
+  check_channel_vector(dy_scale, grad_out, op, "dy_scale");
+  if (output.has_value()) check_like(*output, grad_out, op, "output", "grad_out");
+  RF_CHECK(input.has_value() == x_scale.has_value() && input.has_value() == shift.has_value(), op,
+           "`input`, `x_scale` and `shift` must be given together (training) or all omitted (eval)");
+  if (input.has_value()) {
+    check_like(*input, grad_out, op, "input", "grad_out");
+    check_channel_vector(*x_scale, grad_out, op, "x_scale");
+    check_channel_vector(*shift, grad_out, op, "shift");
+  }
+}
+
+}  // namespace resnet_fused

@@ -1,0 +1,224 @@
+// Batch-norm + (residual add) + ReLU on the CPU: statistics, the fused apply pass, and the two
+// backward passes (one reduction, one elementwise). Math in fp32, chunk combines in fp64.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu/channel_map.h"
+
+namespace resnet_fused::cpu {
+namespace {
+
+// Per-thread fp32 scratch of C floats per accumulator.
+template <size_t k>
+struct Scratch {
+  std::array<std::vector<float>, k> v;
+  explicit Scratch(int64_t C) { for (auto& a : v) a.assign(C, 0.f); }
+  std::array<float*, k> ptrs() {
+    std::array<float*, k> p;
+    for (size_t i = 0; i < k; ++i) p[i] = v[i].data();
+    return p;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
+  check_bn_stats(input);
+  const auto fmt = layout_of(input);
+  const at::Tensor x = dense(input, fmt);
+  const int64_t C = x.size(1);
+  at::Tensor mean = at::zeros({C}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::zeros({C}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {mean, var};
+  const Runs g(x, fmt);
+  const Chunks ch(g);
+  // chunk partials: mean and M2 = sum (x - chunk mean)^2 of each covered channel
+  std::vector<float> part_mean(ch.count * ch.width), part_m2(ch.count * ch.width);
+  RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
+      Scratch<2> s(C);  // [0]: sum, then chunk mean; [1]: M2
+      float* sum = s.v[0].data();
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t c0 = ch.first_channel(k);
+        const float inv_n = 1.f / static_cast<float>(ch.elems(k));
+        // two passes over the chunk (cached): mean first, then the centred sum of squares
+        chunk_sums<1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
+        for (int64_t c = c0; c < c0 + ch.width; ++c) sum[c] *= inv_n;
+        chunk_sums<1, 1, 1>(ch, k, std::array{xp}, std::array<const float*, 1>{sum}, std::array{s.v[1].data()},
+                            [](auto v, auto p) {
+                              const auto d = v[0] - p[0];
+                              return std::array{d * d};
+                            });
+        for (int64_t c = c0; c < c0 + ch.width; ++c) {
+          part_mean[k * ch.width + c - c0] = sum[c];
+          part_m2[k * ch.width + c - c0] = s.v[1][c];
+        }
+      }
+    });
+  });
+  // Chan et al.: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b), in fp64
+  float* mp = mean.mutable_data_ptr<float>();
+  float* vp = var.mutable_data_ptr<float>();
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double n = 0, mu = 0, m2 = 0;
+      ch.for_each_chunk_of(c, [&](int64_t k, int64_t slot) {
+        const double nb = static_cast<double>(ch.elems(k)), delta = part_mean[slot] - mu, total = n + nb;
+        mu += delta * nb / total;
+        m2 += part_m2[slot] + delta * delta * n * nb / total;
+        n = total;
+      });
+      mp[c] = static_cast<float>(mu);
+      vp[c] = static_cast<float>(m2 / n);
+    }
+  });
+  return {mean, var};
+}
+
+at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                        const std::optional<at::Tensor>& residual, bool relu_out) {
+  check_bn_act_apply(input, scale, shift, residual);
+  const auto fmt = layout_of(input);
+  const at::Tensor x = dense(input, fmt), r = dense(residual, fmt);
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  at::Tensor out = at::empty_like(x, fmt);
+  if (x.numel() == 0) return out;
+  const Runs g(x, fmt);
+  const std::array<const float*, 2> params{sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
+  RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_apply_cpu", [&] {
+    const std::array<scalar_t*, 1> o{out.mutable_data_ptr<scalar_t>()};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // y = x * scale + shift (+ residual); out = relu(y) or y
+    auto act = [relu_out](auto y) { return relu_out ? relu(y) : y; };
+    if (r.defined()) {
+        channel_map(g, std::array<const scalar_t*, 2>{xp, r.const_data_ptr<scalar_t>()}, params, o,
+                           [&](auto v, auto p) { return std::array{act(v[0] * p[0] + p[1] + v[1])}; });
+    } else {
+      channel_map(g, std::array<const scalar_t*, 1>{xp}, params, o, [&](auto v, auto p) { return std::array{act(v[0] * p[0] + p[1])}; });
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                          const at::Tensor& mean,
+                                                          const std::optional<at::Tensor>& output) {
+  check_bn_act_backward_reduce(grad_out, input, mean, output);
+  const auto fmt = layout_of(input);
+  const at::Tensor x = dense(input, fmt), dout = dense(grad_out, fmt), y = dense(output, fmt);
+  const at::Tensor mu = mean.contiguous();
+  const int64_t C = x.size(1);
+  at::Tensor sum_dy = at::zeros({C}, mean.options());
+  at::Tensor sum_dy_xmu = at::zeros({C}, mean.options());
+  if (x.numel() == 0) return {sum_dy, sum_dy_xmu};
+  const Runs g(x, fmt);
+  const Chunks ch(g);
+  std::vector<float> part(2 * ch.count * ch.width);  // (sum dy, sum dy (x - mean)) per chunk and channel
+  const std::array<const float*, 1> params{mu.const_data_ptr<float>()};
+  RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = dout.const_data_ptr<scalar_t>();
+    at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
+      Scratch<2> s(C);
+      for (int64_t k = begin; k < end; ++k) {
+        // terms (dy, dy * (x - mean)); dy = grad * (out > 0) with a ReLU, else grad
+        if (y.defined()) {
+          chunk_sums<3, 1, 2>(ch, k, std::array{gp, xp, y.const_data_ptr<scalar_t>()}, params, s.ptrs(),
+                              [](auto v, auto p) {
+                                const auto dy = relu_mask(v[0], v[2]);
+                                return std::array{dy, dy * (v[1] - p[0])};
+                              });
+        } else {
+          chunk_sums<2, 1, 2>(ch, k, std::array{gp, xp}, params, s.ptrs(),
+                              [](auto v, auto p) { return std::array{v[0], v[0] * (v[1] - p[0])}; });
+        }
+        const int64_t c0 = ch.first_channel(k);
+        for (int64_t c = c0; c < c0 + ch.width; ++c) {
+          part[2 * (k * ch.width + c - c0)] = s.v[0][c];
+          part[2 * (k * ch.width + c - c0) + 1] = s.v[1][c];
+        }
+      }
+    });
+  });
+  float* s1 = sum_dy.mutable_data_ptr<float>();
+  float* s2 = sum_dy_xmu.mutable_data_ptr<float>();
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double a = 0, b = 0;
+      ch.for_each_chunk_of(c, [&](int64_t, int64_t slot) { a += part[2 * slot], b += part[2 * slot + 1]; });
+      s1[c] = static_cast<float>(a);
+      s2[c] = static_cast<float>(b);
+    }
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_out,
+                                                         const std::optional<at::Tensor>& output,
+                                                         const std::optional<at::Tensor>& input,
+                                                         const at::Tensor& dy_scale,
+                                                         const std::optional<at::Tensor>& x_scale,
+                                                         const std::optional<at::Tensor>& shift,
+                                                         bool need_grad_residual) {
+  check_bn_act_backward_elemt(grad_out, output, input, dy_scale, x_scale, shift);
+  const auto fmt = layout_of(input.has_value() ? *input : grad_out);
+  const at::Tensor dout = dense(grad_out, fmt), y = dense(output, fmt), x = dense(input, fmt);
+  const at::Tensor a = dy_scale.contiguous();
+  const at::Tensor b = x.defined() ? x_scale->contiguous() : at::Tensor();
+  const at::Tensor c = x.defined() ? shift->contiguous() : at::Tensor();
+  at::Tensor grad_input = at::empty_like(dout, fmt);
+  at::Tensor grad_residual = need_grad_residual ? at::empty_like(dout, fmt) : at::empty({0}, grad_out.options());
+  if (dout.numel() == 0) return {grad_input, grad_residual};
+  const Runs g(dout, fmt);
+  RF_DISPATCH_FLOATING_TYPES(dout.scalar_type(), "bn_act_backward_elemt_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = dout.const_data_ptr<T>();
+    T* gi = grad_input.mutable_data_ptr<T>();
+    T* gr = need_grad_residual ? grad_residual.mutable_data_ptr<T>() : nullptr;
+    // The four variants: with / without ReLU mask (output), training (input, x_scale, shift) or eval.
+    // dy = grad * (out > 0) or grad; grad_input = dy * a (+ x * b + c); grad_residual = dy.
+    auto run = [&](auto inputs, auto params, auto math) {
+      if (gr != nullptr) {
+        channel_map(g, inputs, params, std::array<T*, 2>{gi, gr}, math);
+      } else {
+        channel_map(g, inputs, params, std::array<T*, 1>{gi},
+                    [&](auto v, auto p) { return std::array{math(v, p)[0]}; });
+      }
+    };
+    if (x.defined()) {
+      const std::array<const float*, 3> p{a.const_data_ptr<float>(), b.const_data_ptr<float>(), c.const_data_ptr<float>()};
+      if (y.defined()) {
+        run(std::array<const T*, 3>{gp, x.const_data_ptr<T>(), y.const_data_ptr<T>()}, p, [](auto v, auto c) {
+          const auto dy = relu_mask(v[0], v[2]);
+          return std::array{dy * c[0] + v[1] * c[1] + c[2], dy};
+        });
+      } else {
+        run(std::array<const T*, 2>{gp, x.const_data_ptr<T>()}, p,
+            [](auto v, auto c) { return std::array{v[0] * c[0] + v[1] * c[1] + c[2], v[0]}; });
+      }
+    } else {
+      const std::array<const float*, 1> p{a.const_data_ptr<float>()};
+      if (y.defined()) {
+        run(std::array<const T*, 2>{gp, y.const_data_ptr<T>()}, p, [](auto v, auto c) {
+          const auto dy = relu_mask(v[0], v[1]);
+          return std::array{dy * c[0], dy};
+        });
+      } else {
+        run(std::array<const T*, 1>{gp}, p, [](auto v, auto c) { return std::array{v[0] * c[0], v[0]}; });
+      }
+    }
+  });
+  return {grad_input, grad_residual};
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_apply", &bn_act_apply);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
+  m.impl("bn_act_backward_elemt", &bn_act_backward_elemt);
+}
+
+}  // namespace resnet_fused::cpu

@@ -1,0 +1,207 @@
+// Vectorized, parallel per-channel elementwise maps and reductions over (N, C, H, W) activations on
+// the CPU, in either dense layout:
+//   channels_last: N*H*W rows of C channels   -> a run is one row, the channel varies along it
+//   contiguous:    N*C planes of H*W pixels   -> a run is one plane, the channel is fixed
+// Ops write their math once, as a generic lambda over `float` and `Vectorized<float>`.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+
+namespace resnet_fused::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = fVec::size();
+
+// ---- loads and stores of kVec elements, converted to / from fp32 ----
+template <typename T>
+inline fVec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, fVec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kVec);
+  }
+}
+
+// ---- the same math on a scalar and on a vector ----
+inline float relu(float x) { return x > 0.f ? x : 0.f; }
+inline fVec relu(fVec x) { return at::vec::clamp_min(x, fVec(0.f)); }
+// dy = grad * (out > 0): d relu(z)/dz read off the saved output
+inline float relu_mask(float grad, float out) { return out > 0.f ? grad : 0.f; }
+inline fVec relu_mask(fVec grad, fVec out) { return fVec::blendv(fVec(0.f), grad, out > fVec(0.f)); }
+
+// Geometry of one activation: its layout and how its elements split into runs.
+struct Runs {
+  bool channels_last;
+  int64_t num_runs;  // N*H*W rows or N*C planes
+  int64_t run_len;   // C or H*W
+  int64_t C;
+  Runs(const at::Tensor& t, at::MemoryFormat fmt)
+      : channels_last(fmt == at::MemoryFormat::ChannelsLast),
+        num_runs(channels_last ? t.size(0) * t.size(2) * t.size(3) : t.size(0) * t.size(1)),
+        run_len(channels_last ? t.size(1) : t.size(2) * t.size(3)),
+        C(t.size(1)) {}
+  int64_t channel_of_run(int64_t run) const { return run % C; }  // contiguous layout only
+};
+
+// One per-channel fp32 vector as seen along a run: indexed by position (channels_last) or one value
+// broadcast along the run (contiguous).
+struct ChannelParam {
+  const float* p;
+  bool varies;
+  fVec vec(int64_t j) const { return varies ? fVec::loadu(p + j) : fVec(*p); }
+  float scalar(int64_t j) const { return varies ? p[j] : *p; }
+};
+
+// out[k][i] = math(in[0][i], ..., param[0][c(i)], ...)[k] for every element i of the activation.
+// `math(std::array<V, kIn>, std::array<V, kParam>) -> std::array<V, kOut>`, V in {float, fVec}.
+template <size_t kIn, size_t kParam, size_t kOut, typename T, typename Math>
+void channel_map(const Runs& g, std::array<const T*, kIn> in, std::array<const float*, kParam> params,
+                 std::array<T*, kOut> out, const Math& math) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.run_len, 1));
+  at::parallel_for(0, g.num_runs, grain, [&](int64_t run_begin, int64_t run_end) {
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      const int64_t base = run * g.run_len;
+      std::array<ChannelParam, kParam> ps;
+      for (size_t k = 0; k < kParam; ++k) {
+        ps[k] = g.channels_last ? ChannelParam{params[k], true} : ChannelParam{params[k] + g.channel_of_run(run), false};
+      }
+      int64_t j = 0;
+      for (; j + kVec <= g.run_len; j += kVec) {
+        std::array<fVec, kIn> xs;
+        std::array<fVec, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = ps[k].vec(j);
+        const std::array<fVec, kOut> ys = math(xs, cs);
+        for (size_t k = 0; k < kOut; ++k) store_f(out[k] + base + j, ys[k]);
+      }
+      for (; j < g.run_len; ++j) {
+        std::array<float, kIn> xs;
+        std::array<float, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = ps[k].scalar(j);
+        const std::array<float, kOut> ys = math(xs, cs);
+        for (size_t k = 0; k < kOut; ++k) out[k][base + j] = static_cast<T>(ys[k]);
+      }
+    }
+  });
+}
+
+// ---- per-channel reductions, in two levels ----
+// The activation is cut into chunks of about kChunkElems elements: a block of rows (channels_last) or
+// a segment of one plane (contiguous). Within a chunk, sums run in fp32 (vector lanes keep each lane's
+// sum short); chunk results are combined per channel in fp64, in a fixed order (deterministic).
+struct Chunks {
+  static constexpr int64_t kChunkElems = 16384;  // stays in L1/L2 when a chunk is read twice
+  const Runs& g;
+  int64_t len;        // rows per chunk (channels_last) or elements per plane segment (contiguous)
+  int64_t per_plane;  // segments per plane (contiguous)
+  int64_t count;      // chunks in all
+  int64_t width;      // channels one chunk covers: C (channels_last) or 1 (contiguous)
+  explicit Chunks(const Runs& runs) : g(runs) {
+    if (g.channels_last) {
+      len = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(g.C, 1));
+      per_plane = 1;
+      count = (g.num_runs + len - 1) / len;
+      width = g.C;
+    } else {
+      len = std::max<int64_t>(1, std::min(g.run_len, kChunkElems));
+      per_plane = (g.run_len + len - 1) / len;
+      count = g.num_runs * per_plane;
+      width = 1;
+    }
+  }
+  // elements of each covered channel inside the chunk
+  int64_t elems(int64_t chunk) const {
+    return g.channels_last ? std::min(g.num_runs, (chunk + 1) * len) - chunk * len
+                           : std::min(len, g.run_len - (chunk % per_plane) * len);
+  }
+  int64_t first_channel(int64_t chunk) const { return g.channels_last ? 0 : g.channel_of_run(chunk / per_plane); }
+  // f(chunk, slot) for every chunk covering channel c, in a fixed order; slot = chunk * width + (c - first)
+  template <typename F>
+  void for_each_chunk_of(int64_t c, const F& f) const {
+    if (g.channels_last) {
+      for (int64_t k = 0; k < count; ++k) f(k, k * width + c);
+    } else {
+      for (int64_t plane = c; plane < g.num_runs; plane += g.C)
+        for (int64_t s = 0; s < per_plane; ++s) f(plane * per_plane + s, plane * per_plane + s);
+    }
+  }
+};
+
+// acc[k][c] = sum over the chunk's elements of channel c of math(in..., param...)[k], in fp32, for the
+// channels the chunk covers (all C in channels_last, its one channel in contiguous; others untouched).
+// acc and params are indexed by channel.
+template <size_t kIn, size_t kParam, size_t kAcc, typename T, typename Math>
+void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, std::array<const float*, kParam> params,
+                std::array<float*, kAcc> acc, const Math& math) {
+  const Runs& g = ch.g;
+  if (g.channels_last) {
+    // rows [r0, r1) of C channels; acc vectors run along the channels
+    const int64_t r0 = chunk * ch.len, r1 = std::min(g.num_runs, r0 + ch.len);
+    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k], acc[k] + g.C, 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * g.C;
+      int64_t j = 0;
+      for (; j + kVec <= g.C; j += kVec) {
+        std::array<fVec, kIn> xs;
+        std::array<fVec, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = fVec::loadu(params[k] + j);
+        const std::array<fVec, kAcc> t = math(xs, cs);
+        for (size_t k = 0; k < kAcc; ++k) (fVec::loadu(acc[k] + j) + t[k]).store(acc[k] + j);
+      }
+      for (; j < g.C; ++j) {
+        std::array<float, kIn> xs;
+        std::array<float, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][j];
+        const std::array<float, kAcc> t = math(xs, cs);
+        for (size_t k = 0; k < kAcc; ++k) acc[k][j] += t[k];
+      }
+    }
+  } else {
+    // one segment of one (n, c) plane; params are that channel's scalars
+    const int64_t plane = chunk / ch.per_plane, seg = chunk % ch.per_plane;
+    const int64_t base = plane * g.run_len + seg * ch.len;
+    const int64_t n = ch.elems(chunk);
+    const int64_t c = g.channel_of_run(plane);
+    std::array<fVec, kParam> cv;
+    std::array<float, kParam> cs;
+    for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][c], cv[k] = fVec(cs[k]);
+    std::array<fVec, kAcc> vsum;
+    vsum.fill(fVec(0.f));
+    int64_t j = 0;
+    for (; j + kVec <= n; j += kVec) {
+      std::array<fVec, kIn> xs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+      const std::array<fVec, kAcc> t = math(xs, cv);
+      for (size_t k = 0; k < kAcc; ++k) vsum[k] = vsum[k] + t[k];
+    }
+    std::array<float, kAcc> sum;
+    for (size_t k = 0; k < kAcc; ++k) sum[k] = at::vec::vec_reduce_all<float>(std::plus<fVec>(), vsum[k]);
+    for (; j < n; ++j) {
+      std::array<float, kIn> xs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
+      const std::array<float, kAcc> t = math(xs, cs);
+      for (size_t k = 0; k < kAcc; ++k) sum[k] += t[k];
+    }
+    for (size_t k = 0; k < kAcc; ++k) acc[k][c] = sum[k];
+  }
+}
+
+}  // namespace resnet_fused::cpu

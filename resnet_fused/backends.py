@@ -1,0 +1,164 @@
+"""Which implementation runs an op: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+
+Set it globally, for a block of code, or per call (the ``backend=`` argument of every function in
+:mod:`resnet_fused.functional`); the innermost setting wins::
+
+    resnet_fused.backends.set_backend("triton")
+    with resnet_fused.backends.use("torch"):
+        ...
+
+``"auto"`` sends CPU tensors to the C++ CPU kernels and CUDA tensors to the C++/CUDA kernels, else to
+Triton, else to plain PyTorch; fp64 tensors (gradcheck) always go to plain PyTorch, the only
+backend that computes in fp64. A named backend that cannot take the tensors raises an error that
+says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+import types
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+KERNELS = ("add_relu_forward", "bn_stats", "bn_act_apply", "bn_act_backward_reduce", "bn_act_backward_elemt")
+
+_global_backend = "auto"
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("resnet_fused_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"resnet_fused: unknown backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the backend used when neither a call nor an enclosing ``use(...)`` names one."""
+    global _global_backend
+    _global_backend = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force here (before ``"auto"`` is resolved for a tensor)."""
+    scoped = _scoped_backend.get()
+    return scoped if scoped is not None else _global_backend
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run the enclosed code with ``name`` as the backend."""
+    token = _scoped_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+# ---- what is available on this machine ----
+
+
+@functools.cache
+def extension_error() -> str | None:
+    """Why resnet_fused._C could not be loaded, or None when it is loaded."""
+    try:
+        from resnet_fused import _C  # noqa: F401  (registers the C++ ops)
+    except ImportError as e:
+        warnings.warn(
+            f"resnet_fused: the compiled extension is unavailable ({e}); using Triton or plain PyTorch.",
+            stacklevel=3,
+        )
+        return str(e)
+    return None
+
+
+def has_extension() -> bool:
+    return extension_error() is None
+
+
+@functools.cache
+def extension_has_cuda() -> bool:
+    """Whether resnet_fused._C was built with its CUDA kernels."""
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::bn_stats", "CUDA")
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> dict[str, bool]:
+    """Backend name -> whether it can run on this machine."""
+    return {
+        "cpu": has_extension(),
+        "cuda": extension_has_cuda() and torch.cuda.is_available(),
+        "triton": has_triton() and (torch.cuda.is_available() or triton_interpreted()),
+        "torch": True,
+    }
+
+
+# ---- choosing one for a call ----
+
+
+def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
+    """The concrete backend for a call on ``tensors`` (all on one device; None entries are skipped)."""
+    name = _check_name(backend) if backend is not None else get_backend()
+    ref = next(t for t in tensors if t is not None)
+    device = ref.device.type
+    if ref.dtype == torch.float64:
+        return "torch"  # the kernels compute in fp32; fp64 (gradcheck) runs the plain-PyTorch path
+    if name == "auto":
+        if device == "cpu":
+            return "cpu" if has_extension() else "torch"
+        if device == "cuda":
+            if extension_has_cuda():
+                return "cuda"
+            return "triton" if has_triton() else "torch"
+        return "torch"
+    why = None
+    if name == "cpu" and device != "cpu":
+        why = f"it takes CPU tensors, got {device} tensors"
+    elif name == "cpu" and not has_extension():
+        why = f"the compiled extension is unavailable ({extension_error()})"
+    elif name == "cuda" and device != "cuda":
+        why = f"it takes CUDA tensors, got {device} tensors"
+    elif name == "cuda" and not extension_has_cuda():
+        why = "resnet_fused._C was built without CUDA (or failed to load)"
+    elif name == "triton" and not has_triton():
+        why = "triton is not installed"
+    elif name == "triton" and device != "cuda" and not (device == "cpu" and triton_interpreted()):
+        why = f"it takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device} tensors"
+    if why is not None:
+        raise RuntimeError(f"resnet_fused: backend {name!r} cannot run this call: {why}")
+    return name
+
+
+@functools.cache
+def kernels(name: str) -> types.SimpleNamespace:
+    """The five kernel-level functions of a concrete backend, by the names in KERNELS."""
+    if name in ("cpu", "cuda"):
+        extension_error()
+        return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, k) for k in KERNELS})
+    if name == "triton":
+        from resnet_fused.triton import add_relu, bn_act
+
+        return types.SimpleNamespace(
+            add_relu_forward=add_relu.add_relu, **{k: getattr(bn_act, k) for k in KERNELS if k != "add_relu_forward"}
+        )
+    if name == "torch":
+        from resnet_fused import reference
+
+        return types.SimpleNamespace(
+            add_relu_forward=reference.add_relu, **{k: getattr(reference, k) for k in KERNELS if k != "add_relu_forward"}
+        )
+    raise ValueError(f"resnet_fused: {name!r} is not a concrete backend; resolve it first")

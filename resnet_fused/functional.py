@@ -1,0 +1,311 @@
+"""The public functions, the torch ops behind them, their fake kernels and their autograd formulas.
+
+Two levels of ops live in the ``resnet_fused`` namespace:
+
+* kernel ops (schemas in csrc/ops.cpp, C++ CPU and CUDA kernels; Triton and plain-PyTorch twins in
+  resnet_fused/triton and resnet_fused/reference.py): ``add_relu_forward``, ``bn_stats``,
+  ``bn_act_apply``, ``bn_act_backward_reduce``, ``bn_act_backward_elemt``. Their fakes are here.
+* autograd ops (``torch.library.custom_op``, defined here): ``add_relu``, ``bn_act_train``,
+  ``bn_act_eval``. Each takes the concrete backend as its last argument, runs that backend's
+  kernel ops, and has one backward that runs two passes: one reduction, one elementwise.
+
+The public functions validate arguments, pick the backend, call an autograd op, and (training) update
+the running statistics in place exactly as ``torch.nn.functional.batch_norm`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resnet_fused import backends
+
+__all__ = ["add_relu", "bn_act"]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # the layout the kernels use for x: channels_last when x is in it (and not also NCHW-contiguous)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel_empty(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=_stat_dtype(x))
+
+
+# ---- fake kernels of the C++ kernel ops (shapes, dtypes and layouts only) ----
+
+if backends.has_extension():
+
+    @torch.library.register_fake("resnet_fused::add_relu_forward")
+    def _(input, residual):
+        return torch.empty_like(input, memory_format=_memory_format(input))
+
+    @torch.library.register_fake("resnet_fused::bn_stats")
+    def _(input):
+        return _per_channel_empty(input), _per_channel_empty(input)
+
+    @torch.library.register_fake("resnet_fused::bn_act_apply")
+    def _(input, scale, shift, residual, relu):
+        return torch.empty_like(input, memory_format=_memory_format(input))
+
+    @torch.library.register_fake("resnet_fused::bn_act_backward_reduce")
+    def _(grad_out, input, mean, output):
+        return _per_channel_empty(input), _per_channel_empty(input)
+
+    @torch.library.register_fake("resnet_fused::bn_act_backward_elemt")
+    def _(grad_out, output, input, dy_scale, x_scale, shift, need_grad_residual):
+        fmt = _memory_format(input if input is not None else grad_out)
+        grad_input = torch.empty_like(grad_out, memory_format=fmt)
+        grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
+        return grad_input, grad_residual
+
+
+# ---- add_relu ----
+
+
+@torch.library.custom_op("resnet_fused::add_relu", mutates_args=())
+def _add_relu(input: Tensor, residual: Tensor, backend: str) -> Tensor:
+    """relu(input + residual)"""
+    return backends.kernels(backend).add_relu_forward(input, residual)
+
+
+@_add_relu.register_fake
+def _(input, residual, backend):
+    return torch.empty_like(input, memory_format=_memory_format(input))
+
+
+def _add_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad_out):
+    (out,) = ctx.saved_tensors
+    # d relu(z)/dz = (z > 0) = (out > 0); z = input + residual, so both get the same gradient
+    grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    return grad, grad, None
+
+
+_add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
+
+
+# ---- bn_act: batch norm (+ residual) (+ ReLU), training and eval ----
+
+
+def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    # batch_norm(x) = (x - mean) * invstd * weight + bias = x * scale + shift
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+    return scale, shift
+
+
+@torch.library.custom_op("resnet_fused::bn_act_train", mutates_args=())
+def _bn_act_train(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    relu: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """act(batch_norm(input) with batch statistics + residual) -> (out, batch mean, biased batch var)"""
+    k = backends.kernels(backend)
+    mean, var = k.bn_stats(input)
+    scale, shift = _scale_shift(mean, torch.rsqrt(var + eps), weight, bias)
+    return k.bn_act_apply(input, scale, shift, residual, relu), mean, var
+
+
+@_bn_act_train.register_fake
+def _(input, weight, bias, residual, eps, relu, backend):
+    out = torch.empty_like(input, memory_format=_memory_format(input))
+    return out, _per_channel_empty(input), _per_channel_empty(input)
+
+
+@torch.library.custom_op("resnet_fused::bn_act_eval", mutates_args=())
+def _bn_act_eval(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    relu: bool,
+    backend: str,
+) -> Tensor:
+    """act(batch_norm(input) with running statistics + residual)"""
+    acc = _stat_dtype(input)
+    scale, shift = _scale_shift(running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), weight, bias)
+    return backends.kernels(backend).bn_act_apply(input, scale, shift, residual, relu)
+
+
+@_bn_act_eval.register_fake
+def _(input, running_mean, running_var, weight, bias, residual, eps, relu, backend):
+    return torch.empty_like(input, memory_format=_memory_format(input))
+
+
+def _bn_act_train_setup(ctx, inputs, output):
+    input, weight, bias, residual, eps, relu, backend = inputs
+    out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(input, weight, out if relu else None, mean, var)
+
+
+def _bn_act_eval_setup(ctx, inputs, output):
+    input, running_mean, running_var, weight, bias, residual, eps, relu, backend = inputs
+    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(input, weight, output if relu else None, running_mean, running_var)
+
+
+def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
+    """Gradients of act(x * scale + shift + residual), scale and shift from (batch or running) stats.
+
+    One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out * (out > 0);
+    one elementwise pass writes grad_input (and grad_residual = dy when a ReLU masks it):
+      training: dx = w invstd (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
+                   = dy * a + x * b + c
+      eval:     dx = dy * w invstd
+      grad_weight = invstd sum dy (x - mean),  grad_bias = sum dy
+    """
+    x, weight, out, mean, var = ctx.saved_tensors
+    # training inputs: (input, weight, bias, residual, ...); eval: (input, running_mean, running_var, weight, bias, residual, ...)
+    needs_x, needs_w, needs_b, needs_r = (ctx.needs_input_grad[i] for i in ((0, 1, 2, 3) if training else (0, 3, 4, 5)))
+    k = backends.kernels(ctx.backend)
+    acc = _stat_dtype(x)
+    grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # one layout for both passes
+    mean, invstd = mean.to(acc), torch.rsqrt(var.to(acc) + ctx.eps)
+    a = invstd if weight is None else invstd * weight.to(acc)
+
+    sum_dy = sum_dy_xmu = None
+    if (training and needs_x) or needs_w or needs_b:
+        sum_dy, sum_dy_xmu = k.bn_act_backward_reduce(grad_out, x, mean, out)
+
+    grad_input = grad_residual = None
+    need_masked_residual = needs_r and ctx.relu
+    if needs_x:
+        if training:
+            count = x.numel() // x.shape[1]
+            b = -a * invstd.square() * sum_dy_xmu / count
+            c = -a * sum_dy / count - b * mean
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, a, b, c, need_masked_residual)
+        else:
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, a, None, None, need_masked_residual)
+        if need_masked_residual:
+            grad_residual = masked
+    elif need_masked_residual:
+        grad_residual = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    if needs_r and not ctx.relu:
+        grad_residual = grad_out
+
+    grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs_w else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if needs_b else None
+    if training:  # input, weight, bias, residual, eps, relu, backend
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
+    # input, running_mean, running_var, weight, bias, residual, eps, relu, backend
+    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None
+
+
+_bn_act_train.register_autograd(lambda ctx, g, _m, _v: _bn_act_backward(ctx, g, True), setup_context=_bn_act_train_setup)
+_bn_act_eval.register_autograd(lambda ctx, g: _bn_act_backward(ctx, g, False), setup_context=_bn_act_eval_setup)
+
+
+# ---- the public functions ----
+
+
+def _check_activation(x: Tensor, fn: str, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"resnet_fused.{fn}: `{name}` must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"resnet_fused.{fn}: expected `{name}` to be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"resnet_fused.{fn}: expected `{name}` to be floating point, got {x.dtype}")
+
+
+def _check_like(t: Tensor, ref: Tensor, fn: str, name: str) -> None:
+    if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"resnet_fused.{fn}: `{name}` must match `input`: got {tuple(t.shape)} {t.dtype} on {t.device}, "
+            f"input is {tuple(ref.shape)} {ref.dtype} on {ref.device}"
+        )
+
+
+def _check_channel_vector(v: Tensor | None, ref: Tensor, fn: str, name: str) -> None:
+    if v is None:
+        return
+    if v.dim() != 1 or v.numel() != ref.shape[1]:
+        raise ValueError(
+            f"resnet_fused.{fn}: expected `{name}` of shape ({ref.shape[1]},), one per channel of input "
+            f"{tuple(ref.shape)}, got {tuple(v.shape)}"
+        )
+    if not v.is_floating_point():
+        raise TypeError(f"resnet_fused.{fn}: expected `{name}` to be floating point, got {v.dtype}")
+    if v.device != ref.device:
+        raise ValueError(f"resnet_fused.{fn}: `{name}` is on {v.device} but `input` is on {ref.device}")
+
+
+def add_relu(input: Tensor, residual: Tensor, *, backend: str | None = None) -> Tensor:
+    """relu(input + residual) in one pass; differentiable in both arguments."""
+    _check_activation(input, "add_relu", "input")
+    _check_like(residual, input, "add_relu", "residual")
+    return _add_relu(input, residual, backends.resolve(backend, input))
+
+
+def bn_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
+
+    Same arguments, values and side effects as ``torch.nn.functional.batch_norm``: in training the
+    batch statistics normalize the input and ``running_mean`` / ``running_var`` (if given) are updated
+    in place with ``momentum`` (unbiased variance); in eval the running statistics normalize. For
+    nn.BatchNorm2d's ``momentum=None`` (cumulative average), pass ``1 / num_batches_tracked``, as
+    nn.BatchNorm2d does. ``residual`` (input's shape) is added after the normalization, then ReLU if
+    ``relu``. Statistics are computed in fp32 (two-level, numerically stable).
+    """
+    fn = "bn_act"
+    _check_activation(input, fn, "input")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_channel_vector(v, input, fn, name)
+    if residual is not None:
+        _check_like(residual, input, fn, "residual")
+    if momentum is None:
+        raise TypeError(f"resnet_fused.{fn}: momentum=None is nn.BatchNorm2d's cumulative average: pass 1 / num_batches_tracked")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"resnet_fused.{fn}: give both running_mean and running_var, or neither")
+    name = backends.resolve(backend, input)
+
+    if not training:
+        if running_mean is None:
+            raise ValueError(f"resnet_fused.{fn}: running_mean and running_var must be given in evaluation mode")
+        return _bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, relu, name)
+
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count == 1:
+        raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    out, mean, var = _bn_act_train(input, weight, bias, residual, eps, relu, name)
+    if running_mean is not None and count > 0:
+        with torch.no_grad():
+            # running = (1 - momentum) running + momentum batch, with the unbiased batch variance
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+    return out

@@ -1,0 +1,137 @@
+"""Plain-PyTorch definitions of every resnet_fused op.
+
+These are the specification: the C++ (CPU, CUDA) kernels and the Triton kernels must compute the
+same function, and tests and benchmarks import them. Every function here is also the ``"torch"``
+backend. Tensors are 4-D, (N, C, H, W) in logical order, NCHW-contiguous or channels_last; math
+runs in fp32 for fp16/bf16 inputs; per-channel vectors (scale, shift, statistics) are fp32 (C,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "add_relu",
+    "bn_stats",
+    "bn_act_apply",
+    "bn_act_backward_reduce",
+    "bn_act_backward_elemt",
+    "bn_act",
+]
+
+_CHANNEL = (0, 2, 3)  # reduce over N, H, W
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    # statistics are fp32, except for fp64 activations (gradcheck), which keep fp64
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    # (C,) -> (1, C, 1, 1) for broadcasting against (N, C, H, W)
+    return v.view(1, -1, 1, 1)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+
+
+def _relu_mask(grad_out: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
+    # d relu(z)/dz = (z > 0), read off the saved output: relu(z) > 0  <=>  z > 0
+    return grad_out if output is None else grad_out * (output > 0)
+
+
+def add_relu(input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(input + residual), in input's dtype and memory format."""
+    acc = _stat_dtype(input)
+    return torch.relu(input.to(acc) + residual.to(acc)).to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each (computed in fp64 here)."""
+    x = input.double()
+    mean = x.mean(_CHANNEL)
+    var = (x - _per_channel(mean)).square().mean(_CHANNEL)
+    return mean.to(_stat_dtype(input)), var.to(_stat_dtype(input))
+
+
+def bn_act_apply(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format."""
+    acc = _stat_dtype(input)
+    y = input.to(acc) * _per_channel(scale) + _per_channel(shift)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def bn_act_backward_reduce(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    output: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out masked by (output > 0).
+
+    ``output=None`` means no ReLU followed the normalization: dy = grad_out.
+    """
+    dy = _relu_mask(grad_out.double(), output)
+    xmu = input.double() - _per_channel(mean.double())
+    return dy.sum(_CHANNEL).to(_stat_dtype(input)), (dy * xmu).sum(_CHANNEL).to(_stat_dtype(input))
+
+
+def bn_act_backward_elemt(
+    grad_out: torch.Tensor,
+    output: torch.Tensor | None,
+    input: torch.Tensor | None,
+    dy_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    need_grad_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_input = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]); grad_residual = dy.
+
+    dy = grad_out masked by (output > 0) (``output=None``: no ReLU). ``input``, ``x_scale`` and
+    ``shift`` are given together (training) or all omitted (eval, where grad_input = dy * scale).
+    grad_input has grad_out's dtype and input's memory format (grad_out's when input is omitted);
+    grad_residual is dy in grad_out's dtype, or an empty tensor when not needed.
+    """
+    acc = _stat_dtype(grad_out)
+    dy = _relu_mask(grad_out.to(acc), output)
+    gi = dy * _per_channel(dy_scale)
+    if input is not None:
+        gi = gi + input.to(acc) * _per_channel(x_scale) + _per_channel(shift)
+    fmt = _memory_format(input if input is not None else grad_out)
+    grad_input = gi.to(grad_out.dtype).contiguous(memory_format=fmt)
+    if need_grad_residual:
+        grad_residual = dy.to(grad_out.dtype).contiguous(memory_format=fmt)
+    else:
+        grad_residual = grad_out.new_empty(0)
+    return grad_input, grad_residual
+
+
+def bn_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """act(batch_norm(input, ...) + residual) in eager PyTorch: the composition the fused op replaces."""
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
