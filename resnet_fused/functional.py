@@ -97,11 +97,14 @@ _add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
 # ---- bn_act: batch norm (+ residual) (+ ReLU), training and eval ----
 
 
-def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    # batch_norm(x) = (x - mean) * invstd * weight + bias = x * scale + shift
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-    return scale, shift
+def _scale_shift(
+    mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    # batch_norm(x) = (x - mean) * invstd * weight + bias = x * scale + shift; (C,) math in fp64, cheap
+    invstd = torch.rsqrt(var.double() + eps)
+    scale = invstd if weight is None else invstd * weight.double()
+    shift = -mean.double() * scale if bias is None else bias.double() - mean.double() * scale
+    return scale.to(dtype), shift.to(dtype)
 
 
 @torch.library.custom_op("resnet_fused::bn_act_train", mutates_args=())
@@ -117,7 +120,7 @@ def _bn_act_train(
     """act(batch_norm(input) with batch statistics + residual) -> (out, batch mean, biased batch var)"""
     k = backends.kernels(backend)
     mean, var = k.bn_stats(input)
-    scale, shift = _scale_shift(mean, torch.rsqrt(var + eps), weight, bias)
+    scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype)
     return k.bn_act_apply(input, scale, shift, residual, relu), mean, var
 
 
@@ -140,8 +143,7 @@ def _bn_act_eval(
     backend: str,
 ) -> Tensor:
     """act(batch_norm(input) with running statistics + residual)"""
-    acc = _stat_dtype(input)
-    scale, shift = _scale_shift(running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), weight, bias)
+    scale, shift = _scale_shift(running_mean, running_var, eps, weight, bias, _stat_dtype(input))
     return backends.kernels(backend).bn_act_apply(input, scale, shift, residual, relu)
 
 
@@ -182,12 +184,13 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
     k = backends.kernels(ctx.backend)
     acc = _stat_dtype(x)
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # one layout for both passes
-    mean, invstd = mean.to(acc), torch.rsqrt(var.to(acc) + ctx.eps)
-    a = invstd if weight is None else invstd * weight.to(acc)
+    # per-channel (C,) coefficients in fp64 (cheap), handed to the kernels in fp32
+    mean64, invstd = mean.double(), torch.rsqrt(var.double() + ctx.eps)
+    a = invstd if weight is None else invstd * weight.double()
 
     sum_dy = sum_dy_xmu = None
     if (training and needs_x) or needs_w or needs_b:
-        sum_dy, sum_dy_xmu = k.bn_act_backward_reduce(grad_out, x, mean, out)
+        sum_dy, sum_dy_xmu = (s.double() for s in k.bn_act_backward_reduce(grad_out, x, mean.to(acc), out))
 
     grad_input = grad_residual = None
     need_masked_residual = needs_r and ctx.relu
@@ -195,10 +198,11 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
         if training:
             count = x.numel() // x.shape[1]
             b = -a * invstd.square() * sum_dy_xmu / count
-            c = -a * sum_dy / count - b * mean
-            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, a, b, c, need_masked_residual)
+            c = -a * sum_dy / count - b * mean64
+            coef = (a.to(acc), b.to(acc), c.to(acc))
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, *coef, need_masked_residual)
         else:
-            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, a, None, None, need_masked_residual)
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, a.to(acc), None, None, need_masked_residual)
         if need_masked_residual:
             grad_residual = masked
     elif need_masked_residual:

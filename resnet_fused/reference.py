@@ -39,7 +39,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def _relu_mask(grad_out: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
     # d relu(z)/dz = (z > 0), read off the saved output: relu(z) > 0  <=>  z > 0
-    return grad_out if output is None else grad_out * (output > 0)
+    return grad_out if output is None else torch.where(output > 0, grad_out, 0)
 
 
 def add_relu(input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,13 @@ def add_relu(input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 
 def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each (computed in fp64 here)."""
+    """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each (computed in fp64 here).
+
+    An empty input (N = 0 or H * W = 0) gives zeros.
+    """
+    if input.numel() == 0:
+        zeros = input.new_zeros(input.shape[1], dtype=_stat_dtype(input))
+        return zeros, zeros.clone()
     x = input.double()
     mean = x.mean(_CHANNEL)
     var = (x - _per_channel(mean)).square().mean(_CHANNEL)

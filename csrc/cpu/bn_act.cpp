@@ -10,13 +10,13 @@
 namespace resnet_fused::cpu {
 namespace {
 
-// Per-thread fp32 scratch of C floats per accumulator.
+// Per-thread fp64 scratch of C values per accumulator.
 template <size_t k>
 struct Scratch {
-  std::array<std::vector<float>, k> v;
-  explicit Scratch(int64_t C) { for (auto& a : v) a.assign(C, 0.f); }
-  std::array<float*, k> ptrs() {
-    std::array<float*, k> p;
+  std::array<std::vector<double>, k> v;
+  explicit Scratch(int64_t C) { for (auto& a : v) a.assign(C, 0.0); }
+  std::array<double*, k> ptrs() {
+    std::array<double*, k> p;
     for (size_t i = 0; i < k; ++i) p[i] = v[i].data();
     return p;
   }
@@ -35,19 +35,19 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
   const Runs g(x, fmt);
   const Chunks ch(g);
   // chunk partials: mean and M2 = sum (x - chunk mean)^2 of each covered channel
-  std::vector<float> part_mean(ch.count * ch.width), part_m2(ch.count * ch.width);
+  std::vector<double> part_mean(ch.count * ch.width), part_m2(ch.count * ch.width);
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
       Scratch<2> s(C);  // [0]: sum, then chunk mean; [1]: M2
-      float* sum = s.v[0].data();
+      double* sum = s.v[0].data();
       for (int64_t k = begin; k < end; ++k) {
         const int64_t c0 = ch.first_channel(k);
-        const float inv_n = 1.f / static_cast<float>(ch.elems(k));
+        const double inv_n = 1.0 / static_cast<double>(ch.elems(k));
         // two passes over the chunk (cached): mean first, then the centred sum of squares
         chunk_sums<1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
         for (int64_t c = c0; c < c0 + ch.width; ++c) sum[c] *= inv_n;
-        chunk_sums<1, 1, 1>(ch, k, std::array{xp}, std::array<const float*, 1>{sum}, std::array{s.v[1].data()},
+        chunk_sums<1, 1, 1>(ch, k, std::array{xp}, std::array<const double*, 1>{sum}, std::array{s.v[1].data()},
                             [](auto v, auto p) {
                               const auto d = v[0] - p[0];
                               return std::array{d * d};
@@ -116,8 +116,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
   if (x.numel() == 0) return {sum_dy, sum_dy_xmu};
   const Runs g(x, fmt);
   const Chunks ch(g);
-  std::vector<float> part(2 * ch.count * ch.width);  // (sum dy, sum dy (x - mean)) per chunk and channel
-  const std::array<const float*, 1> params{mu.const_data_ptr<float>()};
+  std::vector<double> part(2 * ch.count * ch.width);  // (sum dy, sum dy (x - mean)) per chunk and channel
+  const std::vector<double> mean64(mu.const_data_ptr<float>(), mu.const_data_ptr<float>() + C);
+  const std::array<const double*, 1> params{mean64.data()};
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dout.const_data_ptr<scalar_t>();

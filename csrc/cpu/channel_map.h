@@ -14,7 +14,9 @@
 namespace resnet_fused::cpu {
 
 using fVec = at::vec::Vectorized<float>;
+using dVec = at::vec::Vectorized<double>;
 constexpr int64_t kVec = fVec::size();
+constexpr int64_t kDVec = dVec::size();
 
 // ---- loads and stores of kVec elements, converted to / from fp32 ----
 template <typename T>
@@ -37,12 +39,27 @@ inline void store_f(T* p, fVec v) {
   }
 }
 
+// kDVec elements of T, widened to fp64 (reductions accumulate in fp64 on the CPU, as eager does)
+template <typename T>
+inline dVec load_d(const T* p) {
+  __at_align__ double buf[kDVec];
+  for (int64_t i = 0; i < kDVec; ++i) buf[i] = static_cast<double>(static_cast<float>(p[i]));
+  return dVec::loadu(buf);
+}
+
 // ---- the same math on a scalar and on a vector ----
-inline float relu(float x) { return x > 0.f ? x : 0.f; }
-inline fVec relu(fVec x) { return at::vec::clamp_min(x, fVec(0.f)); }
+template <typename S>
+inline S relu(S x) { return x > S(0) ? x : S(0); }
+template <typename S>
+inline at::vec::Vectorized<S> relu(at::vec::Vectorized<S> x) { return at::vec::clamp_min(x, at::vec::Vectorized<S>(S(0))); }
 // dy = grad * (out > 0): d relu(z)/dz read off the saved output
-inline float relu_mask(float grad, float out) { return out > 0.f ? grad : 0.f; }
-inline fVec relu_mask(fVec grad, fVec out) { return fVec::blendv(fVec(0.f), grad, out > fVec(0.f)); }
+template <typename S>
+inline S relu_mask(S grad, S out) { return out > S(0) ? grad : S(0); }
+template <typename S>
+inline at::vec::Vectorized<S> relu_mask(at::vec::Vectorized<S> grad, at::vec::Vectorized<S> out) {
+  using V = at::vec::Vectorized<S>;
+  return V::blendv(V(S(0)), grad, out > V(S(0)));
+}
 
 // Geometry of one activation: its layout and how its elements split into runs.
 struct Runs {
@@ -103,8 +120,9 @@ void channel_map(const Runs& g, std::array<const T*, kIn> in, std::array<const f
 
 // ---- per-channel reductions, in two levels ----
 // The activation is cut into chunks of about kChunkElems elements: a block of rows (channels_last) or
-// a segment of one plane (contiguous). Within a chunk, sums run in fp32 (vector lanes keep each lane's
-// sum short); chunk results are combined per channel in fp64, in a fixed order (deterministic).
+// a segment of one plane (contiguous). Each chunk is reduced in fp64 vector lanes (the CPU has the
+// bandwidth to spare, and eager PyTorch accumulates in fp64 here too); chunk results are combined per
+// channel in a fixed order (deterministic).
 struct Chunks {
   static constexpr int64_t kChunkElems = 16384;  // stays in L1/L2 when a chunk is read twice
   const Runs& g;
@@ -143,34 +161,34 @@ struct Chunks {
   }
 };
 
-// acc[k][c] = sum over the chunk's elements of channel c of math(in..., param...)[k], in fp32, for the
+// acc[k][c] = sum over the chunk's elements of channel c of math(in..., param...)[k], in fp64, for the
 // channels the chunk covers (all C in channels_last, its one channel in contiguous; others untouched).
-// acc and params are indexed by channel.
+// acc and params are indexed by channel; math takes and returns double or Vectorized<double>.
 template <size_t kIn, size_t kParam, size_t kAcc, typename T, typename Math>
-void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, std::array<const float*, kParam> params,
-                std::array<float*, kAcc> acc, const Math& math) {
+void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, std::array<const double*, kParam> params,
+                std::array<double*, kAcc> acc, const Math& math) {
   const Runs& g = ch.g;
   if (g.channels_last) {
     // rows [r0, r1) of C channels; acc vectors run along the channels
     const int64_t r0 = chunk * ch.len, r1 = std::min(g.num_runs, r0 + ch.len);
-    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k], acc[k] + g.C, 0.f);
+    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k], acc[k] + g.C, 0.0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * g.C;
       int64_t j = 0;
-      for (; j + kVec <= g.C; j += kVec) {
-        std::array<fVec, kIn> xs;
-        std::array<fVec, kParam> cs;
-        for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
-        for (size_t k = 0; k < kParam; ++k) cs[k] = fVec::loadu(params[k] + j);
-        const std::array<fVec, kAcc> t = math(xs, cs);
-        for (size_t k = 0; k < kAcc; ++k) (fVec::loadu(acc[k] + j) + t[k]).store(acc[k] + j);
+      for (; j + kDVec <= g.C; j += kDVec) {
+        std::array<dVec, kIn> xs;
+        std::array<dVec, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + j);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = dVec::loadu(params[k] + j);
+        const std::array<dVec, kAcc> t = math(xs, cs);
+        for (size_t k = 0; k < kAcc; ++k) (dVec::loadu(acc[k] + j) + t[k]).store(acc[k] + j);
       }
       for (; j < g.C; ++j) {
-        std::array<float, kIn> xs;
-        std::array<float, kParam> cs;
+        std::array<double, kIn> xs;
+        std::array<double, kParam> cs;
         for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
         for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][j];
-        const std::array<float, kAcc> t = math(xs, cs);
+        const std::array<double, kAcc> t = math(xs, cs);
         for (size_t k = 0; k < kAcc; ++k) acc[k][j] += t[k];
       }
     }
@@ -180,24 +198,24 @@ void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, s
     const int64_t base = plane * g.run_len + seg * ch.len;
     const int64_t n = ch.elems(chunk);
     const int64_t c = g.channel_of_run(plane);
-    std::array<fVec, kParam> cv;
-    std::array<float, kParam> cs;
-    for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][c], cv[k] = fVec(cs[k]);
-    std::array<fVec, kAcc> vsum;
-    vsum.fill(fVec(0.f));
+    std::array<dVec, kParam> cv;
+    std::array<double, kParam> cs;
+    for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][c], cv[k] = dVec(cs[k]);
+    std::array<dVec, kAcc> vsum;
+    vsum.fill(dVec(0.0));
     int64_t j = 0;
-    for (; j + kVec <= n; j += kVec) {
-      std::array<fVec, kIn> xs;
-      for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
-      const std::array<fVec, kAcc> t = math(xs, cv);
+    for (; j + kDVec <= n; j += kDVec) {
+      std::array<dVec, kIn> xs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + j);
+      const std::array<dVec, kAcc> t = math(xs, cv);
       for (size_t k = 0; k < kAcc; ++k) vsum[k] = vsum[k] + t[k];
     }
-    std::array<float, kAcc> sum;
-    for (size_t k = 0; k < kAcc; ++k) sum[k] = at::vec::vec_reduce_all<float>(std::plus<fVec>(), vsum[k]);
+    std::array<double, kAcc> sum;
+    for (size_t k = 0; k < kAcc; ++k) sum[k] = at::vec::vec_reduce_all<double>(std::plus<dVec>(), vsum[k]);
     for (; j < n; ++j) {
-      std::array<float, kIn> xs;
+      std::array<double, kIn> xs;
       for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
-      const std::array<float, kAcc> t = math(xs, cs);
+      const std::array<double, kAcc> t = math(xs, cs);
       for (size_t k = 0; k < kAcc; ++k) sum[k] += t[k];
     }
     for (size_t k = 0; k < kAcc; ++k) acc[k][c] = sum[k];

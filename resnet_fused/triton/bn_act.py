@@ -1,0 +1,350 @@
+"""Batch-norm + activation in Triton: statistics, apply, and the two backward passes.
+
+The plane view. All activations of one call are laid out densely in input's memory format and seen
+as P planes of S pixels, a plane being a run of elements that share one channel:
+
+    channels_last (N, H, W, C): P = C,   S = N*H*W   element (p, s) at s*C + p   channel p
+    contiguous    (N, C, H, W): P = N*C, S = H*W     element (p, s) at p*S + s   channel p % C
+
+Programs work on (BLOCK_P, BLOCK_S) tiles of this view: channels_last tiles are BLOCK_P channels x
+BLOCK_S rows of the (N*H*W, C) matrix, contiguous tiles are BLOCK_P planes x BLOCK_S pixels. A
+per-channel vector is gathered once per tile as (BLOCK_P,) and broadcast along pixels. Math runs in
+fp32; per-channel vectors are fp32 (C,); offsets are int64.
+
+Reductions (over N, H, W = over pixels, then over the planes of one channel) are two-level and
+deterministic: each program reduces BLOCK_P planes over one chunk of pixels into fp32 partials of
+shape (R, C), R = (P // C) * num_chunks, row (p // C) * num_chunks + chunk; a second pass reduces R.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import _memory_format
+
+_TILE = 2048  # elements per (BLOCK_P, BLOCK_S) tile
+_MAX_BLOCK_C = 64  # channels_last: at most this many channels per tile
+_MAX_BLOCK_HW = 1024  # contiguous: at most this many pixels per tile
+_REDUCE_PROGRAMS = 1024  # reductions split pixels into chunks until about this many programs run
+_COMBINE_BLOCK_R = 64  # partial rows per step of the bn_stats combine kernel
+_COMBINE_MAX_BLOCK_C = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _offsets(p, s, S, C, CHANNELS_LAST: tl.constexpr):
+    # (BLOCK_P, BLOCK_S) memory offsets of elements (p, s) of the plane view.
+    if CHANNELS_LAST:
+        return s[None, :] * C + p[:, None]
+    else:
+        return p[:, None] * S + s[None, :]
+
+
+@triton.jit
+def _tile(P, S, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    # 1-D grid over cdiv(P, BLOCK_P) x cdiv(S, BLOCK_S) tiles, plane blocks fastest.
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = tl.cdiv(P, BLOCK_P)
+    p = (pid % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    s = (pid // num_p) * BLOCK_S + tl.arange(0, BLOCK_S)
+    return p, s
+
+
+@triton.jit
+def _bn_act_apply_kernel(
+    x_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,  # res_ptr: None without residual
+    P, S, C,
+    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # out = act(x * scale[c] + shift[c] (+ res)),  act = relu or identity
+    p, s = _tile(P, S, BLOCK_P, BLOCK_S)
+    offs = _offsets(p, s, S, C, CHANNELS_LAST)
+    mask = (p < P)[:, None] & (s < S)[None, :]
+    c = p % C  # always in range: no mask needed for per-channel loads
+    scale = tl.load(scale_ptr + c)[:, None]
+    shift = tl.load(shift_ptr + c)[:, None]
+    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * scale + shift
+    if res_ptr is not None:
+        y += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_act_backward_elemt_kernel(
+    g_ptr, y_ptr, x_ptr,  # grad_out, saved output (None: no relu), input (None: eval)
+    dy_scale_ptr, x_scale_ptr, shift_ptr,  # per channel; x_scale, shift None iff x_ptr is None
+    grad_in_ptr, grad_res_ptr,  # grad_res_ptr: None when grad_residual is not needed
+    P, S, C,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # dy = g * (y > 0);  grad_in = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]);  grad_res = dy
+    p, s = _tile(P, S, BLOCK_P, BLOCK_S)
+    offs = _offsets(p, s, S, C, CHANNELS_LAST)
+    mask = (p < P)[:, None] & (s < S)[None, :]
+    c = p % C
+    dy = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if y_ptr is not None:
+        dy = tl.where(tl.load(y_ptr + offs, mask=mask) > 0, dy, 0.0)
+    gi = dy * tl.load(dy_scale_ptr + c)[:, None]
+    if x_ptr is not None:
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        gi += x * tl.load(x_scale_ptr + c)[:, None] + tl.load(shift_ptr + c)[:, None]
+    tl.store(grad_in_ptr + offs, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
+    if grad_res_ptr is not None:
+        tl.store(grad_res_ptr + offs, dy.to(grad_res_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr, count_ptr, mean_ptr, m2_ptr,  # partials: fp32 (R, C) each
+    P, S, C, CHUNK_S,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Program (plane block, chunk k) reduces pixels [k*CHUNK_S, (k+1)*CHUNK_S) of BLOCK_P planes to
+    # (count, mean, M2 = sum (x - mean)^2), one tile at a time: per tile two passes in registers
+    # (mean_t = sum x / n_t, then M2_t = sum (x - mean_t)^2), merged into the running stats with
+    # Chan's formula, d = mean_t - mean:
+    #   n' = n + n_t,  mean' = mean + d * n_t / n',  M2' = M2 + M2_t + d^2 * n * n_t / n'
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = tl.cdiv(P, BLOCK_P)
+    p = (pid % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k = pid // num_p
+    s_begin = k * CHUNK_S
+    s_end = tl.minimum(s_begin + CHUNK_S, S)
+
+    n = 0.0
+    mean = tl.zeros((BLOCK_P,), tl.float32)
+    m2 = tl.zeros((BLOCK_P,), tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (p < P)[:, None] & (s < s_end)[None, :]
+        x = tl.load(x_ptr + _offsets(p, s, S, C, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
+        n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)  # same for every plane of the tile
+        mean_t = tl.sum(x, axis=1) / n_t
+        d = tl.where(mask, x - mean_t[:, None], 0.0)
+        m2_t = tl.sum(d * d, axis=1)
+        n_new = n + n_t
+        delta = mean_t - mean
+        mean += delta * (n_t / n_new)
+        m2 += m2_t + delta * delta * (n * n_t / n_new)
+        n = n_new
+
+    ws = ((p // C) * tl.cdiv(S, CHUNK_S) + k) * C + p % C  # partial (row, channel)
+    tl.store(count_ptr + ws, tl.zeros((BLOCK_P,), tl.float32) + n, mask=p < P)
+    tl.store(mean_ptr + ws, mean, mask=p < P)
+    tl.store(m2_ptr + ws, m2, mask=p < P)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(
+    count_ptr, mean_ptr, m2_ptr,  # partials: fp32 (R, C) each
+    out_mean_ptr, out_var_ptr,  # fp32 (C,)
+    R, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program j merges the R partials of channels [j*BLOCK_C, (j+1)*BLOCK_C), BLOCK_R rows at a time
+    # in a fixed order (deterministic). A block of rows i is first reduced on its own,
+    #   n_t = sum n_i,  mean_t = sum n_i mean_i / n_t,  M2_t = sum M2_i + n_i (mean_i - mean_t)^2,
+    # then merged into the running stats with Chan's formula. var = M2 / n (biased).
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.zeros((BLOCK_C,), tl.float32)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & (c < C)[None, :]
+        offs = r[:, None].to(tl.int64) * C + c[None, :]
+        n_i = tl.load(count_ptr + offs, mask=mask, other=0.0)
+        mean_i = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        m2_i = tl.load(m2_ptr + offs, mask=mask, other=0.0)
+        n_t = tl.sum(n_i, axis=0)
+        mean_t = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_t, 1.0)  # max(): lanes past C have n = 0
+        d_i = mean_i - mean_t[None, :]
+        m2_t = tl.sum(m2_i + n_i * d_i * d_i, axis=0)
+        n_new = tl.maximum(n + n_t, 1.0)
+        delta = mean_t - mean
+        mean += delta * (n_t / n_new)
+        m2 += m2_t + delta * delta * (n * n_t / n_new)
+        n += n_t
+    tl.store(out_mean_ptr + c, mean, mask=c < C)
+    tl.store(out_var_ptr + c, m2 / tl.maximum(n, 1.0), mask=c < C)
+
+
+@triton.jit
+def _bn_act_backward_reduce_kernel(
+    g_ptr, x_ptr, mean_ptr, y_ptr,  # grad_out, input, fp32 (C,) mean, saved output (None: no relu)
+    sum_dy_ptr, sum_dy_xmu_ptr,  # partials: fp32 (R, C) each
+    P, S, C, CHUNK_S,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Program (plane block, chunk k) sums over pixels [k*CHUNK_S, (k+1)*CHUNK_S) of BLOCK_P planes:
+    #   sum dy,  sum dy * (x - mean[c]),   dy = g * (y > 0)
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = tl.cdiv(P, BLOCK_P)
+    p = (pid % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k = pid // num_p
+    s_begin = k * CHUNK_S
+    s_end = tl.minimum(s_begin + CHUNK_S, S)
+    c = p % C
+    mean = tl.load(mean_ptr + c)[:, None]
+
+    acc_dy = tl.zeros((BLOCK_P,), tl.float32)
+    acc_dy_xmu = tl.zeros((BLOCK_P,), tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        offs = _offsets(p, s, S, C, CHANNELS_LAST)
+        mask = (p < P)[:, None] & (s < s_end)[None, :]
+        dy = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside the tile
+        if y_ptr is not None:
+            dy = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_dy += tl.sum(dy, axis=1)
+        acc_dy_xmu += tl.sum(dy * (x - mean), axis=1)
+
+    ws = ((p // C) * tl.cdiv(S, CHUNK_S) + k) * C + c
+    tl.store(sum_dy_ptr + ws, acc_dy, mask=p < P)
+    tl.store(sum_dy_xmu_ptr + ws, acc_dy_xmu, mask=p < P)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """The plane view of an (N, C, H, W) tensor laid out in a memory format, and its tile shape."""
+
+    channels_last: bool
+    C: int
+    P: int  # planes
+    S: int  # pixels per plane
+    block_p: int
+    block_s: int
+
+    @property
+    def num_p(self) -> int:
+        return triton.cdiv(self.P, self.block_p)
+
+    def reduce_chunks(self) -> tuple[int, int]:
+        """(chunk_s, num_chunks): pixels per reduction program (a multiple of block_s), and chunks."""
+        tiles_s = triton.cdiv(self.S, self.block_s)
+        num_chunks = min(tiles_s, max(1, _REDUCE_PROGRAMS // self.num_p))
+        chunk_s = self.block_s * triton.cdiv(tiles_s, num_chunks)
+        return chunk_s, triton.cdiv(self.S, chunk_s)
+
+
+def _plan(x: torch.Tensor, fmt: torch.memory_format) -> _Plan:
+    N, C, H, W = x.shape
+    if fmt == torch.channels_last:  # tile: block_p channels x block_s rows of (N*H*W, C)
+        block_p = min(triton.next_power_of_2(C), _MAX_BLOCK_C, _TILE)
+        return _Plan(True, C, C, N * H * W, block_p, _TILE // block_p)
+    block_s = min(triton.next_power_of_2(H * W), _MAX_BLOCK_HW, _TILE)  # tile: planes x pixels
+    return _Plan(False, C, N * C, H * W, _TILE // block_s, block_s)
+
+
+def _dense(t: torch.Tensor | None, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor | None:
+    """t laid out densely in fmt (a no-op when it already is); None stays None."""
+    return None if t is None else t.contiguous(memory_format=fmt)
+
+
+def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each."""
+    fmt = _memory_format(input)
+    x = input.contiguous(memory_format=fmt)
+    C = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros(C, dtype=torch.float32), x.new_zeros(C, dtype=torch.float32)
+    plan = _plan(x, fmt)
+    chunk_s, num_chunks = plan.reduce_chunks()
+    R = plan.P // C * num_chunks
+    count, mean_i, m2_i = torch.empty((3, R, C), dtype=torch.float32, device=x.device)
+    _bn_stats_partial_kernel[(plan.num_p * num_chunks,)](
+        x, count, mean_i, m2_i, plan.P, plan.S, C, chunk_s,
+        CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+    )
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)
+    var = torch.empty_like(mean)
+    block_c = min(triton.next_power_of_2(C), _COMBINE_MAX_BLOCK_C)
+    _bn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
+        count, mean_i, m2_i, mean, var, R, C, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c
+    )
+    return mean, var
+
+
+def bn_act_apply(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format."""
+    fmt = _memory_format(input)
+    x, res = _dense(input, fmt), _dense(residual, fmt)
+    out = torch.empty_like(x, memory_format=fmt)
+    if x.numel() == 0:
+        return out
+    plan = _plan(x, fmt)
+    _bn_act_apply_kernel[(plan.num_p * triton.cdiv(plan.S, plan.block_s),)](
+        x, _dense(scale), _dense(shift), res, out, plan.P, plan.S, plan.C,
+        RELU=relu, CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+    )
+    return out
+
+
+def bn_act_backward_reduce(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    output: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out masked by (output > 0)."""
+    fmt = _memory_format(input)
+    x, g, y = _dense(input, fmt), _dense(grad_out, fmt), _dense(output, fmt)
+    C = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros(C, dtype=torch.float32), x.new_zeros(C, dtype=torch.float32)
+    plan = _plan(x, fmt)
+    chunk_s, num_chunks = plan.reduce_chunks()
+    partials = torch.empty((2, plan.P // C * num_chunks, C), dtype=torch.float32, device=x.device)
+    _bn_act_backward_reduce_kernel[(plan.num_p * num_chunks,)](
+        g, x, _dense(mean), y, partials[0], partials[1], plan.P, plan.S, C, chunk_s,
+        CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+    )
+    # Second level: (R, C) -> (C,) in fp32, R <= max(N, 1) * num_chunks is small.
+    return partials[0].sum(0), partials[1].sum(0)
+
+
+def bn_act_backward_elemt(
+    grad_out: torch.Tensor,
+    output: torch.Tensor | None,
+    input: torch.Tensor | None,
+    dy_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    need_grad_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_input = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]); grad_residual = dy (or empty)."""
+    fmt = _memory_format(input if input is not None else grad_out)
+    g, y, x = _dense(grad_out, fmt), _dense(output, fmt), _dense(input, fmt)
+    grad_input = torch.empty_like(g, memory_format=fmt)
+    grad_residual = torch.empty_like(g, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
+    if g.numel() == 0:
+        return grad_input, grad_residual
+    plan = _plan(g, fmt)
+    _bn_act_backward_elemt_kernel[(plan.num_p * triton.cdiv(plan.S, plan.block_s),)](
+        g, y, x, _dense(dy_scale), _dense(x_scale), _dense(shift),
+        grad_input, grad_residual if need_grad_residual else None, plan.P, plan.S, plan.C,
+        CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+    )
+    return grad_input, grad_residual
