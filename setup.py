@@ -1,4 +1,8 @@
-"""Builds resnet_fused._C: the C++ CPU kernels always, the CUDA kernels when a toolkit is found.
+"""Builds the compiled parts of resnet_fused:
+
+  resnet_fused._C             the op schemas (csrc/ops.cpp), and the CUDA kernels when a toolkit is found
+  resnet_fused._cpu_default   the C++ CPU kernels, generic vector code
+  resnet_fused._cpu_avx2      the same kernels for AVX2 + FMA (x86-64); chosen at run time
 
 Environment:
   USE_CUDA=0               build without the CUDA sources
@@ -8,6 +12,7 @@ Environment:
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -50,24 +55,53 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     # No GPU to read the architecture from: build for Hopper, the chip the kernels are tuned on.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
-sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-cxx_flags = ["-O3", "-fopenmp"]
-extension_cls = cpp_extension.CppExtension
-extra_compile_args = {"cxx": cxx_flags}
+def _wheel_cuda_includes() -> list[str]:
+    """Header folders of the nvidia-* wheels (cusparse.h and friends that ATen's CUDA headers include
+    and a slim toolkit may lack); searched after the toolkit's own headers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted({d for root in roots for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d)})
+
+
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+# The CPU kernels build once per instruction set: at::vec picks its vector width at compile time.
+CPU_CAPABILITY_FLAGS = {"default": []}
+if platform.machine() in ("x86_64", "AMD64"):
+    CPU_CAPABILITY_FLAGS["avx2"] = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        name=f"resnet_fused._cpu_{capability}",
+        sources=sorted(glob.glob("csrc/cpu/*.cpp")),
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS + flags},
+        extra_link_args=["-fopenmp"],
+    )
+    for capability, flags in CPU_CAPABILITY_FLAGS.items()
+]
 if with_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    extension_cls = cpp_extension.CUDAExtension
-    extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+    nvcc_flags = ["-O3", "-lineinfo"] + [f"-Xcompiler=-idirafter,{d}" for d in _wheel_cuda_includes()]
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            name="resnet_fused._C",
+            sources=["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
+        )
+    )
+else:
+    ext_modules.append(
+        cpp_extension.CppExtension(
+            name="resnet_fused._C",
+            sources=["csrc/ops.cpp"],
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS},
+        )
+    )
 
 setup(
-    ext_modules=[
-        extension_cls(
-            name="resnet_fused._C",
-            sources=sources,
-            include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
-        )
-    ],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,16 +1,11 @@
 // Every resnet_fused schema, in one place. Kernels live in cpu/*.cpp and cuda/*.cu; fake (meta)
 // kernels and autograd formulas are registered in Python (resnet_fused/functional.py); the math of
 // each op is written out in plain PyTorch in resnet_fused/reference.py.
-#include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
-// Importing resnet_fused._C runs the static TORCH_LIBRARY registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+#include "python_module.h"
+
+RF_PYTHON_MODULE()  // resnet_fused._C: these schemas, and the CUDA kernels when built with them
 
 TORCH_LIBRARY(resnet_fused, m) {
   // relu(input + residual)

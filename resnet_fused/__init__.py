@@ -4,11 +4,8 @@
 ``resnet_fused.backends`` chooses which implementation runs them (C++ CPU, C++/CUDA, Triton, PyTorch).
 """
 
-from resnet_fused import backends
-
-backends.extension_error()  # load the C++ ops now; warns once if the extension is missing
-
-from resnet_fused import functional, reference  # noqa: E402
+from resnet_fused import backends  # loads the C++ ops; warns once if the extension is missing
+from resnet_fused import functional, reference
 
 __version__ = "0.1.0"
 __all__ = ["backends", "functional", "reference"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
 import os
 import types
@@ -60,36 +61,52 @@ def use(name: str):
         _scoped_backend.reset(token)
 
 
-# ---- what is available on this machine ----
+# ---- what is available on this machine (found once, at import) ----
 
 
-@functools.cache
-def extension_error() -> str | None:
-    """Why resnet_fused._C could not be loaded, or None when it is loaded."""
+def _cpu_kernels_module() -> str:
+    # the CPU kernels built for the widest instruction set torch allows here (ATEN_CPU_CAPABILITY too)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "resnet_fused._cpu_avx2" if capability in ("AVX2", "AVX512") else "resnet_fused._cpu_default"
+
+
+def _load_extension() -> str | None:
     try:
-        from resnet_fused import _C  # noqa: F401  (registers the C++ ops)
+        from resnet_fused import _C  # noqa: F401  (the op schemas, and the CUDA kernels)
+
+        try:
+            importlib.import_module(_cpu_kernels_module())
+        except ImportError:  # e.g. an AVX2 build missing on this platform
+            importlib.import_module("resnet_fused._cpu_default")
     except ImportError as e:
-        warnings.warn(
-            f"resnet_fused: the compiled extension is unavailable ({e}); using Triton or plain PyTorch.",
-            stacklevel=3,
-        )
+        warnings.warn(f"resnet_fused: the compiled extension is unavailable ({e}); using Triton or plain PyTorch.", stacklevel=2)
         return str(e)
     return None
 
 
+_EXTENSION_ERROR = _load_extension()
+_EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "resnet_fused::bn_stats", "CUDA"
+)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def extension_error() -> str | None:
+    """Why resnet_fused._C could not be loaded, or None when it is loaded."""
+    return _EXTENSION_ERROR
+
+
 def has_extension() -> bool:
-    return extension_error() is None
+    return _EXTENSION_ERROR is None
 
 
-@functools.cache
 def extension_has_cuda() -> bool:
     """Whether resnet_fused._C was built with its CUDA kernels."""
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::bn_stats", "CUDA")
+    return _EXTENSION_HAS_CUDA
 
 
-@functools.cache
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def triton_interpreted() -> bool:
@@ -105,6 +122,13 @@ def available() -> dict[str, bool]:
         "triton": has_triton() and (torch.cuda.is_available() or triton_interpreted()),
         "torch": True,
     }
+
+
+def triton_launchers() -> dict:
+    """The Triton implementations of the kernel ops, by the names in KERNELS (imports triton)."""
+    from resnet_fused.triton import add_relu, bn_act
+
+    return {"add_relu_forward": add_relu.add_relu, **{k: getattr(bn_act, k) for k in KERNELS if k != "add_relu_forward"}}
 
 
 # ---- choosing one for a call ----
@@ -147,14 +171,9 @@ def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
 def kernels(name: str) -> types.SimpleNamespace:
     """The five kernel-level functions of a concrete backend, by the names in KERNELS."""
     if name in ("cpu", "cuda"):
-        extension_error()
         return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, k) for k in KERNELS})
-    if name == "triton":
-        from resnet_fused.triton import add_relu, bn_act
-
-        return types.SimpleNamespace(
-            add_relu_forward=add_relu.add_relu, **{k: getattr(bn_act, k) for k in KERNELS if k != "add_relu_forward"}
-        )
+    if name == "triton":  # ops registered around triton_launchers() by resnet_fused.functional
+        return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, f"triton_{k}") for k in KERNELS})
     if name == "torch":
         from resnet_fused import reference
 

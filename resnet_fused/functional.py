@@ -38,32 +38,48 @@ def _per_channel_empty(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=_stat_dtype(x))
 
 
-# ---- fake kernels of the C++ kernel ops (shapes, dtypes and layouts only) ----
+# ---- fake kernels of the kernel ops (shapes, dtypes and layouts only) ----
 
-if backends.has_extension():
 
-    @torch.library.register_fake("resnet_fused::add_relu_forward")
-    def _(input, residual):
-        return torch.empty_like(input, memory_format=_memory_format(input))
+def _add_relu_forward_fake(input, residual):
+    return torch.empty_like(input, memory_format=_memory_format(input))
 
-    @torch.library.register_fake("resnet_fused::bn_stats")
-    def _(input):
-        return _per_channel_empty(input), _per_channel_empty(input)
 
-    @torch.library.register_fake("resnet_fused::bn_act_apply")
-    def _(input, scale, shift, residual, relu):
-        return torch.empty_like(input, memory_format=_memory_format(input))
+def _bn_stats_fake(input):
+    return _per_channel_empty(input), _per_channel_empty(input)
 
-    @torch.library.register_fake("resnet_fused::bn_act_backward_reduce")
-    def _(grad_out, input, mean, output):
-        return _per_channel_empty(input), _per_channel_empty(input)
 
-    @torch.library.register_fake("resnet_fused::bn_act_backward_elemt")
-    def _(grad_out, output, input, dy_scale, x_scale, shift, need_grad_residual):
-        fmt = _memory_format(input if input is not None else grad_out)
-        grad_input = torch.empty_like(grad_out, memory_format=fmt)
-        grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
-        return grad_input, grad_residual
+def _bn_act_apply_fake(input, scale, shift, residual, relu):
+    return torch.empty_like(input, memory_format=_memory_format(input))
+
+
+def _bn_act_backward_reduce_fake(grad_out, input, mean, output):
+    return _per_channel_empty(input), _per_channel_empty(input)
+
+
+def _bn_act_backward_elemt_fake(grad_out, output, input, dy_scale, x_scale, shift, need_grad_residual):
+    fmt = _memory_format(input if input is not None else grad_out)
+    grad_input = torch.empty_like(grad_out, memory_format=fmt)
+    grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
+    return grad_input, grad_residual
+
+
+_KERNEL_FAKES = {
+    "add_relu_forward": _add_relu_forward_fake,
+    "bn_stats": _bn_stats_fake,
+    "bn_act_apply": _bn_act_apply_fake,
+    "bn_act_backward_reduce": _bn_act_backward_reduce_fake,
+    "bn_act_backward_elemt": _bn_act_backward_elemt_fake,
+}
+assert set(_KERNEL_FAKES) == set(backends.KERNELS)
+
+if backends.has_extension():  # the C++ kernel ops (CPU, CUDA)
+    for _name, _fake in _KERNEL_FAKES.items():
+        torch.library.register_fake(f"resnet_fused::{_name}")(_fake)
+
+if backends.has_triton():  # the Triton launchers become ops too, so that tracing (compile, opcheck) sees fakes
+    for _name, _launcher in backends.triton_launchers().items():
+        torch.library.custom_op(f"resnet_fused::triton_{_name}", _launcher, mutates_args=()).register_fake(_KERNEL_FAKES[_name])
 
 
 # ---- add_relu ----
@@ -235,6 +251,8 @@ def _check_activation(x: Tensor, fn: str, name: str) -> None:
 
 
 def _check_like(t: Tensor, ref: Tensor, fn: str, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"resnet_fused.{fn}: `{name}` must be a Tensor, got {type(t).__name__}")
     if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
         raise ValueError(
             f"resnet_fused.{fn}: `{name}` must match `input`: got {tuple(t.shape)} {t.dtype} on {t.device}, "
@@ -245,6 +263,8 @@ def _check_like(t: Tensor, ref: Tensor, fn: str, name: str) -> None:
 def _check_channel_vector(v: Tensor | None, ref: Tensor, fn: str, name: str) -> None:
     if v is None:
         return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"resnet_fused.{fn}: `{name}` must be a Tensor or None, got {type(v).__name__}")
     if v.dim() != 1 or v.numel() != ref.shape[1]:
         raise ValueError(
             f"resnet_fused.{fn}: expected `{name}` of shape ({ref.shape[1]},), one per channel of input "

@@ -1,0 +1,128 @@
+"""The `ops` suite: bn_act (eval, train forward, train forward + backward) and add_relu, fused vs
+eager, in achieved GB/s against a device-to-device copy measured in the same run.
+
+Bytes are the floor: each input read once, each output written once (running stats and per-channel
+vectors are negligible and not counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from resnet_fused import backends, functional, reference
+from resnet_fused.bench.timing import Timing, copies_exceeding_l2, time_cpu, time_cuda
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str  # "bn_act eval", "bn_act train", "bn_act train+bwd", "add_relu"
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def tensors_moved(self) -> int:
+        # activation-sized tensors read or written at the floor
+        return {"add_relu": 3, "bn_act eval": 3, "bn_act train": 3, "bn_act train+bwd": 3 + 5}[self.name]
+        # train+bwd: forward reads x, residual, writes out; backward reads grad_out, x, out, writes grad_x, grad_residual
+
+    def bytes_moved(self) -> int:
+        n, c, h, w = self.shape
+        return self.tensors_moved * n * c * h * w * torch.finfo(self.dtype).bits // 8
+
+
+def bytes_of(shape, dtype) -> int:
+    n, c, h, w = shape
+    return n * c * h * w * torch.finfo(dtype).bits // 8
+
+
+def _make_call(case: OpCase, provider: str, device: torch.device) -> Callable[[], object]:
+    """One call of `provider` on fresh random inputs of `case` (built once, reused by every call)."""
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    C = case.shape[1]
+
+    def act(requires_grad=False):
+        return torch.randn(case.shape, device=device, dtype=case.dtype).contiguous(memory_format=fmt).requires_grad_(requires_grad)
+
+    backward = case.name == "bn_act train+bwd"
+    x, r = act(backward), act(backward)
+    if case.name == "add_relu":
+        fn = (lambda a, b: torch.relu(a + b)) if provider == "eager" else (lambda a, b: functional.add_relu(a, b, backend=provider))
+        return lambda: fn(x, r)
+    w = torch.randn(C, device=device, requires_grad=backward)
+    b = torch.randn(C, device=device, requires_grad=backward)
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    training = case.name != "bn_act eval"
+    bn = reference.bn_act if provider == "eager" else (lambda *a, **k: functional.bn_act(*a, backend=provider, **k))
+    if not backward:
+        return lambda: bn(x, rm, rv, w, b, training, 0.1, 1e-5, r, True)
+    grad = act()
+
+    def step():
+        out = bn(x, rm, rv, w, b, training, 0.1, 1e-5, r, True)
+        torch.autograd.backward(out, grad)
+        x.grad = r.grad = w.grad = b.grad = None
+
+    return step
+
+
+def time_case(case: OpCase, provider: str, device: torch.device, min_run_time: float) -> Timing:
+    if device.type == "cuda":
+        copies = copies_exceeding_l2(case.bytes_moved(), device)
+        return time_cuda([_make_call(case, provider, device) for _ in range(copies)])
+    return time_cpu(_make_call(case, provider, device), min_run_time)
+
+
+def time_copy(shape, dtype, channels_last: bool, device: torch.device, min_run_time: float) -> Timing:
+    """Device-to-device copy of one activation: the bandwidth ceiling (2 tensors moved)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def make():
+        src = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+
+    if device.type == "cuda":
+        return time_cuda([make() for _ in range(copies_exceeding_l2(2 * bytes_of(shape, dtype), device))])
+    return time_cpu(make(), min_run_time)
+
+
+def fused_providers(device: torch.device) -> list[str]:
+    avail = backends.available()
+    names = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
+    return [n for n in names if avail[n]] or ["torch"]
+
+
+def run(shapes, dtypes, device: torch.device, quick: bool, progress) -> list[dict]:
+    min_run_time = 0.5 if quick else 2.0
+    names = ["bn_act eval", "bn_act train", "bn_act train+bwd", "add_relu"]
+    providers = ["eager", *fused_providers(device)]
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for channels_last in (True, False):
+                copy = time_copy(shape, dtype, channels_last, device, min_run_time)
+                copy_gbps = 2 * bytes_of(shape, dtype) / copy.median_ms / 1e6
+                for name in names:
+                    case = OpCase(name, shape, dtype, channels_last)
+                    eager_ms = None
+                    for provider in providers:
+                        t = time_case(case, provider, device, min_run_time)
+                        eager_ms = t.median_ms if provider == "eager" else eager_ms
+                        gbps = case.bytes_moved() / t.median_ms / 1e6
+                        rows.append(dict(
+                            suite="ops", op=name, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
+                            layout="NHWC" if channels_last else "NCHW", provider=provider,
+                            median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                            bytes=case.bytes_moved(), gbps=gbps, copy_gbps=copy_gbps, pct_of_copy=100 * gbps / copy_gbps,
+                            speedup_vs_eager=eager_ms / t.median_ms,
+                        ))
+                        progress()
+    return rows
+
+
+def count(shapes, dtypes, device) -> int:
+    return len(shapes) * len(dtypes) * 2 * 4 * (1 + len(fused_providers(device)))

@@ -1,0 +1,56 @@
+"""Timing that a kernel engineer trusts: medians after warm-up, CUDA events on the GPU,
+torch.utils.benchmark on the CPU, and inputs rotated so the working set exceeds the cache."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def _quantiles(samples_ms: Sequence[float]) -> Timing:
+    s = sorted(samples_ms)
+    q = statistics.quantiles(s, n=5) if len(s) >= 2 else [s[0]] * 4
+    return Timing(statistics.median(s), q[0], q[3], len(s))
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
+    """Median of torch.utils.benchmark's blocked measurements (each block: many calls, one time)."""
+    from torch.utils import benchmark
+
+    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return _quantiles([t * 1e3 for t in m.times])
+
+
+def time_cuda(fns: Sequence[Callable[[], object]], warmup: int = 10, reps: int = 50) -> Timing:
+    """CUDA-event time per call, cycling through `fns` (the same work on different buffers, so the
+    inputs are not resident in L2 from the previous call)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def copies_exceeding_l2(nbytes_per_copy: int, device: torch.device) -> int:
+    """How many copies of the inputs to rotate through so that they do not fit in L2 together."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return max(1, min(8, -(-3 * l2 // max(nbytes_per_copy, 1))))

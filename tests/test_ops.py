@@ -1,0 +1,128 @@
+"""Every op through torch.library.opcheck, gradcheck in float64, and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+from helpers import CL, NCHW, activation, backend_params, interpreted_triton
+from resnet_fused import backends, functional
+
+pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
+
+OPS = torch.ops.resnet_fused
+SHAPE = (2, 5, 3, 4)
+
+
+def _vec(C=SHAPE[1], positive=False):
+    v = torch.randn(C)
+    return v.abs() + 0.5 if positive else v
+
+
+def _kernel_op_cases(prefix):
+    """(op, args) for each kernel op, in both layouts, with and without its optional tensors."""
+    def op(name):
+        return getattr(OPS, prefix + name)
+
+    for fmt in (NCHW, CL):
+        x, r, g, y = (activation(SHAPE, torch.float32, fmt) for _ in range(4))
+        yield op("add_relu_forward"), (x, r)
+        yield op("bn_stats"), (x,)
+        yield op("bn_act_apply"), (x, _vec(), _vec(), r, True)
+        yield op("bn_act_apply"), (x, _vec(), _vec(), None, False)
+        yield op("bn_act_backward_reduce"), (g, x, _vec(), y)
+        yield op("bn_act_backward_reduce"), (g, x, _vec(), None)
+        yield op("bn_act_backward_elemt"), (g, y, x, _vec(), _vec(), _vec(), True)
+        yield op("bn_act_backward_elemt"), (g, None, None, _vec(), None, None, False)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=True))
+def test_opcheck_kernel_ops(backend):
+    """The C++ kernel ops (CPU here, CUDA in test_cuda.py) and the Triton ones (ops named triton_*)."""
+    if backend in ("cuda", "torch"):
+        pytest.skip("cuda: covered by tests/test_cuda.py; torch: plain functions, not ops")
+    for op, args in _kernel_op_cases("triton_" if backend == "triton" else ""):
+        torch.library.opcheck(op, args)
+
+
+def _autograd_op_cases(backend):
+    for fmt in (NCHW, CL):
+        def act():
+            return activation(SHAPE, torch.float32, fmt).requires_grad_()
+
+        w, b = _vec().requires_grad_(), _vec().requires_grad_()
+        yield OPS.add_relu, (act(), act(), backend)
+        yield OPS.bn_act_train, (act(), w, b, act(), 1e-5, True, backend)
+        yield OPS.bn_act_train, (act(), None, None, None, 1e-3, False, backend)
+        yield OPS.bn_act_eval, (act(), _vec(), _vec(positive=True), w, b, act(), 1e-5, True, backend)
+        yield OPS.bn_act_eval, (act(), _vec(), _vec(positive=True), None, None, None, 1e-5, False, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=True))
+def test_opcheck_autograd_ops(backend):
+    if backend == "cuda":
+        pytest.skip("covered by tests/test_cuda.py on a GPU")
+    for op, args in _autograd_op_cases(backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu,with_residual", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_gradcheck_float64(training, relu, with_residual, fmt):
+    """The autograd formulas (reduce + elemt passes, fp64 coefficients) against finite differences."""
+    x = activation((3, 4, 3, 2), torch.float64, fmt).requires_grad_()
+    r = activation((3, 4, 3, 2), torch.float64, fmt).requires_grad_() if with_residual else None
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b, *res):
+        return functional.bn_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, res[0] if res else None, relu)
+
+    inputs = (x, w, b) + ((r,) if r is not None else ())
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_add_relu_float64():
+    x, r = (activation((2, 3, 4, 5), torch.float64, CL).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(functional.add_relu, (x, r))
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+def test_torch_compile_fullgraph(fmt):
+    """A residual tail (BN + add + ReLU, then BN + ReLU) compiles without graph breaks and agrees with eager."""
+    C = 6
+    bn1, bn2 = torch.nn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)
+    with torch.no_grad():
+        for bn in (bn1, bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+
+    def tail(x, skip, training):
+        y = functional.bn_act(x, bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, training, 0.1, 1e-5, residual=skip)
+        return functional.add_relu(
+            functional.bn_act(y, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, training, 0.1, 1e-5, relu=False), skip
+        )
+
+    compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
+    x, skip = activation((2, C, 5, 5), torch.float32, fmt), activation((2, C, 5, 5), torch.float32, fmt)
+    for training in (True, False):
+        state = [t.clone() for t in (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)]
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = tail(xa, skip, training)
+        expected.sum().backward()
+        eager_state = [t.clone() for t in (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)]
+        for t, s in zip((bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var), state):
+            t.copy_(s)
+        out = compiled(xb, skip, training)
+        out.sum().backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(xb.grad, xa.grad)
+        for t, e in zip((bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var), eager_state):
+            torch.testing.assert_close(t, e)
+
+
+def test_torch_compile_inductor_cpu():
+    """Inductor keeps our ops as extern calls and runs them (eval, no grad)."""
+    x = activation((2, 4, 6, 6), torch.float32, CL)
+    rm, rv, w, b = torch.randn(4), torch.rand(4) + 0.5, torch.randn(4), torch.randn(4)
+    fn = lambda x: functional.bn_act(x, rm, rv, w, b, False, 0.1, 1e-5, residual=x)  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))
