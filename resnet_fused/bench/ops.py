@@ -77,13 +77,13 @@ def time_case(case: OpCase, provider: str, device: torch.device, min_run_time: f
 
 
 def time_copy(shape, dtype, channels_last: bool, device: torch.device, min_run_time: float) -> Timing:
-    """Device-to-device copy of one activation: the bandwidth ceiling (2 tensors moved)."""
+    """Device-to-device copy of one activation into a new tensor (``clone``, 2 tensors moved): the
+    bandwidth ceiling of an op that returns a new tensor, allocation included, as the ops' is."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make():
         src = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        dst = torch.empty_like(src)
-        return lambda: dst.copy_(src)
+        return lambda: src.clone(memory_format=torch.preserve_format)
 
     if device.type == "cuda":
         return time_cuda([make() for _ in range(copies_exceeding_l2(2 * bytes_of(shape, dtype), device))])
