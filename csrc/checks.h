@@ -78,16 +78,19 @@ inline void check_bn_act_backward_reduce(const at::Tensor& grad_out, const at::T
 }
 
 inline void check_bn_act_backward_elemt(const at::Tensor& grad_out, const std::optional<at::Tensor>& output,
-                                        const std::optional<at::Tensor>& input, const at::Tensor& dy_scale,
-                                        const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& shift) {
+                                        const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& mean,
+                                        const at::Tensor& dy_scale, const std::optional<at::Tensor>& x_scale,
+                                        const std::optional<at::Tensor>& shift) {
   const char* op = "bn_act_backward_elemt";
   check_activation(grad_out, op, "grad_out");
   check_channel_vector(dy_scale, grad_out, op, "dy_scale");
   if (output.has_value()) check_like(*output, grad_out, op, "output", "grad_out");
-  RF_CHECK(input.has_value() == x_scale.has_value() && input.has_value() == shift.has_value(), op,
-           "`input`, `x_scale` and `shift` must be given together (training) or all omitted (eval)");
+  RF_CHECK(input.has_value() == mean.has_value() && input.has_value() == x_scale.has_value() &&
+               input.has_value() == shift.has_value(),
+           op, "`input`, `mean`, `x_scale` and `shift` must be given together (training) or all omitted (eval)");
   if (input.has_value()) {
     check_like(*input, grad_out, op, "input", "grad_out");
+    check_channel_vector(*mean, grad_out, op, "mean");
     check_channel_vector(*x_scale, grad_out, op, "x_scale");
     check_channel_vector(*shift, grad_out, op, "shift");
   }

@@ -57,7 +57,7 @@ def _bn_act_backward_reduce_fake(grad_out, input, mean, output):
     return _per_channel_empty(input), _per_channel_empty(input)
 
 
-def _bn_act_backward_elemt_fake(grad_out, output, input, dy_scale, x_scale, shift, need_grad_residual):
+def _bn_act_backward_elemt_fake(grad_out, output, input, mean, dy_scale, x_scale, shift, need_grad_residual):
     fmt = _memory_format(input if input is not None else grad_out)
     grad_input = torch.empty_like(grad_out, memory_format=fmt)
     grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
@@ -132,16 +132,26 @@ def _bn_act_train(
     eps: float,
     relu: bool,
     backend: str,
+    batch_mean: Tensor | None = None,
+    batch_var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """act(batch_norm(input) with batch statistics + residual) -> (out, batch mean, biased batch var)"""
+    """act(batch_norm(input) with batch statistics + residual) -> (out, batch mean, biased batch var).
+
+    batch_mean / batch_var: the batch statistics of `input` when a producer already took them (the
+    fused convolution's epilogue); computed here otherwise. Either way they are functions of `input`
+    and the backward treats them so.
+    """
     k = backends.kernels(backend)
-    mean, var = k.bn_stats(input)
+    if batch_mean is None:
+        mean, var = k.bn_stats(input)
+    else:
+        mean, var = batch_mean.clone(), batch_var.clone()  # an op's outputs may not alias its inputs
     scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype)
     return k.bn_act_apply(input, scale, shift, residual, relu), mean, var
 
 
 @_bn_act_train.register_fake
-def _(input, weight, bias, residual, eps, relu, backend):
+def _(input, weight, bias, residual, eps, relu, backend, batch_mean=None, batch_var=None):
     out = torch.empty_like(input, memory_format=_memory_format(input))
     return out, _per_channel_empty(input), _per_channel_empty(input)
 
@@ -169,7 +179,7 @@ def _(input, running_mean, running_var, weight, bias, residual, eps, relu, backe
 
 
 def _bn_act_train_setup(ctx, inputs, output):
-    input, weight, bias, residual, eps, relu, backend = inputs
+    input, weight, bias, residual, eps, relu, backend, _, _ = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
@@ -190,7 +200,7 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
     One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out * (out > 0);
     one elementwise pass writes grad_input (and grad_residual = dy when a ReLU masks it):
       training: dx = w invstd (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
-                   = dy * a + x * b + c
+                   = dy * a + (x - mean) * b + c
       eval:     dx = dy * w invstd
       grad_weight = invstd sum dy (x - mean),  grad_bias = sum dy
     """
@@ -201,7 +211,7 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
     acc = _stat_dtype(x)
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # one layout for both passes
     # per-channel (C,) coefficients in fp64 (cheap), handed to the kernels in fp32
-    mean64, invstd = mean.double(), torch.rsqrt(var.double() + ctx.eps)
+    invstd = torch.rsqrt(var.double() + ctx.eps)
     a = invstd if weight is None else invstd * weight.double()
 
     sum_dy = sum_dy_xmu = None
@@ -214,11 +224,11 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
         if training:
             count = x.numel() // x.shape[1]
             b = -a * invstd.square() * sum_dy_xmu / count
-            c = -a * sum_dy / count - b * mean64
-            coef = (a.to(acc), b.to(acc), c.to(acc))
+            c = -a * sum_dy / count
+            coef = (mean.to(acc), a.to(acc), b.to(acc), c.to(acc))
             grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, *coef, need_masked_residual)
         else:
-            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, a.to(acc), None, None, need_masked_residual)
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, None, a.to(acc), None, None, need_masked_residual)
         if need_masked_residual:
             grad_residual = masked
     elif need_masked_residual:
@@ -228,8 +238,8 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
 
     grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs_w else None
     grad_bias = sum_dy.to(ctx.bias_dtype) if needs_b else None
-    if training:  # input, weight, bias, residual, eps, relu, backend
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
+    if training:  # input, weight, bias, residual, eps, relu, backend, batch_mean, batch_var
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
     # input, running_mean, running_var, weight, bias, residual, eps, relu, backend
     return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None
 
@@ -260,20 +270,18 @@ def _check_like(t: Tensor, ref: Tensor, fn: str, name: str) -> None:
         )
 
 
-def _check_channel_vector(v: Tensor | None, ref: Tensor, fn: str, name: str) -> None:
+def _check_channel_vector(v: Tensor | None, channels: int, device: torch.device, fn: str, name: str, of: str) -> None:
+    """v is None or a float (channels,) vector on `device`; `of` names what has the channels."""
     if v is None:
         return
     if not isinstance(v, Tensor):
         raise TypeError(f"resnet_fused.{fn}: `{name}` must be a Tensor or None, got {type(v).__name__}")
-    if v.dim() != 1 or v.numel() != ref.shape[1]:
-        raise ValueError(
-            f"resnet_fused.{fn}: expected `{name}` of shape ({ref.shape[1]},), one per channel of input "
-            f"{tuple(ref.shape)}, got {tuple(v.shape)}"
-        )
+    if v.dim() != 1 or v.numel() != channels:
+        raise ValueError(f"resnet_fused.{fn}: expected `{name}` of shape ({channels},), one per channel of {of}, got {tuple(v.shape)}")
     if not v.is_floating_point():
         raise TypeError(f"resnet_fused.{fn}: expected `{name}` to be floating point, got {v.dtype}")
-    if v.device != ref.device:
-        raise ValueError(f"resnet_fused.{fn}: `{name}` is on {v.device} but `input` is on {ref.device}")
+    if v.device != device:
+        raise ValueError(f"resnet_fused.{fn}: `{name}` is on {v.device} but `input` is on {device}")
 
 
 def add_relu(input: Tensor, residual: Tensor, *, backend: str | None = None) -> Tensor:
@@ -302,14 +310,14 @@ def bn_act(
     Same arguments, values and side effects as ``torch.nn.functional.batch_norm``: in training the
     batch statistics normalize the input and ``running_mean`` / ``running_var`` (if given) are updated
     in place with ``momentum`` (unbiased variance); in eval the running statistics normalize. For
-    nn.BatchNorm2d's ``momentum=None`` (cumulative average), pass ``1 / num_batches_tracked``, as
-    nn.BatchNorm2d does. ``residual`` (input's shape) is added after the normalization, then ReLU if
+    nn.BatchNorm2d's ``momentum=None`` (cumulative average), pass ``1 / num_batches_tracked`` (a float
+    or a 0-dim tensor), as nn.BatchNorm2d does. ``residual`` (input's shape) is added after the normalization, then ReLU if
     ``relu``. Statistics are computed in fp32 (two-level, numerically stable).
     """
     fn = "bn_act"
     _check_activation(input, fn, "input")
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_channel_vector(v, input, fn, name)
+        _check_channel_vector(v, input.shape[1], input.device, fn, name, f"input {tuple(input.shape)}")
     if residual is not None:
         _check_like(residual, input, fn, "residual")
     if momentum is None:
@@ -323,13 +331,132 @@ def bn_act(
             raise ValueError(f"resnet_fused.{fn}: running_mean and running_var must be given in evaluation mode")
         return _bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, relu, name)
 
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
-    if count == 1:
-        raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    _check_batch(input, fn)
     out, mean, var = _bn_act_train(input, weight, bias, residual, eps, relu, name)
-    if running_mean is not None and count > 0:
-        with torch.no_grad():
-            # running = (1 - momentum) running + momentum batch, with the unbiased batch variance
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+    _update_running_stats(running_mean, running_var, mean, var, input, momentum)
     return out
+
+
+def _check_batch(input: Tensor, fn: str) -> None:
+    if input.numel() == input.shape[1] and input.numel() > 0:  # one value per channel
+        raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+
+
+def _update_running_stats(running_mean, running_var, mean, var, input, momentum) -> None:
+    """running = (1 - momentum) running + momentum batch, with the unbiased batch variance, as
+    F.batch_norm does; momentum: a float, or a 0-dim tensor (nn.BatchNorm2d's 1 / num_batches_tracked)."""
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if running_mean is None or count == 0:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
+        running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype) * momentum)
+
+
+# ---- conv + bn_act ----
+
+
+def fold_bn(
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Weights and bias of one convolution equal to batch_norm(conv2d(x)) with running statistics:
+    w' = w * s[co], b' = (b - running_mean) * s + bn_bias, s = bn_weight / sqrt(running_var + eps).
+    Math in fp32 (fp64 for fp64 weights), results in the conv weight's dtype. Differentiable."""
+    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(acc)
+    shift = -running_mean.to(acc) * scale
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    weight = conv_weight.to(acc) * scale.view(-1, 1, 1, 1)
+    return weight.to(conv_weight.dtype), shift.to(conv_weight.dtype)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_bn_act(
+    input: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(batch_norm(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...) + residual)``.
+
+    Equal in value and in its side effects on the running statistics to the eager composition, with
+    autograd for every tensor argument. Eval: BN is folded into the convolution (one conv with bias,
+    then one fused add + ReLU pass at most). Training: the convolution, then ``bn_act`` (statistics,
+    one fused normalize + add + ReLU pass; fused two-pass backward).
+    """
+    fn = "conv_bn_act"
+    _check_activation(input, fn, "input")
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
+        raise ValueError(f"resnet_fused.{fn}: expected `conv_weight` of shape (Cout, Cin / groups, KH, KW), got "
+                         f"{tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__}")
+    if conv_weight.shape[1] * groups != input.shape[1]:
+        raise ValueError(f"resnet_fused.{fn}: `conv_weight` {tuple(conv_weight.shape)} with groups={groups} expects "
+                         f"{conv_weight.shape[1] * groups} input channels, `input` {tuple(input.shape)} has {input.shape[1]}")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias), ("conv_bias", conv_bias)):
+        _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
+    if conv_weight.device != input.device or conv_weight.dtype != input.dtype:
+        raise ValueError(f"resnet_fused.{fn}: `conv_weight` is {conv_weight.dtype} on {conv_weight.device}, "
+                         f"`input` is {input.dtype} on {input.device}")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    name = backends.resolve(backend, input)
+
+    if training or running_mean is None:
+        y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+        if residual is not None:
+            _check_like(residual, y, fn, "residual")
+        return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, residual, relu, backend=name)
+
+    weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu, backend=name)
+
+
+def conv_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(conv2d(input, weight, bias, ...) + residual)``: the eval form of conv_bn_act once BN is
+    folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
+    one pass after the convolution."""
+    y = torch.nn.functional.conv2d(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    if residual is not None:
+        _check_like(residual, y, "conv_act", "residual")
+        return add_relu(y, residual, backend=backend) if relu else y + residual
+    return torch.relu(y) if relu else y

@@ -98,15 +98,16 @@ def bn_act_backward_elemt(
     grad_out: torch.Tensor,
     output: torch.Tensor | None,
     input: torch.Tensor | None,
+    mean: torch.Tensor | None,
     dy_scale: torch.Tensor,
     x_scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     need_grad_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_input = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]); grad_residual = dy.
+    """grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy.
 
-    dy = grad_out masked by (output > 0) (``output=None``: no ReLU). ``input``, ``x_scale`` and
-    ``shift`` are given together (training) or all omitted (eval, where grad_input = dy * scale).
+    dy = grad_out masked by (output > 0) (``output=None``: no ReLU). ``input``, ``mean``, ``x_scale``
+    and ``shift`` are given together (training) or all omitted (eval, where grad_input = dy * scale).
     grad_input has grad_out's dtype and input's memory format (grad_out's when input is omitted);
     grad_residual is dy in grad_out's dtype, or an empty tensor when not needed.
     """
@@ -114,7 +115,7 @@ def bn_act_backward_elemt(
     dy = _relu_mask(grad_out.to(acc), output)
     gi = dy * _per_channel(dy_scale)
     if input is not None:
-        gi = gi + input.to(acc) * _per_channel(x_scale) + _per_channel(shift)
+        gi = gi + (input.to(acc) - _per_channel(mean)) * _per_channel(x_scale) + _per_channel(shift)
     fmt = _memory_format(input if input is not None else grad_out)
     grad_input = gi.to(grad_out.dtype).contiguous(memory_format=fmt)
     if need_grad_residual:

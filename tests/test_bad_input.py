@@ -21,7 +21,7 @@ def _stats(C=4):
     "call,error,message",
     [
         (lambda: functional.bn_act(torch.randn(2, 4, 3), *_stats()), ValueError, r"4-D \(N, C, H, W\).*\(2, 4, 3\)"),
-        (lambda: functional.bn_act(_x(), *_stats(5)), ValueError, r"`running_mean` of shape \(4,\).*got \(5,\)"),
+        (lambda: functional.bn_act(_x(), *_stats(5)), ValueError, r"`running_mean` of shape \(4,\), one per channel of input \(2, 4, 3, 3\), got \(5,\)"),
         (lambda: functional.bn_act(_x(), *_stats(), weight=torch.ones(3)), ValueError, r"`weight` of shape \(4,\).*got \(3,\)"),
         (lambda: functional.bn_act(_x(dtype=torch.int32), *_stats()), TypeError, r"floating point, got torch.int32"),
         (lambda: functional.bn_act(_x(), *_stats(), residual=_x(2, 4, 3, 2)), ValueError,
@@ -56,7 +56,7 @@ def test_public_functions_reject_bad_input(call, error, message):
         (lambda: OPS.bn_act_apply(_x(), torch.ones(4, dtype=torch.float16), torch.ones(4), None, True), r"`scale` to be float32, got Half"),
         (lambda: OPS.bn_act_apply(_x(), torch.ones(4), torch.ones(4), _x(dtype=torch.bfloat16), True), r"`residual` is BFloat16 but `input` is Float"),
         (lambda: OPS.bn_act_backward_reduce(_x(), _x(), torch.ones(4), _x(1, 4, 3, 3)), r"`output` has shape \[1, 4, 3, 3\]"),
-        (lambda: OPS.bn_act_backward_elemt(_x(), None, _x(), torch.ones(4), None, None, False), r"given together"),
+        (lambda: OPS.bn_act_backward_elemt(_x(), None, _x(), None, torch.ones(4), None, None, False), r"given together"),
     ],
 )
 def test_cpp_ops_reject_bad_input(call, message):

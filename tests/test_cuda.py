@@ -52,7 +52,7 @@ def test_opcheck_cuda_kernel_ops():
             (ops.bn_stats, (x,)),
             (ops.bn_act_apply, (x, v(), v(), r, True)),
             (ops.bn_act_backward_reduce, (g, x, v(), y)),
-            (ops.bn_act_backward_elemt, (g, y, x, v(), v(), v(), True)),
-            (ops.bn_act_backward_elemt, (g, None, None, v(), None, None, False)),
+            (ops.bn_act_backward_elemt, (g, y, x, v(), v(), v(), v(), True)),
+            (ops.bn_act_backward_elemt, (g, None, None, None, v(), None, None, False)),
         ]:
             torch.library.opcheck(op, args)

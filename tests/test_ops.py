@@ -30,8 +30,8 @@ def _kernel_op_cases(prefix):
         yield op("bn_act_apply"), (x, _vec(), _vec(), None, False)
         yield op("bn_act_backward_reduce"), (g, x, _vec(), y)
         yield op("bn_act_backward_reduce"), (g, x, _vec(), None)
-        yield op("bn_act_backward_elemt"), (g, y, x, _vec(), _vec(), _vec(), True)
-        yield op("bn_act_backward_elemt"), (g, None, None, _vec(), None, None, False)
+        yield op("bn_act_backward_elemt"), (g, y, x, _vec(), _vec(), _vec(), _vec(), True)
+        yield op("bn_act_backward_elemt"), (g, None, None, None, _vec(), None, None, False)
 
 
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))

@@ -94,8 +94,10 @@ def test_bn_act_backward_elemt(gen, shape, fmt, dtype, relu, training, need_grad
     C = shape[1]
     g = _act(gen, shape, dtype, fmt)
     y = _act(gen, shape, dtype, fmt) if relu else None
-    x, x_scale, shift = (_act(gen, shape, dtype, fmt), _vec(gen, C), _vec(gen, C)) if training else (None, None, None)
-    args = (g, y, x, _vec(gen, C), x_scale, shift, need_grad_residual)
+    x, mean, x_scale, shift = (
+        (_act(gen, shape, dtype, fmt), _vec(gen, C), _vec(gen, C), _vec(gen, C)) if training else (None, None, None, None)
+    )
+    args = (g, y, x, mean, _vec(gen, C), x_scale, shift, need_grad_residual)
     gi, gr = bn_act.bn_act_backward_elemt(*args)
     gi_ref, gr_ref = ref.bn_act_backward_elemt(*args)
     _check(gi, gi_ref, ELEMT_TOL[dtype])
@@ -121,7 +123,7 @@ def test_mixed_and_strided_layouts(gen, fmt):
         _check(a, e, SUM_TOL)
     for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
         _check(a, e, SUM_TOL)
-    args = (g, y, x, scale, shift, scale, True)
+    args = (g, y, x, shift, scale, shift, scale, True)
     for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
         _check(a, e, ELEMT_TOL[torch.float32])
 
@@ -147,7 +149,7 @@ def test_small_tiles(gen, fmt, monkeypatch):
     for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
         _check(a, e, SUM_TOL)
     _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True), ELEMT_TOL[torch.float32])
-    args = (g, y, x, scale, shift, scale, True)
+    args = (g, y, x, shift, scale, shift, scale, True)
     for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
         _check(a, e, ELEMT_TOL[torch.float32])
 
@@ -170,5 +172,5 @@ def test_empty():
         assert t.shape == (4,) and t.dtype == torch.float32 and not t.any()
     assert bn_act.bn_act_apply(x, torch.ones(4, device=DEVICE), torch.ones(4, device=DEVICE), None, True).shape == x.shape
     assert add_relu(x, x).shape == x.shape
-    gi, gr = bn_act.bn_act_backward_elemt(x, x, None, torch.ones(4, device=DEVICE), None, None, True)
+    gi, gr = bn_act.bn_act_backward_elemt(x, x, None, None, torch.ones(4, device=DEVICE), None, None, True)
     assert gi.shape == x.shape and gr.shape == x.shape

@@ -160,14 +160,16 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_out,
                                                          const std::optional<at::Tensor>& output,
                                                          const std::optional<at::Tensor>& input,
+                                                         const std::optional<at::Tensor>& mean,
                                                          const at::Tensor& dy_scale,
                                                          const std::optional<at::Tensor>& x_scale,
                                                          const std::optional<at::Tensor>& shift,
                                                          bool need_grad_residual) {
-  check_bn_act_backward_elemt(grad_out, output, input, dy_scale, x_scale, shift);
+  check_bn_act_backward_elemt(grad_out, output, input, mean, dy_scale, x_scale, shift);
   const auto fmt = layout_of(input.has_value() ? *input : grad_out);
   const at::Tensor dout = dense(grad_out, fmt), y = dense(output, fmt), x = dense(input, fmt);
   const at::Tensor a = dy_scale.contiguous();
+  const at::Tensor mu = x.defined() ? mean->contiguous() : at::Tensor();
   const at::Tensor b = x.defined() ? x_scale->contiguous() : at::Tensor();
   const at::Tensor c = x.defined() ? shift->contiguous() : at::Tensor();
   at::Tensor grad_input = at::empty_like(dout, fmt);
@@ -179,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_
     const T* gp = dout.const_data_ptr<T>();
     T* gi = grad_input.mutable_data_ptr<T>();
     T* gr = need_grad_residual ? grad_residual.mutable_data_ptr<T>() : nullptr;
-    // The four variants: with / without ReLU mask (output), training (input, x_scale, shift) or eval.
-    // dy = grad * (out > 0) or grad; grad_input = dy * a (+ x * b + c); grad_residual = dy.
+    // The four variants: with / without ReLU mask (output), training (input, mean, x_scale, shift) or eval.
+    // dy = grad * (out > 0) or grad; grad_input = dy * a (+ (x - mean) * b + c); grad_residual = dy.
     auto run = [&](auto inputs, auto params, auto math) {
       if (gr != nullptr) {
         channel_map(g, inputs, params, std::array<T*, 2>{gi, gr}, math);
@@ -190,15 +192,17 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_
       }
     };
     if (x.defined()) {
-      const std::array<const float*, 3> p{a.const_data_ptr<float>(), b.const_data_ptr<float>(), c.const_data_ptr<float>()};
+      const std::array<const float*, 4> p{a.const_data_ptr<float>(), mu.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                          c.const_data_ptr<float>()};
+      // (x - mean) first: x * b + (c - mean * b) would cancel badly when |mean| >> std
       if (y.defined()) {
         run(std::array<const T*, 3>{gp, x.const_data_ptr<T>(), y.const_data_ptr<T>()}, p, [](auto v, auto c) {
           const auto dy = relu_mask(v[0], v[2]);
-          return std::array{dy * c[0] + v[1] * c[1] + c[2], dy};
+          return std::array{dy * c[0] + (v[1] - c[1]) * c[2] + c[3], dy};
         });
       } else {
         run(std::array<const T*, 2>{gp, x.const_data_ptr<T>()}, p,
-            [](auto v, auto c) { return std::array{v[0] * c[0] + v[1] * c[1] + c[2], v[0]}; });
+            [](auto v, auto c) { return std::array{v[0] * c[0] + (v[1] - c[1]) * c[2] + c[3], v[0]}; });
       }
     } else {
       const std::array<const float*, 1> p{a.const_data_ptr<float>()};

@@ -93,24 +93,25 @@ struct ApplyOp {
   }
 };
 
-// dy = grad_out (* (output > 0)); grad_input = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]);
-// grad_residual = dy.
+// dy = grad_out (* (output > 0)); grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);
+// grad_residual = dy. x is centred before scaling: no cancellation when |mean| >> std.
 template <typename T>
 struct BackwardElemtOp {
   struct Param {
-    float dy_scale, x_scale, shift;
+    float dy_scale, mean, x_scale, shift;
   };
   const T* grad_out;
   const T* output;  // nullptr: no relu
-  const T* x;       // nullptr: eval (x_scale, shift unused)
+  const T* x;       // nullptr: eval (mean, x_scale, shift unused)
   T* grad_input;
   T* grad_residual;  // nullptr: not needed
+  const float* mean;
   const float* dy_scale;
   const float* x_scale;
   const float* shift;
 
   __device__ Param param(int64_t c) const {
-    return {dy_scale[c], x != nullptr ? x_scale[c] : 0.f, x != nullptr ? shift[c] : 0.f};
+    return x != nullptr ? Param{dy_scale[c], mean[c], x_scale[c], shift[c]} : Param{dy_scale[c], 0.f, 0.f, 0.f};
   }
 
   template <int V>
@@ -131,7 +132,7 @@ struct BackwardElemtOp {
       float xv[V];
       load_f32<V>(x + i, xv);
 #pragma unroll
-      for (int v = 0; v < V; ++v) gi[v] = gi[v] + xv[v] * p[v].x_scale + p[v].shift;
+      for (int v = 0; v < V; ++v) gi[v] = gi[v] + (xv[v] - p[v].mean) * p[v].x_scale + p[v].shift;
     }
     store_f32<V>(grad_input + i, gi);
   }
@@ -481,11 +482,12 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& grad_out,
                                                               const std::optional<at::Tensor>& output,
                                                               const std::optional<at::Tensor>& input,
+                                                              const std::optional<at::Tensor>& mean,
                                                               const at::Tensor& dy_scale,
                                                               const std::optional<at::Tensor>& x_scale,
                                                               const std::optional<at::Tensor>& shift,
                                                               bool need_grad_residual) {
-  check_bn_act_backward_elemt(grad_out, output, input, dy_scale, x_scale, shift);
+  check_bn_act_backward_elemt(grad_out, output, input, mean, dy_scale, x_scale, shift);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::MemoryFormat fmt = layout_of(input.has_value() ? *input : grad_out);
   const at::Tensor g = dense(grad_out, fmt);
@@ -496,6 +498,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& 
   if (g.numel() == 0) return {grad_input, grad_residual};
 
   const at::Tensor dy_scale_c = dy_scale.contiguous();
+  const at::Tensor mean_c = x.defined() ? mean->contiguous() : at::Tensor();
   const at::Tensor x_scale_c = x.defined() ? x_scale->contiguous() : at::Tensor();
   const at::Tensor shift_c = x.defined() ? shift->contiguous() : at::Tensor();
   const Shape s = shape_of(g);
@@ -507,6 +510,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& 
                                       ptr_or_null<scalar_t>(x),
                                       grad_input.mutable_data_ptr<scalar_t>(),
                                       need_grad_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+                                      ptr_or_null<float>(mean_c),
                                       dy_scale_c.const_data_ptr<float>(),
                                       ptr_or_null<float>(x_scale_c),
                                       ptr_or_null<float>(shift_c)};

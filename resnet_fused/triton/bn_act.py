@@ -82,12 +82,12 @@ def _bn_act_apply_kernel(
 @triton.jit
 def _bn_act_backward_elemt_kernel(
     g_ptr, y_ptr, x_ptr,  # grad_out, saved output (None: no relu), input (None: eval)
-    dy_scale_ptr, x_scale_ptr, shift_ptr,  # per channel; x_scale, shift None iff x_ptr is None
+    mean_ptr, dy_scale_ptr, x_scale_ptr, shift_ptr,  # per channel; mean, x_scale, shift None iff x_ptr is None
     grad_in_ptr, grad_res_ptr,  # grad_res_ptr: None when grad_residual is not needed
     P, S, C,
     CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # dy = g * (y > 0);  grad_in = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]);  grad_res = dy
+    # dy = g * (y > 0);  grad_in = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);  grad_res = dy
     p, s = _tile(P, S, BLOCK_P, BLOCK_S)
     offs = _offsets(p, s, S, C, CHANNELS_LAST)
     mask = (p < P)[:, None] & (s < S)[None, :]
@@ -98,7 +98,8 @@ def _bn_act_backward_elemt_kernel(
     gi = dy * tl.load(dy_scale_ptr + c)[:, None]
     if x_ptr is not None:
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        gi += x * tl.load(x_scale_ptr + c)[:, None] + tl.load(shift_ptr + c)[:, None]
+        xmu = x - tl.load(mean_ptr + c)[:, None]  # centred first: no cancellation when |mean| >> std
+        gi += xmu * tl.load(x_scale_ptr + c)[:, None] + tl.load(shift_ptr + c)[:, None]
     tl.store(grad_in_ptr + offs, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
     if grad_res_ptr is not None:
         tl.store(grad_res_ptr + offs, dy.to(grad_res_ptr.dtype.element_ty), mask=mask)
@@ -329,12 +330,13 @@ def bn_act_backward_elemt(
     grad_out: torch.Tensor,
     output: torch.Tensor | None,
     input: torch.Tensor | None,
+    mean: torch.Tensor | None,
     dy_scale: torch.Tensor,
     x_scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     need_grad_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_input = dy * dy_scale[c] (+ x * x_scale[c] + shift[c]); grad_residual = dy (or empty)."""
+    """grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy (or empty)."""
     fmt = _memory_format(input if input is not None else grad_out)
     g, y, x = _dense(grad_out, fmt), _dense(output, fmt), _dense(input, fmt)
     grad_input = torch.empty_like(g, memory_format=fmt)
@@ -343,7 +345,7 @@ def bn_act_backward_elemt(
         return grad_input, grad_residual
     plan = _plan(g, fmt)
     _bn_act_backward_elemt_kernel[(plan.num_p * triton.cdiv(plan.S, plan.block_s),)](
-        g, y, x, _dense(dy_scale), _dense(x_scale), _dense(shift),
+        g, y, x, _dense(mean), _dense(dy_scale), _dense(x_scale), _dense(shift),
         grad_input, grad_residual if need_grad_residual else None, plan.P, plan.S, plan.C,
         CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
     )

@@ -76,7 +76,7 @@ def _a_coords(i, h0, w0, Cin, num_c, dil_h, dil_w,
         tap = i // num_c
         ci = (i % num_c) * BLOCK_K + tl.arange(0, BLOCK_K)
         k = tap * Cin + ci
-        k_ok = ci >= 0
+        k_ok = ci < Cin
         h = (h0 + tap // KW * dil_h)[:, None]
         w = (w0 + tap % KW * dil_w)[:, None]
     return k, ci, k_ok, h, w

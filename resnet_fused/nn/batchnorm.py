@@ -1,0 +1,48 @@
+"""nn.BatchNorm2d's forward semantics, as arguments for the fused functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BatchNormCall:
+    """What nn.BatchNorm2d.forward would pass to F.batch_norm, in the same order of side effects."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    use_batch_stats: bool
+    momentum: float | torch.Tensor
+    eps: float
+
+
+def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
+    """Counts the batch (num_batches_tracked += 1) exactly when bn's own forward would, and returns
+    the arguments its F.batch_norm call would get: momentum (1 / num_batches_tracked for momentum=None),
+    whether batch statistics normalize, and which running buffers (if any) are updated or used."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average; a 0-dim tensor keeps torch.compile graphs whole
+            momentum = 1.0 / bn.num_batches_tracked
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    tracked = not bn.training or bn.track_running_stats
+    return BatchNormCall(
+        bn.running_mean if tracked else None,
+        bn.running_var if tracked else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        momentum,
+        bn.eps,
+    )
+
+
+def is_plain_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm2d whose forward is nn.BatchNorm2d's own (SyncBatchNorm, frozen or custom norms are not)."""
+    return type(module) is nn.BatchNorm2d

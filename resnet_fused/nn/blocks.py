@@ -1,0 +1,97 @@
+"""FusedBasicBlock and FusedBottleneck: torchvision's constructor arguments, attributes and
+state_dict keys; every conv -> BN (-> add) -> ReLU runs as one fused call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from resnet_fused.nn.batchnorm import is_plain_batchnorm
+from resnet_fused.nn.conv_bn import conv_bn_act, is_fusable_conv
+from resnet_fused.nn.fold import FoldCache
+
+
+class _FusedBlock(nn.Module):
+    """What both blocks share: the shortcut, the fold cache, the backend. Class-level defaults let
+    resnet_fused.fuse_ turn a torchvision or timm block into a fused one in place."""
+
+    backend: str | None = None
+    shortcut: bool = True  # False: the paper's plain network (no identity, no projection)
+
+    def _init_fused(self, backend: str | None, shortcut: bool) -> None:
+        self.backend = backend
+        self.shortcut = shortcut
+        self._folds = FoldCache()
+
+    def _conv_bn(self, i: int, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, self.backend, self._folds,
+                           f"conv{i}")
+
+    def _identity(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.shortcut:
+            return None
+        ds = self.downsample
+        if ds is None:
+            return x
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1]):
+            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=self.backend, cache=self._folds, name="downsample")
+        return ds(x)
+
+
+class FusedBasicBlock(_FusedBlock):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), as torchvision.models.resnet.BasicBlock."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, norm_layer=None, *, shortcut: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused(backend, shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self._identity(x)
+        out = self._conv_bn(1, x)
+        return self._conv_bn(2, out, residual=identity)
+
+
+class FusedBottleneck(_FusedBlock):
+    """relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)), as torchvision's
+    Bottleneck (stride on the 3x3 conv, ResNet v1.5)."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1, norm_layer=None, *, shortcut: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, groups=groups, dilation=dilation, bias=False)
+        self.bn2 = norm_layer(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused(backend, shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self._identity(x)
+        out = self._conv_bn(1, x)
+        out = self._conv_bn(2, out)
+        return self._conv_bn(3, out, residual=identity)

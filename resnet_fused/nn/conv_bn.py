@@ -1,0 +1,71 @@
+"""Conv2d -> BatchNorm2d (-> + residual) (-> ReLU) as one fused call, and FusedConvBNReLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from resnet_fused import functional
+from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm
+from resnet_fused.nn.fold import FoldCache
+
+
+def is_fusable_conv(conv: nn.Module) -> bool:
+    """An nn.Conv2d with zero padding: what the fused path computes exactly."""
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+def conv_bn_act(
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str | None = None,
+    cache: FoldCache | None = None,
+    name: str = "",
+) -> torch.Tensor:
+    """act(bn(conv(x)) + residual), with bn's exact training / eval semantics.
+
+    Eval with running statistics uses the BN-folded convolution, from `cache` when nothing requires
+    gradients (folded weights computed once, refreshed when a parameter or buffer changes).
+    """
+    if not (is_fusable_conv(conv) and is_plain_batchnorm(bn)):  # a correct unfused path
+        y = bn(conv(x))
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if relu else y
+    call = batch_norm_call(bn)
+    if not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+    ):
+        weight, bias = cache.get(name, conv, bn)
+        return functional.conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu,
+                                   backend=backend)
+    return functional.conv_bn_act(
+        x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
+        conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats, call.momentum, call.eps,
+        residual, relu, backend=backend,
+    )
+
+
+class FusedConvBNReLU(nn.Module):
+    """Conv2d -> BatchNorm2d (-> ReLU) in one fused call; submodules `conv` and `bn` are the ordinary
+    nn.Conv2d and nn.BatchNorm2d, so optimizers, initializers and checkpoints see what they expect.
+    forward(x, residual=None) also takes a residual added before the ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = False, relu: bool = True, eps: float = 1e-5, momentum: float | None = 0.1,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
+        self.relu = relu
+        self.backend = backend
+        self._folds = FoldCache()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.backend, self._folds, "conv")
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend!r}"

@@ -1,0 +1,37 @@
+"""Eval-mode BN folding, cached per conv-BN pair and refreshed whenever a parameter or buffer changes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from resnet_fused import functional
+
+
+def _stamp(t: torch.Tensor | None):
+    # an in-place update (optimizer step, load_state_dict's copy_) bumps _version; .to() / .half() give new storage
+    return None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+
+
+class FoldCache:
+    """name -> (stamp, folded weight, folded bias). Not saved: pickling or copying starts it empty."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        stamp = (tuple(_stamp(t) for t in tensors), bn.eps)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            weight, bias = functional.fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        self._entries[name] = (stamp, weight, bias)
+        return weight, bias
+
+    def __getstate__(self):
+        return {"_entries": {}}
+
+    def __deepcopy__(self, memo):
+        return FoldCache()
