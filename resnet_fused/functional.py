@@ -431,12 +431,27 @@ def conv_bn_act(
 
     if training or running_mean is None:
         y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-        if residual is not None:
-            _check_like(residual, y, fn, "residual")
-        return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, residual, relu, backend=name)
+        return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
+                      _residual_for(residual, y, fn), relu, backend=name)
 
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias)):
+        # eval with gradients (frozen statistics): conv, then the fused bn_act whose backward reduces in
+        # fp32/fp64 like eager's; folding would route grad_bias through conv's bias gradient instead
+        y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+        return bn_act(y, running_mean, running_var, bn_weight, bn_bias, False, momentum, eps,
+                      _residual_for(residual, y, fn), relu, backend=name)
     weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu, backend=name)
+
+
+def _residual_for(residual: Tensor | None, y: Tensor, fn: str) -> Tensor | None:
+    """The residual to add to y: under autocast y may come out in the autocast dtype while the
+    residual does not; it is then cast to y's dtype, as ``y += residual`` would. Else it must match y."""
+    if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+        residual = residual.to(y.dtype)
+    if residual is not None:
+        _check_like(residual, y, fn, "residual")
+    return residual
 
 
 def conv_act(
@@ -456,7 +471,7 @@ def conv_act(
     folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
     one pass after the convolution."""
     y = torch.nn.functional.conv2d(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    residual = _residual_for(residual, y, "conv_act")
     if residual is not None:
-        _check_like(residual, y, "conv_act", "residual")
         return add_relu(y, residual, backend=backend) if relu else y + residual
     return torch.relu(y) if relu else y
