@@ -14,7 +14,7 @@ from torch import nn
 
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
-from resnet_fused.nn.conv_bn import conv_bn_act, is_fusable_conv
+from resnet_fused.nn.conv_bn import fused_conv_bn_act, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
 log = logging.getLogger("resnet_fused")
@@ -83,8 +83,8 @@ class _FusedConvBNReLUHead(nn.Conv2d):
     BN and ReLU that follow become pass-through (their parameters and buffers stay where they are)."""
 
     def forward(self, x):
-        return conv_bn_act(self, self._resnet_fused_bn, x, relu=self._resnet_fused_relu, backend=self._resnet_fused_backend,
-                           cache=self._resnet_fused_folds, name="conv")
+        return fused_conv_bn_act(self, self._resnet_fused_bn, x, relu=self._resnet_fused_relu,
+                                 backend=self._resnet_fused_backend, cache=self._resnet_fused_folds, name="conv")
 
 
 class _PassThroughBatchNorm2d(nn.BatchNorm2d):
@@ -102,8 +102,16 @@ def _swap_class(m: nn.Module, cls) -> None:
     m.__class__ = cls
 
 
-def _fuse_sequential(seq: nn.Sequential, prefix: str, backend: str | None, report: FuseReport) -> None:
-    mods = list(seq._modules.items())
+# models whose stem runs conv -> bn -> relu children in this order, and uses that relu nowhere else
+_KNOWN_STEMS = {
+    ("torchvision.models.resnet", "ResNet"): ("conv1", "bn1", "relu"),
+    ("timm.models.resnet", "ResNet"): ("conv1", "bn1", "act1"),
+}
+
+
+def _fuse_chain(mods: list[tuple[str, nn.Module]], prefix: str, backend: str | None, report: FuseReport) -> None:
+    """Fuse every Conv2d -> BatchNorm2d (-> ReLU) run of consecutive modules in `mods`, which run in
+    this order, each on the previous one's output (an nn.Sequential, or a known stem)."""
     i = 0
     while i + 1 < len(mods):
         (conv_name, conv), (bn_name, bn) = mods[i], mods[i + 1]
@@ -150,8 +158,12 @@ def fuse_(model: nn.Module, backend: str | None = "auto") -> nn.Module:
         _fuse_block(m, fused_cls, backend)
         report.swapped.append(name)
     for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        stem = _KNOWN_STEMS.get((type(m).__module__, type(m).__name__))
+        if stem is not None and all(isinstance(getattr(m, a, None), nn.Module) for a in stem):
+            _fuse_chain([(a, getattr(m, a)) for a in stem], prefix, backend, report)
         if type(m) is nn.Sequential and id(m) not in claimed:
-            _fuse_sequential(m, f"{name}." if name else "", backend, report)
+            _fuse_chain(list(m._modules.items()), prefix, backend, report)
     model.resnet_fused_report = report
     log.info("%s", report)
     return model

@@ -34,6 +34,12 @@ def conv_bn_act(
         y = bn(conv(x))
         y = y + residual if residual is not None else y
         return torch.relu(y) if relu else y
+    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name)
+
+
+def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+                      relu: bool = True, backend: str | None = None, cache: FoldCache | None = None, name: str = "") -> torch.Tensor:
+    """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics."""
     call = batch_norm_call(bn)
     if not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
