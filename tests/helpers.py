@@ -51,8 +51,7 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
 
     `exact` is the float64 result, `eager` plain PyTorch in the fused result's dtype. The tests' inputs
     are O(1), so one ulp at 1 is the resolution of the arithmetic even where a result cancels to ~0.
-    norm="max" (elementwise worst case) for ops and blocks; norm="fro" for whole networks in training,
-    where a chaotic few elements' rounding amplification would make a max-norm ratio a coin toss.
+    norm="max" (elementwise worst case) for ops and blocks; norm="fro" (2-norm) for whole networks.
     """
     assert fused.shape == exact.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
     assert fused.dtype == eager.dtype, f"{what}: dtype {fused.dtype} != eager {eager.dtype}"

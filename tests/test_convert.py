@@ -29,7 +29,7 @@ def _check_converted_model(build, x, expect_swapped: int | None = None, expect_s
         assert len(report.swapped) == expect_swapped, report
     for reason in expect_skipped:
         assert any(reason in why for why in report.skipped.values()), report
-    trio = Trio(fused, original, norm="fro")  # whole networks: see assert_within_eager_error
+    trio = Trio(fused, original, whole_network=True)
     trio.step(x, True, "train")
     trio.step(x, False, "eval")
     with torch.no_grad():  # the inference path (folded weights)
