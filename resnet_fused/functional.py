@@ -470,8 +470,41 @@ def conv_act(
     """``act(conv2d(input, weight, bias, ...) + residual)``: the eval form of conv_bn_act once BN is
     folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
     one pass after the convolution."""
-    y = torch.nn.functional.conv2d(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if _onednn_post_ops_apply(input, weight, residual, backend):
+        return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+    y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = _residual_for(residual, y, "conv_act")
     if residual is not None:
         return add_relu(y, residual, backend=backend) if relu else y + residual
     return torch.relu(y) if relu else y
+
+
+def _onednn_post_ops_apply(input: Tensor, weight: Tensor, residual: Tensor | None, backend: str | None) -> bool:
+    """CPU inference: oneDNN's convolution takes the bias, the residual add and the ReLU as post-ops
+    (what Inductor's CPU backend emits), so the conv output is written once. Not differentiable:
+    only where no gradient is needed."""
+    return (
+        input.device.type == "cpu"
+        and backends.resolve(backend, input) == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and input.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16 / AVX-NE-CONVERT
+        and weight.dtype == input.dtype
+        and (residual is None or residual.dtype == input.dtype)
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+    )
+
+
+def _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu) -> Tensor:
+    ops, unary = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
+    if residual is None:
+        return ops(input, weight, bias, padding, stride, dilation, groups, unary, [], "")
+    _check_like(residual, input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation)), "conv_act", "residual")
+    return ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, unary if relu else None, [], "")
+
+
+def _conv_output_shape(input, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
+    # Ho = (H + 2 p - d (K - 1) - 1) // s + 1
+    hw = [(input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    return (input.shape[0], weight.shape[0], *hw)
