@@ -77,9 +77,32 @@ if backends.has_extension():  # the C++ kernel ops (CPU, CUDA)
     for _name, _fake in _KERNEL_FAKES.items():
         torch.library.register_fake(f"resnet_fused::{_name}")(_fake)
 
+def _conv_output_shape(input, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
+    # Ho = (H + 2 p - d (K - 1) - 1) // s + 1
+    hw = [(input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    return (input.shape[0], weight.shape[0], *hw)
+
+
+def _triton_conv_bn_act_fake(input, weight, stride, padding, dilation, in_scale, in_shift, in_relu, out_scale, out_shift,
+                             residual, relu, stats):
+    out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation)).contiguous(memory_format=torch.channels_last)
+    n = weight.shape[0] if stats else 0
+    return out, input.new_empty(n, dtype=torch.float32), input.new_empty(n, dtype=torch.float32)
+
+
+_TRITON_CONV_SCHEMA = (
+    "(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_scale, Tensor? in_shift, "
+    "bool in_relu, Tensor? out_scale, Tensor? out_shift, Tensor? residual, bool relu, bool stats) -> (Tensor, Tensor, Tensor)"
+)
+
 if backends.has_triton():  # the Triton launchers become ops too, so that tracing (compile, opcheck) sees fakes
     for _name, _launcher in backends.triton_launchers().items():
         torch.library.custom_op(f"resnet_fused::triton_{_name}", _launcher, mutates_args=()).register_fake(_KERNEL_FAKES[_name])
+    from resnet_fused.triton import conv as _triton_conv
+
+    # act(conv2d(in_act(input * in_scale + in_shift), weight) * out_scale + out_shift (+ residual)) -> (out, mean, var)
+    torch.library.custom_op("resnet_fused::triton_conv_bn_act", _triton_conv.conv_bn_act, mutates_args=(),
+                            schema=_TRITON_CONV_SCHEMA).register_fake(_triton_conv_bn_act_fake)
 
 
 # ---- add_relu ----
@@ -356,6 +379,46 @@ def _update_running_stats(running_mean, running_var, mean, var, input, momentum)
 # ---- conv + bn_act ----
 
 
+@torch.library.custom_op("resnet_fused::conv2d_stats", mutates_args=())
+def _conv2d_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(conv2d(input, weight), its per-channel batch mean, biased var): Triton takes the statistics in
+    the convolution's epilogue; other backends run the convolution, then bn_stats."""
+    if backend == "triton":
+        return torch.ops.resnet_fused.triton_conv_bn_act(input, weight, stride, padding, dilation, None, None, False,
+                                                         None, None, None, False, True)
+    y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation)
+    return (y, *backends.kernels(backend).bn_stats(y))
+
+
+@_conv2d_stats.register_fake
+def _(input, weight, stride, padding, dilation, backend):
+    out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation))
+    if backend == "triton" or _memory_format(input) == torch.channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out, _per_channel_empty(out), _per_channel_empty(out)
+
+
+def _conv2d_stats_setup(ctx, inputs, output):
+    input, weight, stride, padding, dilation, backend = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.conv = (stride, padding, dilation)
+    ctx.save_for_backward(input, weight)
+
+
+def _conv2d_stats_backward(ctx, grad_out, _mean, _var):
+    # the statistics' dependence on the input is the BN backward's business (bn_act_train)
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, input, weight, None, stride, padding, dilation, False, [0, 0], 1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+    return grad_input, grad_weight, None, None, None, None
+
+
+_conv2d_stats.register_autograd(_conv2d_stats_backward, setup_context=_conv2d_stats_setup)
+
+
 def fold_bn(
     conv_weight: Tensor,
     conv_bias: Tensor | None,
@@ -367,8 +430,8 @@ def fold_bn(
 ) -> tuple[Tensor, Tensor]:
     """Weights and bias of one convolution equal to batch_norm(conv2d(x)) with running statistics:
     w' = w * s[co], b' = (b - running_mean) * s + bn_bias, s = bn_weight / sqrt(running_var + eps).
-    Math in fp32 (fp64 for fp64 weights), results in the conv weight's dtype. Differentiable."""
-    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    Math in fp64, rounded once to the conv weight's dtype. Differentiable."""
+    acc = torch.float64  # (C,) and weight-sized math, once per cache refresh: round once, at the end
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(acc)
@@ -428,8 +491,27 @@ def conv_bn_act(
                          f"`input` is {input.dtype} on {input.device}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     name = backends.resolve(backend, input)
+    use_batch_stats = training or running_mean is None
+    if name == "triton" and groups == 1:  # the fused implicit-GEMM convolution
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
+        if use_batch_stats and conv_bias is None:  # the epilogue takes the statistics
+            y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), name)
+            _check_batch(y, fn)
+            out, mean, var = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, mean, var)
+            _update_running_stats(running_mean, running_var, mean, var, y, momentum)
+            return out
+        if not use_batch_stats and not needs_grad:  # BN, residual and ReLU in the epilogue
+            # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
+            scale, shift = _scale_shift(running_mean - (conv_bias if conv_bias is not None else 0), running_var, eps,
+                                        bn_weight, bn_bias, _stat_dtype(input))
+            y_shape = _conv_output_shape(input, conv_weight, stride, padding, dilation)
+            if residual is not None:
+                _check_like(residual, input.new_empty(y_shape), fn, "residual")
+            return torch.ops.resnet_fused.triton_conv_bn_act(input, conv_weight, list(stride), list(padding), list(dilation),
+                                                             None, None, False, scale, shift, residual, relu, False)[0]
 
-    if training or running_mean is None:
+    if use_batch_stats:
         y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
         return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
                       _residual_for(residual, y, fn), relu, backend=name)
@@ -503,8 +585,3 @@ def _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, res
     _check_like(residual, input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation)), "conv_act", "residual")
     return ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, unary if relu else None, [], "")
 
-
-def _conv_output_shape(input, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
-    # Ho = (H + 2 p - d (K - 1) - 1) // s + 1
-    hw = [(input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-    return (input.shape[0], weight.shape[0], *hw)
