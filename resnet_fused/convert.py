@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
@@ -72,10 +73,11 @@ def _block_problem(block: nn.Module, stages: int) -> str | None:
     return None
 
 
-def _fuse_block(block: nn.Module, fused_cls, backend: str | None) -> None:
+def _fuse_block(block: nn.Module, fused_cls, backend: str | None, group) -> None:
     block._resnet_fused_original_class = type(block)
     block.__class__ = fused_cls
     block._init_fused(backend, shortcut=True)
+    block.process_group = group
 
 
 class _FusedConvBNReLUHead(nn.Conv2d):
@@ -84,7 +86,8 @@ class _FusedConvBNReLUHead(nn.Conv2d):
 
     def forward(self, x):
         return fused_conv_bn_act(self, self._resnet_fused_bn, x, relu=self._resnet_fused_relu,
-                                 backend=self._resnet_fused_backend, cache=self._resnet_fused_folds, name="conv")
+                                 backend=self._resnet_fused_backend, cache=self._resnet_fused_folds, name="conv",
+                                 process_group=self._resnet_fused_group)
 
 
 class _PassThroughBatchNorm2d(nn.BatchNorm2d):
@@ -109,7 +112,7 @@ _KNOWN_STEMS = {
 }
 
 
-def _fuse_chain(mods: list[tuple[str, nn.Module]], prefix: str, backend: str | None, report: FuseReport) -> None:
+def _fuse_chain(mods: list[tuple[str, nn.Module]], prefix: str, backend: str | None, group, report: FuseReport) -> None:
     """Fuse every Conv2d -> BatchNorm2d (-> ReLU) run of consecutive modules in `mods`, which run in
     this order, each on the previous one's output (an nn.Sequential, or a known stem)."""
     i = 0
@@ -125,6 +128,7 @@ def _fuse_chain(mods: list[tuple[str, nn.Module]], prefix: str, backend: str | N
         relu = i + 2 < len(mods) and type(mods[i + 2][1]) is nn.ReLU and not _has_hooks(mods[i + 2][1])
         object.__setattr__(conv, "_resnet_fused_bn", bn)  # a reference, not a submodule: keys stay put
         conv._resnet_fused_relu, conv._resnet_fused_backend, conv._resnet_fused_folds = relu, backend, FoldCache()
+        conv._resnet_fused_group = group
         _swap_class(conv, _FusedConvBNReLUHead)
         _swap_class(bn, _PassThroughBatchNorm2d)
         if relu:
@@ -133,15 +137,20 @@ def _fuse_chain(mods: list[tuple[str, nn.Module]], prefix: str, backend: str | N
         i += 3 if relu else 2
 
 
-def fuse_(model: nn.Module, backend: str | None = "auto") -> nn.Module:
+def fuse_(model: nn.Module, backend: str | None = "auto", *, sync_bn: bool = False, process_group=None) -> nn.Module:
     """Swap, in place, every torchvision / timm BasicBlock and Bottleneck and every Conv2d -> BatchNorm2d
     (-> ReLU) chain inside nn.Sequential for fused modules holding the same parameters and buffers.
 
     Blocks with anything the fused ones would not reproduce exactly (attention / squeeze-excitation,
     drop-path, anti-aliasing, other activations or norms, hooks) are left alone. Returns the model; the
     report (`model.resnet_fused_report`, a FuseReport) is also logged at INFO on logger "resnet_fused".
+
+    sync_bn=True: in training, batch statistics are taken over all ranks of `process_group` (default:
+    the world), nn.SyncBatchNorm's semantics, by all-reducing the fused per-channel sums; for models
+    wrapped in DistributedDataParallel afterwards.
     """
     backend = None if backend == "auto" else backend
+    group = (process_group or torch.distributed.group.WORLD) if sync_bn else None
     report = FuseReport()
     # blocks first: their convs (downsample included) are theirs, not the Sequential rule's
     claimed: set[int] = set()
@@ -155,15 +164,15 @@ def fuse_(model: nn.Module, backend: str | None = "auto") -> nn.Module:
         if problem:
             report.skipped[name] = f"{type(m).__name__}: {problem}"
             continue
-        _fuse_block(m, fused_cls, backend)
+        _fuse_block(m, fused_cls, backend, group)
         report.swapped.append(name)
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         stem = _KNOWN_STEMS.get((type(m).__module__, type(m).__name__))
         if stem is not None and all(isinstance(getattr(m, a, None), nn.Module) for a in stem):
-            _fuse_chain([(a, getattr(m, a)) for a in stem], prefix, backend, report)
+            _fuse_chain([(a, getattr(m, a)) for a in stem], prefix, backend, group, report)
         if type(m) is nn.Sequential and id(m) not in claimed:
-            _fuse_chain(list(m._modules.items()), prefix, backend, report)
+            _fuse_chain(list(m._modules.items()), prefix, backend, group, report)
     model.resnet_fused_report = report
     log.info("%s", report)
     return model
@@ -175,7 +184,8 @@ def unfuse_(model: nn.Module) -> nn.Module:
         original = m.__dict__.pop("_resnet_fused_original_class", None)
         if original is None:
             continue
-        for attr in ("_folds", "backend", "shortcut", "_resnet_fused_relu", "_resnet_fused_backend", "_resnet_fused_folds"):
+        for attr in ("_folds", "backend", "shortcut", "process_group", "_resnet_fused_relu", "_resnet_fused_backend",
+                     "_resnet_fused_folds", "_resnet_fused_group"):
             m.__dict__.pop(attr, None)
         m.__dict__.pop("_resnet_fused_bn", None)
         m.__class__ = original

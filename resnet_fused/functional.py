@@ -327,6 +327,7 @@ def bn_act(
     relu: bool = True,
     *,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
 
@@ -335,7 +336,9 @@ def bn_act(
     in place with ``momentum`` (unbiased variance); in eval the running statistics normalize. For
     nn.BatchNorm2d's ``momentum=None`` (cumulative average), pass ``1 / num_batches_tracked`` (a float
     or a 0-dim tensor), as nn.BatchNorm2d does. ``residual`` (input's shape) is added after the normalization, then ReLU if
-    ``relu``. Statistics are computed in fp32 (two-level, numerically stable).
+    ``relu``. Statistics are computed in fp32 (two-level, numerically stable). ``process_group``
+    (training, torch.distributed initialized): batch statistics over every rank's batch, with
+    nn.SyncBatchNorm's semantics.
     """
     fn = "bn_act"
     _check_activation(input, fn, "input")
@@ -354,9 +357,17 @@ def bn_act(
             raise ValueError(f"resnet_fused.{fn}: running_mean and running_var must be given in evaluation mode")
         return _bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, relu, name)
 
+    if process_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(process_group) > 1:
+        from resnet_fused.distributed import SyncBnAct
+
+        out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, relu, name, process_group)
+        if count == 1:
+            raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got {count} over all ranks")
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return out
     _check_batch(input, fn)
     out, mean, var = _bn_act_train(input, weight, bias, residual, eps, relu, name)
-    _update_running_stats(running_mean, running_var, mean, var, input, momentum)
+    _update_running_stats(running_mean, running_var, mean, var, input.numel() // max(input.shape[1], 1), momentum)
     return out
 
 
@@ -365,10 +376,10 @@ def _check_batch(input: Tensor, fn: str) -> None:
         raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
 
 
-def _update_running_stats(running_mean, running_var, mean, var, input, momentum) -> None:
-    """running = (1 - momentum) running + momentum batch, with the unbiased batch variance, as
-    F.batch_norm does; momentum: a float, or a 0-dim tensor (nn.BatchNorm2d's 1 / num_batches_tracked)."""
-    count = input.numel() // input.shape[1] if input.shape[1] else 0
+def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum) -> None:
+    """running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count`
+    values per channel, as F.batch_norm does; momentum: a float, or a 0-dim tensor (nn.BatchNorm2d's
+    1 / num_batches_tracked)."""
     if running_mean is None or count == 0:
         return
     with torch.no_grad():
@@ -467,13 +478,14 @@ def conv_bn_act(
     relu: bool = True,
     *,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """``act(batch_norm(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...) + residual)``.
 
     Equal in value and in its side effects on the running statistics to the eager composition, with
     autograd for every tensor argument. Eval: BN is folded into the convolution (one conv with bias,
     then one fused add + ReLU pass at most). Training: the convolution, then ``bn_act`` (statistics,
-    one fused normalize + add + ReLU pass; fused two-pass backward).
+    one fused normalize + add + ReLU pass; fused two-pass backward). ``process_group``: as in bn_act.
     """
     fn = "conv_bn_act"
     _check_activation(input, fn, "input")
@@ -492,14 +504,14 @@ def conv_bn_act(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     name = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
-    if name == "triton" and groups == 1:  # the fused implicit-GEMM convolution
+    if name == "triton" and groups == 1 and process_group is None:  # the fused implicit-GEMM convolution
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
         if use_batch_stats and conv_bias is None:  # the epilogue takes the statistics
             y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), name)
             _check_batch(y, fn)
             out, mean, var = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, mean, var)
-            _update_running_stats(running_mean, running_var, mean, var, y, momentum)
+            _update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
             return out
         if not use_batch_stats and not needs_grad:  # BN, residual and ReLU in the epilogue
             # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
@@ -514,7 +526,7 @@ def conv_bn_act(
     if use_batch_stats:
         y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
         return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
-                      _residual_for(residual, y, fn), relu, backend=name)
+                      _residual_for(residual, y, fn), relu, backend=name, process_group=process_group)
 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias)):
         # eval with gradients (frozen statistics): conv, then the fused bn_act whose backward reduces in

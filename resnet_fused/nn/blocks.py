@@ -17,6 +17,7 @@ class _FusedBlock(nn.Module):
 
     backend: str | None = None
     shortcut: bool = True  # False: the paper's plain network (no identity, no projection)
+    process_group = None  # a torch.distributed group: BN statistics over all its ranks (nn.SyncBatchNorm)
 
     def _init_fused(self, backend: str | None, shortcut: bool) -> None:
         self.backend = backend
@@ -25,7 +26,7 @@ class _FusedBlock(nn.Module):
 
     def _conv_bn(self, i: int, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
         return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, self.backend, self._folds,
-                           f"conv{i}")
+                           f"conv{i}", self.process_group)
 
     def _identity(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.shortcut:
@@ -34,7 +35,8 @@ class _FusedBlock(nn.Module):
         if ds is None:
             return x
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1]):
-            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=self.backend, cache=self._folds, name="downsample")
+            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=self.backend, cache=self._folds, name="downsample",
+                               process_group=self.process_group)
         return ds(x)
 
 

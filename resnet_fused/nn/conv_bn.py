@@ -24,8 +24,10 @@ def conv_bn_act(
     backend: str | None = None,
     cache: FoldCache | None = None,
     name: str = "",
+    process_group=None,
 ) -> torch.Tensor:
-    """act(bn(conv(x)) + residual), with bn's exact training / eval semantics.
+    """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (process_group: batch
+    statistics synchronized across ranks, as nn.SyncBatchNorm).
 
     Eval with running statistics uses the BN-folded convolution, from `cache` when nothing requires
     gradients (folded weights computed once, refreshed when a parameter or buffer changes).
@@ -34,11 +36,12 @@ def conv_bn_act(
         y = bn(conv(x))
         y = y + residual if residual is not None else y
         return torch.relu(y) if relu else y
-    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name)
+    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name, process_group)
 
 
 def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
-                      relu: bool = True, backend: str | None = None, cache: FoldCache | None = None, name: str = "") -> torch.Tensor:
+                      relu: bool = True, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
+                      process_group=None) -> torch.Tensor:
     """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics."""
     call = batch_norm_call(bn)
     if not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
@@ -50,7 +53,7 @@ def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, resi
     return functional.conv_bn_act(
         x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
         conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats, call.momentum, call.eps,
-        residual, relu, backend=backend,
+        residual, relu, backend=backend, process_group=process_group,
     )
 
 
@@ -68,10 +71,11 @@ class FusedConvBNReLU(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
         self.relu = relu
         self.backend = backend
+        self.process_group = None  # set to synchronize BN statistics across ranks (nn.SyncBatchNorm)
         self._folds = FoldCache()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.backend, self._folds, "conv")
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.backend, self._folds, "conv", self.process_group)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

@@ -1,0 +1,54 @@
+"""fuse_(sync_bn=True) under DistributedDataParallel: 2 processes (gloo, CPU) on halves of a batch give
+what one process gives on the whole batch (outputs, gradients, running statistics)."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch import nn
+
+import resnet_fused
+
+WORLD = 2
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.BasicBlock
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         block(8, 8), block(8, 16, stride=2, downsample=down),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def _worker(rank: int, init_file: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(1)
+        x, g = torch.randn(8, 3, 12, 12), torch.randn(8, 5)
+        eager = _model().train()
+        fused = resnet_fused.fuse_(copy.deepcopy(eager), sync_bn=True)
+        assert len(fused.resnet_fused_report.swapped) == 3, fused.resnet_fused_report
+        ddp = nn.parallel.DistributedDataParallel(fused)
+        shard = slice(rank * 4, (rank + 1) * 4)
+        for step in range(2):
+            eager.zero_grad(), ddp.zero_grad()
+            out_eager, out = eager(x * (step + 1)), ddp(x[shard] * (step + 1))
+            out_eager.backward(g)
+            out.backward(g[shard])
+            torch.testing.assert_close(out, out_eager[shard], rtol=1e-4, atol=1e-5)
+            for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
+                # DDP averages the ranks' gradients; the one-process loss sums over both halves
+                torch.testing.assert_close(p.grad * WORLD, q.grad, rtol=1e-4, atol=1e-5, msg=f"step {step}: grad {name}")
+            for (name, b), c in zip(fused.named_buffers(), eager.buffers()):
+                torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sync_bn_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
