@@ -1,7 +1,8 @@
 """The main job: ``python -m resnet_fused.bench`` (or ``resnet-fused-bench``).
 
-Measures the fused ops against eager PyTorch on whatever machine it finds (CPU: a quick suite; GPU:
-ResNet-50 stage shapes at batch 256), prints a table, and writes JSON and CSV into ``--out``.
+Measures the fused kernels, blocks and models against eager PyTorch (and torch.compile, with
+--compile) on whatever machine it finds: a quick suite on a CPU, the ResNet shapes at batch 256 on a
+GPU. Shows progress, prints a table, and writes results.json, results.csv and plots into --out.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import os
 
 import torch
 
-from resnet_fused.bench import environment, ops
+from resnet_fused.bench import blocks, environment, models, ops, plots
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUITES = ("ops", "blocks", "models")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m resnet_fused.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=["ops"], default="ops", help="what to measure (blocks and models: to come)")
+    p.add_argument("--suite", choices=SUITES, action="append", help="repeatable; default: all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="repeatable; default: fp32 on CPU, bf16 and fp16 on GPU")
-    p.add_argument("--batch", type=int, help="batch size (default: 32 on CPU, 256 on GPU)")
-    p.add_argument("--quick", action="store_true", help="one shape, short timings")
-    p.add_argument("--out", default="bench-results", help="directory for results.json and results.csv")
+    p.add_argument("--batch", type=int, action="append", help="repeatable; default: CPU 32 (ops) / 8 (blocks, models); GPU 256, models 1, 32, 256")
+    p.add_argument("--compile", choices=["default", "max-autotune"], action="append", default=[],
+                   help="also time torch.compile of the eager module in this mode (repeatable)")
+    p.add_argument("--quick", action="store_true", help="the first stage shapes only, short timings")
+    p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv and the plots")
     return p.parse_args(argv)
 
 
@@ -36,34 +40,70 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if on_gpu else ["fp32"]))]
-    batch = args.batch or (256 if on_gpu else 32)
-    stages = RESNET50_STAGES[:1] if args.quick or not on_gpu else RESNET50_STAGES
-    shapes = [(batch, c, h, w) for c, h, w in stages]
+    gpu = device.type == "cuda"
+    suites = args.suite or list(SUITES)
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if gpu else ["fp32"]))]
+    few = args.quick or not gpu
+    plan = {}
+    if "ops" in suites:
+        batches = args.batch or [256 if gpu else 32]
+        plan["ops"] = dict(shapes=[(b, c, h, w) for b in batches for c, h, w in RESNET50_STAGES[: 1 if few else 4]])
+    if "blocks" in suites:
+        stages = [blocks.RESNET18_STAGES[0], blocks.RESNET50_STAGES[0]] if few else blocks.RESNET18_STAGES + blocks.RESNET50_STAGES
+        plan["blocks"] = dict(stages=stages, batch=(args.batch or [256 if gpu else 8])[0])
+    if "models" in suites:
+        plan["models"] = dict(names=["resnet18"] if few else ["resnet18", "resnet50"],
+                              batches=args.batch or ([1, 32, 256] if gpu and not args.quick else [8]),
+                              resolution=224 if gpu else 112)
+    total = sum([
+        ops.count(plan["ops"]["shapes"], dtypes, device) if "ops" in plan else 0,
+        blocks.count(plan["blocks"]["stages"], dtypes, device, args.compile) if "blocks" in plan else 0,
+        models.count(plan["models"]["names"], plan["models"]["batches"], dtypes, device, args.compile) if "models" in plan else 0,
+    ])
 
     env = environment.describe(device)
-    print(f"resnet_fused bench on {env['device']}: torch {env['torch']}, triton {env['triton']}")
-    with tqdm(total=ops.count(shapes, dtypes, device), desc=args.suite, unit="case") as bar:
-        rows = ops.run(shapes, dtypes, device, args.quick, progress=bar.update)
+    print(f"resnet_fused bench on {env['device']}: torch {env['torch']}, triton {env['triton']}; suites {', '.join(plan)}")
+    rows = []
+    with tqdm(total=total, unit="case") as bar:
+        if "ops" in plan:
+            rows += ops.run(plan["ops"]["shapes"], dtypes, device, args.quick, progress=bar.update)
+        if "blocks" in plan:
+            p = plan["blocks"]
+            rows += blocks.run(p["stages"], p["batch"], dtypes, device, args.compile, args.quick, progress=bar.update)
+        if "models" in plan:
+            p = plan["models"]
+            rows += models.run(p["names"], p["batches"], p["resolution"], dtypes, device, args.compile, args.quick,
+                               progress=bar.update)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
+    fields = ["device", *dict.fromkeys(k for r in rows for k in r)]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["device", *rows[0].keys()])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({"device": env["device"], **r} for r in rows)
-    print_table(rows)
-    print(f"\nwrote {args.out}/results.json and {args.out}/results.csv")
+    written = plots.speedup_plots(rows, env, args.out)
+    print(format_table(rows))
+    print(f"\nwrote {args.out}/results.json, {args.out}/results.csv" + "".join(f", {p}" for p in written))
 
 
-def print_table(rows) -> None:
-    head = f"{'op':<17} {'shape':<15} {'dtype':<8} {'layout':<6} {'provider':<8} {'median ms':>10} {'GB/s':>8} {'% copy':>7} {'vs eager':>9}"
-    print("\n" + head + "\n" + "-" * len(head))
+def format_table(rows) -> str:
+    """One line per measurement: what, how long (median, 20-80 % range), the achieved rate, vs eager."""
+    head = f"{'suite':<7} {'case':<17} {'shape':<15} {'dtype':<8} {'mode':<12} {'provider':<13} {'median ms':>10} {'rate':>14} {'vs eager':>9}"
+    lines = ["", head, "-" * len(head)]
     for r in rows:
-        print(f"{r['op']:<17} {r['shape']:<15} {r['dtype']:<8} {r['layout']:<6} {r['provider']:<8} "
-              f"{r['median_ms']:>10.3f} {r['gbps']:>8.1f} {r['pct_of_copy']:>6.0f}% {r['speedup_vs_eager']:>8.2f}x")
+        mode = r.get("mode") or r.get("layout", "")
+        case = r.get("case") or r.get("op")
+        if "gbps" in r:
+            rate = f"{r['gbps']:.1f} GB/s {r['pct_of_copy']:.0f}%"
+        elif "images_per_s" in r:
+            rate = f"{r['images_per_s']:.1f} img/s"
+        else:
+            rate = ""
+        lines.append(f"{r['suite']:<7} {case:<17} {r['shape']:<15} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
+                     f"{r['median_ms']:>10.3f} {rate:>14} {r['speedup_vs_eager']:>8.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,13 @@ def copies_exceeding_l2(nbytes_per_copy: int, device: torch.device) -> int:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
     return max(1, min(8, -(-3 * l2 // max(nbytes_per_copy, 1))))
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak GPU memory (MiB) allocated during one call, above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20

@@ -1,0 +1,87 @@
+"""The `blocks` suite: BasicBlock and Bottleneck at the ResNet-18 / ResNet-50 stage shapes, inference
+(eval, no grad) and training (forward + backward); eager torchvision blocks vs fused (and
+torch.compile where asked), in channels_last and the run's dtype."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused.bench.timing import copies_exceeding_l2, peak_memory, time_cpu, time_cuda
+
+# (name, block class name, inplanes, planes, H): the identity blocks of each stage
+RESNET18_STAGES = [("resnet18.layer1", "BasicBlock", 64, 64, 56), ("resnet18.layer2", "BasicBlock", 128, 128, 28),
+                   ("resnet18.layer3", "BasicBlock", 256, 256, 14), ("resnet18.layer4", "BasicBlock", 512, 512, 7)]
+RESNET50_STAGES = [("resnet50.layer1", "Bottleneck", 256, 64, 56), ("resnet50.layer2", "Bottleneck", 512, 128, 28),
+                   ("resnet50.layer3", "Bottleneck", 1024, 256, 14), ("resnet50.layer4", "Bottleneck", 2048, 512, 7)]
+
+
+def providers(device: torch.device, compile_modes: list[str]) -> list[str]:
+    avail = resnet_fused.backends.available()
+    fused = [f"fused-{b}" for b in (["cpu"] if device.type == "cpu" else ["cuda", "triton"]) if avail[b]]
+    return ["eager", *[f"compile-{m}" for m in compile_modes], *fused]
+
+
+def _block(kind: str, inplanes: int, planes: int, provider: str, device, dtype):
+    torch.manual_seed(0)
+    block = getattr(torchvision.models.resnet, kind)(inplanes, planes).to(device, dtype, memory_format=torch.channels_last)
+    if provider.startswith("fused-"):
+        resnet_fused.fuse_(block, backend=provider.removeprefix("fused-"))
+    elif provider.startswith("compile-"):
+        mode = provider.removeprefix("compile-")
+        block = torch.compile(block, mode=None if mode == "default" else mode)
+    return block
+
+
+def _step(block, x, grad, training: bool):
+    if not training:
+        def infer():
+            with torch.no_grad():
+                return block(x)
+        return infer
+
+    def train():
+        out = block(x)
+        out.backward(grad)
+        x.grad = None
+    return train
+
+
+def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: bool, progress) -> list[dict]:
+    rows = []
+    for name, kind, inplanes, planes, hw in stages:
+        for dtype in dtypes:
+            for training in (False, True):
+                eager_ms = None
+                for provider in providers(device, compile_modes):
+                    block = _block(kind, inplanes, planes, provider, device, dtype).train(training)
+                    shape = (batch, inplanes, hw, hw)
+
+                    def make():
+                        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                        return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
+
+                    if device.type == "cuda":
+                        fns = [make() for _ in range(copies_exceeding_l2(2 * x_bytes(shape, dtype), device))]
+                        t, mem = time_cuda(fns), peak_memory(fns[0], device)
+                    else:
+                        t, mem = time_cpu(make(), 0.5 if quick else 2.0), None
+                    eager_ms = t.median_ms if provider == "eager" else eager_ms
+                    rows.append(dict(suite="blocks", case=name, block=kind, shape="x".join(map(str, shape)),
+                                     dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
+                                     provider=provider, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                     peak_mem_mb=mem, speedup_vs_eager=eager_ms / t.median_ms))
+                    progress()
+    return rows
+
+
+def x_bytes(shape, dtype) -> int:
+    n, c, h, w = shape
+    return n * c * h * w * torch.finfo(dtype).bits // 8
+
+
+def count(stages, dtypes, device, compile_modes) -> int:
+    return len(stages) * len(dtypes) * 2 * len(providers(device, compile_modes))
