@@ -111,6 +111,16 @@ def test_blocks_equal_torchvision(kind, inplanes, planes, stride, fmt, training)
         trio.step(x + step, training, f"{kind} step {step}", fmt)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_grouped_bottleneck_equals_torchvision(training):
+    """ResNeXt's bottleneck: groups=4, base_width=8 (as in resnext50_32x4d, scaled down)."""
+    down = nn.Sequential(TV.conv1x1(32, 64, 2), nn.BatchNorm2d(64))
+    tv = randomize_bn(TV.Bottleneck(32, 16, 2, down, groups=4, base_width=8))
+    ours = FusedBottleneck(32, 16, 2, copy.deepcopy(down), groups=4, base_width=8)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    Trio(ours, tv).step(torch.randn(2, 32, 8, 8).contiguous(memory_format=CL), training, "grouped bottleneck", CL)
+
+
 @pytest.mark.parametrize("bn_options", [
     dict(momentum=None), dict(track_running_stats=False), dict(affine=False), dict(momentum=0.3, eps=1e-3),
 ], ids=["cumulative", "untracked", "no-affine", "momentum-eps"])
