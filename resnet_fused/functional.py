@@ -498,15 +498,16 @@ def conv_bn_act(
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias), ("conv_bias", conv_bias)):
         _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
-    if conv_weight.device != input.device or conv_weight.dtype != input.dtype:
+    autocast = torch.is_autocast_enabled(input.device.type)  # then F.conv2d picks the dtype, as in eager
+    if conv_weight.device != input.device or (conv_weight.dtype != input.dtype and not autocast):
         raise ValueError(f"resnet_fused.{fn}: `conv_weight` is {conv_weight.dtype} on {conv_weight.device}, "
                          f"`input` is {input.dtype} on {input.device}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     name = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
-    if name == "triton" and groups == 1 and process_group is None:  # the fused implicit-GEMM convolution
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
+    if name == "triton" and groups == 1 and process_group is None and not autocast:  # the fused implicit-GEMM conv
         if use_batch_stats and conv_bias is None:  # the epilogue takes the statistics
             y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), name)
             _check_batch(y, fn)
@@ -528,7 +529,7 @@ def conv_bn_act(
         return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
                       _residual_for(residual, y, fn), relu, backend=name, process_group=process_group)
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias)):
+    if needs_grad:
         # eval with gradients (frozen statistics): conv, then the fused bn_act whose backward reduces in
         # fp32/fp64 like eager's; folding would route grad_bias through conv's bias gradient instead
         y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
