@@ -52,9 +52,9 @@ def main(argv=None) -> None:
         stages = [blocks.RESNET18_STAGES[0], blocks.RESNET50_STAGES[0]] if few else blocks.RESNET18_STAGES + blocks.RESNET50_STAGES
         plan["blocks"] = dict(stages=stages, batch=(args.batch or [256 if gpu else 8])[0])
     if "models" in suites:
-        plan["models"] = dict(names=["resnet18"] if few else ["resnet18", "resnet50"],
+        plan["models"] = dict(names=["resnet18"] if args.quick else ["resnet18", "resnet50"],
                               batches=args.batch or ([1, 32, 256] if gpu and not args.quick else [8]),
-                              resolution=224 if gpu else 112)
+                              resolution=112 if args.quick else 224)
     total = sum([
         ops.count(plan["ops"]["shapes"], dtypes, device) if "ops" in plan else 0,
         blocks.count(plan["blocks"]["stages"], dtypes, device, args.compile) if "blocks" in plan else 0,
