@@ -13,7 +13,7 @@ import torch
 def describe(device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "command": _command(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
@@ -38,6 +38,14 @@ def describe(device: torch.device) -> dict:
     else:
         env["device"] = f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
     return env
+
+
+def _command() -> str:
+    # `python -m resnet_fused.bench ...` shows up as .../resnet_fused/bench/__main__.py in argv
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("resnet_fused/bench/__main__.py"):
+        argv[0:1] = ["-m", "resnet_fused.bench"]
+    return " ".join(shlex.quote(a) for a in ["python", *argv])
 
 
 def _driver_version() -> str | None:
