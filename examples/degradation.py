@@ -55,13 +55,15 @@ def load_cifar10(root, device):
     return ((x - mean) / std).to(device), torch.tensor(ds.targets).to(device)
 
 
-def augment(x, gen):
-    """The paper's augmentation: 4-pixel zero padding, random 32x32 crop, random horizontal flip."""
-    n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-    dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()  # one offset per batch: short and cheap
-    return F.pad(x, (4, 4, 4, 4))[:, :, dy:dy + 32, dx:dx + 32]
+def augment(x, gen, flip=True):
+    """The paper's augmentation: 4-pixel zero padding, a random 32x32 crop, a random horizontal flip."""
+    n, c = x.shape[:2]
+    dy, dx = torch.randint(0, 9, (2, n, 1), generator=gen).to(x.device) + torch.arange(32, device=x.device)
+    x = F.pad(x, (4, 4, 4, 4))[torch.arange(n, device=x.device)[:, None, None, None],
+                               torch.arange(c, device=x.device)[:, None, None], dy[:, None, :, None], dx[:, None, None, :]]
+    if flip:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None], x.flip(3), x)
+    return x
 
 
 def batches(n, batch, iters, seed):
@@ -94,8 +96,8 @@ def train(depth, plain, x, y, args):
         for g in opt.param_groups:
             g["lr"] = lr_at(it, args.iters, args.warmup)
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
-        if args.data:
-            xb = augment(xb, gen)
+        if args.augment:
+            xb = augment(xb, gen, flip=bool(args.data))  # no mirrored digits
         out = model(xb.contiguous(memory_format=fmt))
         loss = F.cross_entropy(out, yb)
         opt.zero_grad(set_to_none=True)
