@@ -4,8 +4,6 @@ torch.compile where asked), in channels_last and the run's dtype."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torchvision
 
@@ -25,15 +23,21 @@ def providers(device: torch.device, compile_modes: list[str]) -> list[str]:
     return ["eager", *[f"compile-{m}" for m in compile_modes], *fused]
 
 
-def _block(kind: str, inplanes: int, planes: int, provider: str, device, dtype):
-    torch.manual_seed(0)
-    block = getattr(torchvision.models.resnet, kind)(inplanes, planes).to(device, dtype, memory_format=torch.channels_last)
+def prepare(module: torch.nn.Module, provider: str, device, dtype) -> torch.nn.Module:
+    """The eager module moved to device / dtype / channels_last, then as `provider` runs it: as it is
+    ("eager"), fused in place ("fused-<backend>"), or compiled ("compile-<mode>")."""
+    module = module.to(device, dtype, memory_format=torch.channels_last)
     if provider.startswith("fused-"):
-        resnet_fused.fuse_(block, backend=provider.removeprefix("fused-"))
+        resnet_fused.fuse_(module, backend=provider.removeprefix("fused-"))
     elif provider.startswith("compile-"):
         mode = provider.removeprefix("compile-")
-        block = torch.compile(block, mode=None if mode == "default" else mode)
-    return block
+        module = torch.compile(module, mode=None if mode == "default" else mode)
+    return module
+
+
+def _block(kind: str, inplanes: int, planes: int, provider: str, device, dtype):
+    torch.manual_seed(0)
+    return prepare(getattr(torchvision.models.resnet, kind)(inplanes, planes), provider, device, dtype)
 
 
 def _step(block, x, grad, training: bool):

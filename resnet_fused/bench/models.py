@@ -3,25 +3,16 @@ where asked): inference images/s (eval, no grad) and training images/s (forward,
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torchvision
 
-import resnet_fused
-from resnet_fused.bench.blocks import providers
+from resnet_fused.bench.blocks import prepare, providers
 from resnet_fused.bench.timing import peak_memory, time_cpu, time_cuda
 
 
 def _model(name: str, provider: str, device, dtype):
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().to(device, dtype, memory_format=torch.channels_last)
-    if provider.startswith("fused-"):
-        resnet_fused.fuse_(model, backend=provider.removeprefix("fused-"))
-    elif provider.startswith("compile-"):
-        mode = provider.removeprefix("compile-")
-        model = torch.compile(model, mode=None if mode == "default" else mode)
-    return model
+    return prepare(getattr(torchvision.models, name)(), provider, device, dtype)
 
 
 def _step(model, x, labels, training: bool):
