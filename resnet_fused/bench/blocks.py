@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused.bench.timing import copies_exceeding_l2, peak_memory, time_cpu, time_cuda
+from resnet_fused.bench.timing import copies_exceeding_l2, peak_memory, time_cpu_interleaved, time_cuda
 
 # (name, block class name, inplanes, planes, H): the identity blocks of each stage
 RESNET18_STAGES = [("resnet18.layer1", "BasicBlock", 64, 64, 56), ("resnet18.layer2", "BasicBlock", 128, 128, 28),
@@ -59,25 +59,30 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
     for name, kind, inplanes, planes, hw in stages:
         for dtype in dtypes:
             for training in (False, True):
-                eager_ms = None
-                for provider in providers(device, compile_modes):
-                    block = _block(kind, inplanes, planes, provider, device, dtype).train(training)
-                    shape = (batch, inplanes, hw, hw)
+                shape = (batch, inplanes, hw, hw)
 
-                    def make():
-                        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-                        return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
+                def make(block):
+                    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                    return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
 
-                    if device.type == "cuda":
-                        fns = [make() for _ in range(copies_exceeding_l2(2 * x_bytes(shape, dtype), device))]
-                        t, mem = time_cuda(fns), peak_memory(fns[0], device)
-                    else:
-                        t, mem = time_cpu(make(), 0.5 if quick else 2.0), None
-                    eager_ms = t.median_ms if provider == "eager" else eager_ms
+                names = providers(device, compile_modes)
+                blocks_ = {p: _block(kind, inplanes, planes, p, device, dtype).train(training) for p in names}
+                if device.type == "cuda":
+                    copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
+                    timings, mem = {}, {}
+                    for p, block in blocks_.items():
+                        fns = [make(block) for _ in range(copies)]
+                        timings[p], mem[p] = time_cuda(fns), peak_memory(fns[0], device)
+                else:
+                    timings = time_cpu_interleaved({p: make(b) for p, b in blocks_.items()}, 0.5 if quick else 2.0)
+                    mem = dict.fromkeys(names)
+                eager_ms = timings["eager"].median_ms
+                for p in names:
+                    t = timings[p]
                     rows.append(dict(suite="blocks", case=name, block=kind, shape="x".join(map(str, shape)),
                                      dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
-                                     provider=provider, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                     peak_mem_mb=mem, speedup_vs_eager=eager_ms / t.median_ms))
+                                     provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                     peak_mem_mb=mem[p], speedup_vs_eager=eager_ms / t.median_ms))
                     progress()
     return rows
 

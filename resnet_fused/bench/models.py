@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from resnet_fused.bench.blocks import prepare, providers
-from resnet_fused.bench.timing import peak_memory, time_cpu, time_cuda
+from resnet_fused.bench.timing import peak_memory, time_cpu_interleaved, time_cuda
 
 
 def _model(name: str, provider: str, device, dtype):
@@ -40,21 +40,23 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
         for batch in batches:
             for dtype in dtypes:
                 for training in (False, True):
-                    eager_ms = None
-                    for provider in providers(device, compile_modes):
-                        model = _model(name, provider, device, dtype)
-                        x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
-                        x = x.contiguous(memory_format=torch.channels_last)
-                        step = _step(model, x, torch.randint(0, 1000, (batch,), device=device), training)
-                        if device.type == "cuda":
-                            t, mem = time_cuda([step], warmup=5, reps=20), peak_memory(step, device)
-                        else:
-                            t, mem = time_cpu(step, 1.0 if quick else 4.0), None
-                        eager_ms = t.median_ms if provider == "eager" else eager_ms
+                    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    labels = torch.randint(0, 1000, (batch,), device=device)
+                    names_ = providers(device, compile_modes)
+                    steps = {p: _step(_model(name, p, device, dtype), x, labels, training) for p in names_}
+                    if device.type == "cuda":
+                        timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}
+                        mem = {p: peak_memory(s, device) for p, s in steps.items()}
+                    else:
+                        timings, mem = time_cpu_interleaved(steps, 1.0 if quick else 4.0), dict.fromkeys(names_)
+                    eager_ms = timings["eager"].median_ms
+                    for p in names_:
+                        t = timings[p]
                         rows.append(dict(suite="models", case=name, shape=f"{batch}x3x{resolution}x{resolution}",
                                          dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
-                                         provider=provider, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                         images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem,
+                                         provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                         images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem[p],
                                          speedup_vs_eager=eager_ms / t.median_ms))
                         progress()
     return rows

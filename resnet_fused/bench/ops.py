@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from resnet_fused import backends, functional, reference
-from resnet_fused.bench.timing import Timing, copies_exceeding_l2, time_cpu, time_cuda
+from resnet_fused.bench.timing import Timing, copies_exceeding_l2, time_cpu, time_cpu_interleaved, time_cuda
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,9 @@ def _make_call(case: OpCase, provider: str, device: torch.device) -> Callable[[]
 
 
 def time_case(case: OpCase, provider: str, device: torch.device, min_run_time: float) -> Timing:
-    if device.type == "cuda":
-        copies = copies_exceeding_l2(case.bytes_moved(), device)
-        return time_cuda([_make_call(case, provider, device) for _ in range(copies)])
-    return time_cpu(_make_call(case, provider, device), min_run_time)
+    """GPU: CUDA events over copies of the inputs rotated past L2."""
+    copies = copies_exceeding_l2(case.bytes_moved(), device)
+    return time_cuda([_make_call(case, provider, device) for _ in range(copies)])
 
 
 def time_copy(shape, dtype, channels_last: bool, device: torch.device, min_run_time: float) -> Timing:
@@ -108,10 +107,13 @@ def run(shapes, dtypes, device: torch.device, quick: bool, progress) -> list[dic
                 copy_gbps = 2 * bytes_of(shape, dtype) / copy.median_ms / 1e6
                 for name in names:
                     case = OpCase(name, shape, dtype, channels_last)
-                    eager_ms = None
+                    if device.type == "cuda":
+                        timings = {p: time_case(case, p, device, min_run_time) for p in providers}
+                    else:  # alternating rounds: see time_cpu_interleaved
+                        timings = time_cpu_interleaved({p: _make_call(case, p, device) for p in providers}, min_run_time)
+                    eager_ms = timings["eager"].median_ms
                     for provider in providers:
-                        t = time_case(case, provider, device, min_run_time)
-                        eager_ms = t.median_ms if provider == "eager" else eager_ms
+                        t = timings[provider]
                         gbps = case.bytes_moved() / t.median_ms / 1e6
                         rows.append(dict(
                             suite="ops", op=name, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),

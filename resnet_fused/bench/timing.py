@@ -4,6 +4,7 @@ torch.utils.benchmark on the CPU, and inputs rotated so the working set exceeds 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,31 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
 
     m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return _quantiles([t * 1e3 for t in m.times])
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0) -> dict[str, Timing]:
+    """Per-call times of several providers of the same work, measured in alternating rounds (one
+    block of each per round): a shared machine's speed drifts over seconds, and alternation spreads
+    that drift over every provider instead of handing it to whichever ran last."""
+    for fn in fns.values():  # warm-up: caches, first-call setup
+        fn()
+    per_call = {name: _seconds_per_call(fn) for name, fn in fns.items()}
+    block = {name: max(1, int(0.05 / t)) for name, t in per_call.items()}  # ~50 ms blocks
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = max(5, int(min_run_time / max(sum(block[n] * per_call[n] for n in fns), 1e-9)))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(block[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / block[name] * 1e3)
+    return {name: _quantiles(s) for name, s in samples.items()}
+
+
+def _seconds_per_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return max(time.perf_counter() - start, 1e-6)
 
 
 def time_cuda(fns: Sequence[Callable[[], object]], warmup: int = 10, reps: int = 50) -> Timing:
