@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from resnet_fused import backends
+from resnet_fused.reference import _memory_format
 
 
 def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
@@ -46,7 +47,7 @@ class SyncBnAct(torch.autograd.Function):
         x, weight, out, mean, var = ctx.saved_tensors
         needs_x, needs_w, needs_b, needs_r = ctx.needs_input_grad[:4]
         k = backends.kernels(ctx.backend)
-        grad_out = grad_out.contiguous(memory_format=_layout(x))
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         invstd = torch.rsqrt(var.double() + ctx.eps)
         a = invstd if weight is None else invstd * weight.double()
         sum_dy, sum_dy_xmu = k.bn_act_backward_reduce(grad_out, x, mean, out)
@@ -69,8 +70,3 @@ class SyncBnAct(torch.autograd.Function):
             grad_residual = grad_out
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
 
-
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format

@@ -19,19 +19,9 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
+from resnet_fused.reference import _memory_format, _stat_dtype  # the layout and statistics dtype rules, defined once
 
 __all__ = ["add_relu", "bn_act"]
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    # the layout the kernels use for x: channels_last when x is in it (and not also NCHW-contiguous)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_channel_empty(x: Tensor) -> Tensor:
