@@ -6,6 +6,7 @@ import json
 import torch
 
 from resnet_fused.bench import __main__ as bench
+from resnet_fused.bench.convs import RESNET50_CONVS, ConvShape
 from resnet_fused.bench.ops import OpCase
 
 
@@ -17,25 +18,59 @@ def test_bytes_moved_are_the_floor():
     assert OpCase("bn_act train+bwd", shape, torch.float16, True).bytes_moved() == 8 * 120 * 2
 
 
+def test_conv_flops_and_shapes():
+    """The suite's shapes are exactly torchvision resnet50's distinct convolutions (a shape appears
+    twice only with different epilogues: layer1's conv3 and projection), and each one's FLOP count
+    is what torch's FlopCounterMode counts for it."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seen = {}
+
+    def record(conv, inputs, _):
+        x = inputs[0]
+        key = (conv.in_channels, x.shape[-1], conv.out_channels, conv.kernel_size[0], conv.stride[0])
+        with FlopCounterMode(display=False) as counter:
+            conv._conv_forward(x, conv.weight, conv.bias)  # not conv(x): that would call this hook again
+        seen[key] = counter.get_total_flops()
+
+    model = torchvision.models.resnet50()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    ours = {(s.cin, s.hw, s.cout, s.kernel, s.stride): s for s in RESNET50_CONVS}  # duplicates collapse
+    assert set(ours) == set(seen)
+    assert len({(s.cin, s.hw, s.cout, s.kernel, s.stride, s.residual, s.relu) for s in RESNET50_CONVS}) == len(RESNET50_CONVS)
+    for key, flops in seen.items():
+        assert ours[key].flops(1) == flops, ours[key].name
+    stem = ConvShape("stem", 3, 224, 64, 7, 2)
+    assert stem.out_hw == 112 and stem.flops(2) == 2 * 2 * 112 * 112 * 64 * 3 * 49
+
+
 def test_quick_run_writes_results(tmp_path, capsys):
     bench.main(["--quick", "--batch", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     env, rows = data["environment"], data["results"]
     for key in ("device", "torch", "triton", "date", "command"):
         assert key in env
-    assert {r["suite"] for r in rows} == {"ops", "blocks", "models"}
+    assert {r["suite"] for r in rows} == {"ops", "convs", "blocks", "models"}
     assert {r["op"] for r in rows if r["suite"] == "ops"} == {"bn_act eval", "bn_act train", "bn_act train+bwd", "add_relu"}
     for r in rows:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["speedup_vs_eager"] > 0
         if r["suite"] == "ops":
             assert abs(r["gbps"] - r["bytes"] / r["median_ms"] / 1e6) < 1e-6 * r["gbps"]
+        if r["suite"] == "convs":
+            assert abs(r["tflops"] - r["flops"] / r["median_ms"] / 1e9) < 1e-6 * r["tflops"] and r["matmul_tflops"] > 0
         if r["suite"] == "models":
             assert abs(r["images_per_s"] - 1 / r["median_ms"] * 1e3) < 1e-6 * r["images_per_s"]
     assert {(r["provider"], r["mode"]) for r in rows if r["suite"] == "blocks"} >= {("eager", "inference"), ("fused-cpu", "training")}
     with open(tmp_path / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and csv_rows[0]["device"] == env["device"]
-    for suite in ("ops", "blocks", "models"):
+    assert {r["provider"] for r in rows if r["suite"] == "convs"} == {"conv only", "eager", "fused-cpu"}
+    for suite in ("ops", "convs", "blocks", "models"):
         png = (tmp_path / f"{suite}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert "vs eager" in capsys.readouterr().out

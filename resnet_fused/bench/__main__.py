@@ -14,12 +14,12 @@ import os
 
 import torch
 
-from resnet_fused.bench import blocks, environment, models, ops, plots
+from resnet_fused.bench import blocks, convs, environment, models, ops, plots
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("ops", "blocks", "models")
+SUITES = ("ops", "convs", "blocks", "models")
 
 
 def parse_args(argv=None):
@@ -48,6 +48,10 @@ def main(argv=None) -> None:
     if "ops" in suites:
         batches = args.batch or [256 if gpu else 32]
         plan["ops"] = dict(shapes=[(b, c, h, w) for b in batches for c, h, w in RESNET50_STAGES[: 1 if few else 4]])
+    if "convs" in suites:  # quick: the stem and layer1's convs, inference only
+        plan["convs"] = dict(shapes=convs.RESNET50_CONVS[:6] if args.quick else convs.RESNET50_CONVS,
+                             batch=(args.batch or [256 if gpu else 8])[0],
+                             modes=convs.MODES[:1] if args.quick else convs.MODES)
     if "blocks" in suites:
         stages = [blocks.RESNET18_STAGES[0], blocks.RESNET50_STAGES[0]] if few else blocks.RESNET18_STAGES + blocks.RESNET50_STAGES
         plan["blocks"] = dict(stages=stages, batch=(args.batch or [256 if gpu else 8])[0])
@@ -57,6 +61,7 @@ def main(argv=None) -> None:
                               resolution=112 if args.quick else 224)
     total = sum([
         ops.count(plan["ops"]["shapes"], dtypes, device) if "ops" in plan else 0,
+        convs.count(plan["convs"]["shapes"], dtypes, plan["convs"]["modes"], device, args.compile) if "convs" in plan else 0,
         blocks.count(plan["blocks"]["stages"], dtypes, device, args.compile) if "blocks" in plan else 0,
         models.count(plan["models"]["names"], plan["models"]["batches"], dtypes, device, args.compile) if "models" in plan else 0,
     ])
@@ -67,6 +72,10 @@ def main(argv=None) -> None:
     with tqdm(total=total, unit="case") as bar:
         if "ops" in plan:
             rows += ops.run(plan["ops"]["shapes"], dtypes, device, args.quick, progress=bar.update)
+        if "convs" in plan:
+            p = plan["convs"]
+            rows += convs.run(p["shapes"], p["batch"], dtypes, p["modes"], device, args.compile, args.quick,
+                              progress=bar.update)
         if "blocks" in plan:
             p = plan["blocks"]
             rows += blocks.run(p["stages"], p["batch"], dtypes, device, args.compile, args.quick, progress=bar.update)
@@ -90,18 +99,20 @@ def main(argv=None) -> None:
 
 def format_table(rows) -> str:
     """One line per measurement: what, how long (median, 20-80 % range), the achieved rate, vs eager."""
-    head = f"{'suite':<7} {'case':<17} {'shape':<15} {'dtype':<8} {'mode':<12} {'provider':<13} {'median ms':>10} {'rate':>14} {'vs eager':>9}"
+    head = f"{'suite':<7} {'case':<19} {'shape':<24} {'dtype':<8} {'mode':<12} {'provider':<13} {'median ms':>10} {'rate':>14} {'vs eager':>9}"
     lines = ["", head, "-" * len(head)]
     for r in rows:
         mode = r.get("mode") or r.get("layout", "")
         case = r.get("case") or r.get("op")
         if "gbps" in r:
             rate = f"{r['gbps']:.1f} GB/s {r['pct_of_copy']:.0f}%"
+        elif "tflops" in r:
+            rate = f"{r['tflops']:.2f} TF/s {r['pct_of_matmul']:.0f}%"
         elif "images_per_s" in r:
             rate = f"{r['images_per_s']:.1f} img/s"
         else:
             rate = ""
-        lines.append(f"{r['suite']:<7} {case:<17} {r['shape']:<15} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
+        lines.append(f"{r['suite']:<7} {case:<19} {r['shape']:<24} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
                      f"{r['median_ms']:>10.3f} {rate:>14} {r['speedup_vs_eager']:>8.2f}x")
     return "\n".join(lines)
 
