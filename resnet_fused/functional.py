@@ -15,13 +15,15 @@ the running statistics in place exactly as ``torch.nn.functional.batch_norm`` do
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused.reference import _memory_format, _stat_dtype  # the layout and statistics dtype rules, defined once
 
-__all__ = ["add_relu", "bn_act"]
+__all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn"]
 
 
 def _per_channel_empty(x: Tensor) -> Tensor:
@@ -207,8 +209,12 @@ def _bn_act_eval_setup(ctx, inputs, output):
     ctx.save_for_backward(input, weight, output if relu else None, running_mean, running_var)
 
 
-def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
-    """Gradients of act(x * scale + shift + residual), scale and shift from (batch or running) stats.
+def _bn_act_grads(
+    backend: str, grad_out: Tensor, x: Tensor, out: Tensor | None, mean: Tensor, var: Tensor, weight: Tensor | None,
+    eps: float, relu: bool, training: bool, needs: tuple[bool, bool, bool, bool], bias_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight, grad_bias, grad_residual) of out = act(x * scale + shift + residual),
+    scale and shift from (batch or running) statistics `mean`, `var`; `needs` says which are wanted.
 
     One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out * (out > 0);
     one elementwise pass writes grad_input (and grad_residual = dy when a ReLU masks it):
@@ -217,14 +223,12 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
       eval:     dx = dy * w invstd
       grad_weight = invstd sum dy (x - mean),  grad_bias = sum dy
     """
-    x, weight, out, mean, var = ctx.saved_tensors
-    # training inputs: (input, weight, bias, residual, ...); eval: (input, running_mean, running_var, weight, bias, residual, ...)
-    needs_x, needs_w, needs_b, needs_r = (ctx.needs_input_grad[i] for i in ((0, 1, 2, 3) if training else (0, 3, 4, 5)))
-    k = backends.kernels(ctx.backend)
+    needs_x, needs_w, needs_b, needs_r = needs
+    k = backends.kernels(backend)
     acc = _stat_dtype(x)
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # one layout for both passes
     # per-channel (C,) coefficients in fp64 (cheap), handed to the kernels in fp32
-    invstd = torch.rsqrt(var.double() + ctx.eps)
+    invstd = torch.rsqrt(var.double() + eps)
     a = invstd if weight is None else invstd * weight.double()
 
     sum_dy = sum_dy_xmu = None
@@ -232,7 +236,7 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
         sum_dy, sum_dy_xmu = (s.double() for s in k.bn_act_backward_reduce(grad_out, x, mean.to(acc), out))
 
     grad_input = grad_residual = None
-    need_masked_residual = needs_r and ctx.relu
+    need_masked_residual = needs_r and relu
     if needs_x:
         if training:
             count = x.numel() // x.shape[1]
@@ -246,11 +250,20 @@ def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
             grad_residual = masked
     elif need_masked_residual:
         grad_residual = torch.ops.aten.threshold_backward(grad_out, out, 0)
-    if needs_r and not ctx.relu:
+    if needs_r and not relu:
         grad_residual = grad_out
 
     grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs_w else None
-    grad_bias = sum_dy.to(ctx.bias_dtype) if needs_b else None
+    grad_bias = sum_dy.to(bias_dtype) if needs_b else None
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
+    x, weight, out, mean, var = ctx.saved_tensors
+    # training inputs: (input, weight, bias, residual, ...); eval: (input, running_mean, running_var, weight, bias, residual, ...)
+    needs = tuple(ctx.needs_input_grad[i] for i in ((0, 1, 2, 3) if training else (0, 3, 4, 5)))
+    grad_input, grad_weight, grad_bias, grad_residual = _bn_act_grads(
+        ctx.backend, grad_out, x, out, mean, var, weight, ctx.eps, ctx.relu, training, needs, ctx.bias_dtype)
     if training:  # input, weight, bias, residual, eps, relu, backend, batch_mean, batch_var
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
     # input, running_mean, running_var, weight, bias, residual, eps, relu, backend
@@ -381,40 +394,82 @@ def _update_running_stats(running_mean, running_var, mean, var, count: int, mome
 
 
 @torch.library.custom_op("resnet_fused::conv2d_stats", mutates_args=())
-def _conv2d_stats(input: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(conv2d(input, weight), its per-channel batch mean, biased var): Triton takes the statistics in
-    the convolution's epilogue; other backends run the convolution, then bn_stats."""
-    if backend == "triton":
-        return torch.ops.resnet_fused.triton_conv_bn_act(input, weight, stride, padding, dilation, None, None, False,
+def _conv2d_stats(
+    input: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    backend: str,
+    input_mean: Tensor | None = None,
+    input_var: Tensor | None = None,
+    input_weight: Tensor | None = None,
+    input_bias: Tensor | None = None,
+    input_eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): y = conv2d(a, weight), its per-channel batch mean and biased variance.
+
+    a = input, or, when input_mean / input_var are given, a = relu(batch_norm(input)) with those batch
+    statistics (the previous layer's BN + ReLU in training): Triton applies it to the input tiles as
+    they load (prologue), so a is never written; other backends write it once for the convolution.
+    The backward recomputes a instead of saving it. Triton takes the statistics of y in the
+    convolution's epilogue; other backends run bn_stats after it.
+    """
+    prologue = input_mean is not None
+    if prologue:
+        in_scale, in_shift = _scale_shift(input_mean, input_var, input_eps, input_weight, input_bias, input_mean.dtype)
+    if backend == "triton" and groups == 1:
+        scale_shift = (in_scale, in_shift, True) if prologue else (None, None, False)
+        return torch.ops.resnet_fused.triton_conv_bn_act(input, weight, stride, padding, dilation, *scale_shift,
                                                          None, None, None, False, True)
-    y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation)
-    return (y, *backends.kernels(backend).bn_stats(y))
+    k = backends.kernels(backend)
+    a = k.bn_act_apply(input, in_scale, in_shift, None, True) if prologue else input
+    y = torch.nn.functional.conv2d(a, weight, None, stride, padding, dilation, groups)
+    return (y, *k.bn_stats(y))
 
 
 @_conv2d_stats.register_fake
-def _(input, weight, stride, padding, dilation, backend):
+def _(input, weight, stride, padding, dilation, groups, backend, input_mean=None, input_var=None, input_weight=None,
+      input_bias=None, input_eps=1e-5):
     out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation))
-    if backend == "triton" or _memory_format(input) == torch.channels_last:
+    if (backend == "triton" and groups == 1) or _memory_format(input) == torch.channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out, _per_channel_empty(out), _per_channel_empty(out)
 
 
 def _conv2d_stats_setup(ctx, inputs, output):
-    input, weight, stride, padding, dilation, backend = inputs
+    input, weight, stride, padding, dilation, groups, backend, in_mean, in_var, in_weight, in_bias, in_eps = inputs
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.conv = (stride, padding, dilation)
-    ctx.save_for_backward(input, weight)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.backend, ctx.in_eps = backend, in_eps
+    ctx.in_bias_dtype = in_bias.dtype if in_bias is not None else None
+    ctx.save_for_backward(input, weight, in_mean, in_var, in_weight, in_bias)
 
 
 def _conv2d_stats_backward(ctx, grad_out, _mean, _var):
-    # the statistics' dependence on the input is the BN backward's business (bn_act_train)
-    input, weight = ctx.saved_tensors
-    stride, padding, dilation = ctx.conv
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, input, weight, None, stride, padding, dilation, False, [0, 0], 1,
-        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-    return grad_input, grad_weight, None, None, None, None
+    # the statistics' dependence on y is the next BN backward's business (bn_act_train, or this op's
+    # prologue backward in the next convolution)
+    input, weight, in_mean, in_var, in_weight, in_bias = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    prologue = in_mean is not None
+    # inputs left at their defaults are not in needs_input_grad: pad to the schema's 12
+    needs_input, needs_weight, *_, needs_in_w, needs_in_b, _ = (*ctx.needs_input_grad, *[False] * 12)[:12]
+    a = input
+    if prologue:  # a = relu(input * scale + shift), recomputed: one elementwise pass instead of a saved tensor
+        in_scale, in_shift = _scale_shift(in_mean, in_var, ctx.in_eps, in_weight, in_bias, in_mean.dtype)
+        a = backends.kernels(ctx.backend).bn_act_apply(input, in_scale, in_shift, None, True)
+    needs_a = needs_input or (prologue and (needs_in_w or needs_in_b))
+    grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_a, needs_weight, False])
+    grad_input = grad_in_weight = grad_in_bias = None
+    if not prologue:
+        grad_input = grad_a
+    elif needs_a:  # through relu(batch_norm(input)) in training: the batch statistics depend on input
+        grad_input, grad_in_weight, grad_in_bias, _ = _bn_act_grads(
+            ctx.backend, grad_a, input, a, in_mean, in_var, in_weight, ctx.in_eps, True, True,
+            (needs_input, needs_in_w, needs_in_b, False), ctx.in_bias_dtype)
+    return grad_input, grad_weight, None, None, None, None, None, None, None, grad_in_weight, grad_in_bias, None
 
 
 _conv2d_stats.register_autograd(_conv2d_stats_backward, setup_context=_conv2d_stats_setup)
@@ -449,6 +504,105 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+class DeferredBnReLU(NamedTuple):
+    """relu(batch_norm(y)) of a BN in training whose batch statistics are known but whose output was
+    never written: conv_bn_defer returns it next to y, and the next conv_bn_act / conv_bn_defer applies
+    it to y as its tiles load (``input_bn=``)."""
+
+    mean: Tensor  # (C,) batch mean of y (fp32; fp64 for fp64 y)
+    var: Tensor  # (C,) biased batch variance of y
+    weight: Tensor | None  # (C,) BN's affine weight and bias
+    bias: Tensor | None
+    eps: float
+
+    def materialize(self, y: Tensor, *, backend: str | None = None) -> Tensor:
+        """relu(batch_norm(y)) written out, differentiable (y must be the tensor these statistics describe)."""
+        _check_input_bn(self, y, "DeferredBnReLU.materialize")
+        return _materialize(y, self, backends.resolve(backend, y))
+
+
+def _check_conv(input: Tensor, conv_weight: Tensor, groups: int, fn: str) -> None:
+    _check_activation(input, fn, "input")
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
+        raise ValueError(f"resnet_fused.{fn}: expected `conv_weight` of shape (Cout, Cin / groups, KH, KW), got "
+                         f"{tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__}")
+    if conv_weight.shape[1] * groups != input.shape[1]:
+        raise ValueError(f"resnet_fused.{fn}: `conv_weight` {tuple(conv_weight.shape)} with groups={groups} expects "
+                         f"{conv_weight.shape[1] * groups} input channels, `input` {tuple(input.shape)} has {input.shape[1]}")
+    if conv_weight.device != input.device or (conv_weight.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type)):
+        raise ValueError(f"resnet_fused.{fn}: `conv_weight` is {conv_weight.dtype} on {conv_weight.device}, "
+                         f"`input` is {input.dtype} on {input.device}")
+
+
+def _check_input_bn(input_bn: DeferredBnReLU | None, input: Tensor, fn: str) -> None:
+    if input_bn is None:
+        return
+    if not isinstance(input_bn, DeferredBnReLU):
+        raise TypeError(f"resnet_fused.{fn}: `input_bn` must be the DeferredBnReLU that conv_bn_defer returned, got "
+                        f"{type(input_bn).__name__}")
+    for name in ("mean", "var", "weight", "bias"):
+        _check_channel_vector(getattr(input_bn, name), input.shape[1], input.device, fn, f"input_bn.{name}",
+                              f"input {tuple(input.shape)}")
+
+
+def _prologue_fusable(input: Tensor, conv_bias: Tensor | None, process_group) -> bool:
+    """conv2d_stats's prologue computes conv(relu(bn(input))) exactly here; elsewhere (a conv bias,
+    synchronized statistics, autocast) the activation is written first and the ordinary path runs."""
+    return conv_bias is None and process_group is None and not torch.is_autocast_enabled(input.device.type)
+
+
+def _materialize(input: Tensor, input_bn: DeferredBnReLU, backend: str) -> Tensor:
+    """relu(batch_norm(input)) with input_bn's batch statistics, written (autograd as bn_act training)."""
+    return _bn_act_train(input, input_bn.weight, input_bn.bias, None, input_bn.eps, True, backend, input_bn.mean,
+                         input_bn.var)[0]
+
+
+def conv_bn_defer(
+    input: Tensor,
+    conv_weight: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    input_bn: DeferredBnReLU | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, DeferredBnReLU]:
+    """The first half of ``conv_bn_act`` in training, for a convolution followed by BN + ReLU:
+    returns y = conv2d(input, conv_weight) (no bias) and the DeferredBnReLU holding y's batch
+    statistics and BN's affine parameters; updates the running statistics as batch_norm would.
+    The next convolution applies relu(batch_norm(y)) as its input tiles load
+    (``conv_bn_act(y, ..., input_bn=deferred)``), so that activation is never written, and its
+    backward recomputes it rather than saving it. ``input_bn``: the same for this convolution's input.
+
+    With the Triton backend the statistics come from the convolution's epilogue and the deferred
+    BN + ReLU from the next one's prologue; other backends take the same steps as separate passes.
+    """
+    fn = "conv_bn_defer"
+    _check_conv(input, conv_weight, groups, fn)
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
+    _check_input_bn(input_bn, input, fn)
+    name = backends.resolve(backend, input)
+    if input_bn is not None and not _prologue_fusable(input, None, None):
+        input, input_bn = _materialize(input, input_bn, name), None
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if torch.is_autocast_enabled(input.device.type):  # the op runs outside autocast: cast as F.conv2d would
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, conv_weight = input.to(dtype), conv_weight.to(dtype)
+    y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), groups, name,
+                                 *(input_bn or ()))
+    _check_batch(y, fn)
+    _update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
+    return y, DeferredBnReLU(mean, var, bn_weight, bn_bias, eps)
+
+
 def conv_bn_act(
     input: Tensor,
     conv_weight: Tensor,
@@ -467,6 +621,7 @@ def conv_bn_act(
     residual: Tensor | None = None,
     relu: bool = True,
     *,
+    input_bn: DeferredBnReLU | None = None,
     backend: str | None = None,
     process_group=None,
 ) -> Tensor:
@@ -476,30 +631,32 @@ def conv_bn_act(
     autograd for every tensor argument. Eval: BN is folded into the convolution (one conv with bias,
     then one fused add + ReLU pass at most). Training: the convolution, then ``bn_act`` (statistics,
     one fused normalize + add + ReLU pass; fused two-pass backward). ``process_group``: as in bn_act.
+
+    ``input_bn`` (from conv_bn_defer): the convolution's input is relu(batch_norm(input)) with those
+    batch statistics, applied as the input loads (Triton prologue) and recomputed in the backward.
     """
     fn = "conv_bn_act"
-    _check_activation(input, fn, "input")
-    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
-        raise ValueError(f"resnet_fused.{fn}: expected `conv_weight` of shape (Cout, Cin / groups, KH, KW), got "
-                         f"{tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__}")
-    if conv_weight.shape[1] * groups != input.shape[1]:
-        raise ValueError(f"resnet_fused.{fn}: `conv_weight` {tuple(conv_weight.shape)} with groups={groups} expects "
-                         f"{conv_weight.shape[1] * groups} input channels, `input` {tuple(input.shape)} has {input.shape[1]}")
+    _check_conv(input, conv_weight, groups, fn)
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias), ("conv_bias", conv_bias)):
         _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
+    _check_input_bn(input_bn, input, fn)
     autocast = torch.is_autocast_enabled(input.device.type)  # then F.conv2d picks the dtype, as in eager
-    if conv_weight.device != input.device or (conv_weight.dtype != input.dtype and not autocast):
-        raise ValueError(f"resnet_fused.{fn}: `conv_weight` is {conv_weight.dtype} on {conv_weight.device}, "
-                         f"`input` is {input.dtype} on {input.device}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     name = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
+    if input_bn is not None:
+        if use_batch_stats and _prologue_fusable(input, conv_bias, process_group):
+            y, bn = conv_bn_defer(input, conv_weight, running_mean, running_var, bn_weight, bn_bias, stride, padding,
+                                  dilation, groups, momentum, eps, input_bn=input_bn, backend=name)
+            out, _, _ = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, bn.mean, bn.var)
+            return out
+        input = _materialize(input, input_bn, name)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
     if name == "triton" and groups == 1 and process_group is None and not autocast:  # the fused implicit-GEMM conv
         if use_batch_stats and conv_bias is None:  # the epilogue takes the statistics
-            y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), name)
+            y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), 1, name)
             _check_batch(y, fn)
             out, mean, var = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, mean, var)
             _update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)

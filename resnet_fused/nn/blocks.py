@@ -1,13 +1,19 @@
 """FusedBasicBlock and FusedBottleneck: torchvision's constructor arguments, attributes and
-state_dict keys; every conv -> BN (-> add) -> ReLU runs as one fused call."""
+state_dict keys; every conv -> BN (-> add) -> ReLU runs as one fused call.
+
+In training on the Triton backend the inner BN + ReLU are deferred (DESIGN.md, data flow): a conv
+writes its raw output and takes its BN statistics in the epilogue, and the next conv applies that
+BN + ReLU to its input tiles as they load, so the inner activations are never written or saved.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from resnet_fused import backends
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
-from resnet_fused.nn.conv_bn import conv_bn_act, is_fusable_conv
+from resnet_fused.nn.conv_bn import can_defer, conv_bn_act, conv_bn_defer, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -24,9 +30,24 @@ class _FusedBlock(nn.Module):
         self.shortcut = shortcut
         self._folds = FoldCache()
 
-    def _conv_bn(self, i: int, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    def _conv_bn(self, i: int, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True,
+                 input_bn=None) -> torch.Tensor:
         return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, self.backend, self._folds,
-                           f"conv{i}", self.process_group)
+                           f"conv{i}", self.process_group, input_bn)
+
+    def _conv_bn_defer(self, i: int, x: torch.Tensor, input_bn=None):
+        return conv_bn_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, self.backend, input_bn)
+
+    def _defers(self, x: torch.Tensor, num_convs: int) -> bool:
+        """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
+        (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN."""
+        return (
+            self.process_group is None
+            and backends.resolve(self.backend, x) == "triton"
+            and all(can_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, num_convs))
+            and is_fusable_conv(getattr(self, f"conv{num_convs}"))
+            and is_plain_batchnorm(getattr(self, f"bn{num_convs}"))
+        )
 
     def _identity(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.shortcut:
@@ -65,6 +86,9 @@ class FusedBasicBlock(_FusedBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
+        if self._defers(x, 2):
+            y1, bn1 = self._conv_bn_defer(1, x)
+            return self._conv_bn(2, y1, residual=identity, input_bn=bn1)
         out = self._conv_bn(1, x)
         return self._conv_bn(2, out, residual=identity)
 
@@ -94,6 +118,10 @@ class FusedBottleneck(_FusedBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
+        if self._defers(x, 3):
+            y1, bn1 = self._conv_bn_defer(1, x)
+            y2, bn2 = self._conv_bn_defer(2, y1, input_bn=bn1)
+            return self._conv_bn(3, y2, residual=identity, input_bn=bn2)
         out = self._conv_bn(1, x)
         out = self._conv_bn(2, out)
         return self._conv_bn(3, out, residual=identity)

@@ -25,26 +25,31 @@ def conv_bn_act(
     cache: FoldCache | None = None,
     name: str = "",
     process_group=None,
+    input_bn: functional.DeferredBnReLU | None = None,
 ) -> torch.Tensor:
     """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (process_group: batch
-    statistics synchronized across ranks, as nn.SyncBatchNorm).
+    statistics synchronized across ranks, as nn.SyncBatchNorm; input_bn: a BN + ReLU deferred by
+    conv_bn_defer, which conv applies to x as it loads).
 
     Eval with running statistics uses the BN-folded convolution, from `cache` when nothing requires
     gradients (folded weights computed once, refreshed when a parameter or buffer changes).
     """
     if not (is_fusable_conv(conv) and is_plain_batchnorm(bn)):  # a correct unfused path
+        if input_bn is not None:
+            x = input_bn.materialize(x, backend=backend)
         y = bn(conv(x))
         y = y + residual if residual is not None else y
         return torch.relu(y) if relu else y
-    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name, process_group)
+    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name, process_group, input_bn)
 
 
 def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
                       relu: bool = True, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
-                      process_group=None) -> torch.Tensor:
-    """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics."""
+                      process_group=None, input_bn: functional.DeferredBnReLU | None = None) -> torch.Tensor:
+    """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics.
+    input_bn: a BN + ReLU deferred by conv_bn_defer, applied to x as it loads."""
     call = batch_norm_call(bn)
-    if not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
+    if input_bn is None and not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
     ):
         weight, bias = cache.get(name, conv, bn)
@@ -53,8 +58,23 @@ def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, resi
     return functional.conv_bn_act(
         x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
         conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats, call.momentum, call.eps,
-        residual, relu, backend=backend, process_group=process_group,
+        residual, relu, input_bn=input_bn, backend=backend, process_group=process_group,
     )
+
+
+def can_defer(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether conv_bn_defer computes this pair exactly: a bias-free nn.Conv2d, then nn.BatchNorm2d in training."""
+    return is_fusable_conv(conv) and conv.bias is None and is_plain_batchnorm(bn) and bn.training
+
+
+def conv_bn_defer(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, backend: str | None = None,
+                  input_bn: functional.DeferredBnReLU | None = None) -> tuple[torch.Tensor, functional.DeferredBnReLU]:
+    """(conv(x), bn's BN + ReLU deferred to the next convolution) with bn's training side effects
+    (running statistics, num_batches_tracked); see functional.conv_bn_defer. Requires can_defer(conv, bn)."""
+    call = batch_norm_call(bn)
+    return functional.conv_bn_defer(x, conv.weight, call.running_mean, call.running_var, call.weight, call.bias,
+                                    conv.stride, conv.padding, conv.dilation, conv.groups, call.momentum, call.eps,
+                                    input_bn=input_bn, backend=backend)
 
 
 class FusedConvBNReLU(nn.Module):

@@ -1,0 +1,235 @@
+"""The deferred BN + ReLU (prologue fusion): conv_bn_defer -> conv_bn_act(..., input_bn=) chains on every
+backend against eager conv -> batch_norm -> relu -> conv -> ... and a float64 reference (outputs, every
+gradient, both BNs' running statistics); the conv2d_stats op through opcheck and gradcheck; the blocks
+taking the deferred path in training on Triton; fallbacks; bad input."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fused
+from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from resnet_fused import functional
+
+OPS = torch.ops.resnet_fused
+
+# chains of (Cout, kernel, stride, padding, groups); the last conv adds the residual and applies ReLU
+BASIC = [(6, 3, 2, 1, 1), (6, 3, 1, 1, 1)]  # BasicBlock, stride 2, odd channels
+BOTTLENECK = [(4, 1, 1, 0, 1), (4, 3, 1, 1, 2), (12, 1, 1, 0, 1)]  # grouped 3x3 (Triton: the fallback inside the op)
+
+
+def make_params(cin, chain, dtype, device):
+    params, c = [], cin
+    for cout, k, _, _, g in chain:
+        params.append(dict(
+            w=(torch.randn(cout, c // g, k, k) / (c // g * k * k) ** 0.5).to(device, dtype),
+            bw=(torch.rand(cout) + 0.5).to(device, dtype), bb=(torch.randn(cout) * 0.3).to(device, dtype),
+            rm=(torch.randn(cout) * 0.3).to(device, dtype), rv=(torch.rand(cout) + 0.5).to(device, dtype)))
+        c = cout
+    return params
+
+
+def fused_chain(x, params, chain, residual, backend):
+    """conv_bn_defer for all but the last conv, each deferring its BN + ReLU to the next conv."""
+    y, deferred = x, None
+    for p, (_, _, s, pad, g) in zip(params[:-1], chain[:-1]):
+        y, deferred = functional.conv_bn_defer(y, p["w"], p["rm"], p["rv"], p["bw"], p["bb"], s, pad, 1, g, 0.1, 1e-5,
+                                               input_bn=deferred, backend=backend)
+    p, (_, _, s, pad, g) = params[-1], chain[-1]
+    return functional.conv_bn_act(y, p["w"], None, p["rm"], p["rv"], p["bw"], p["bb"], s, pad, 1, g, True, 0.1, 1e-5,
+                                  residual, True, input_bn=deferred, backend=backend)
+
+
+def eager_chain(x, params, chain, residual, backend=None):
+    y = x
+    for i, (p, (_, _, s, pad, g)) in enumerate(zip(params, chain)):
+        y = F.batch_norm(F.conv2d(y, p["w"], None, s, pad, 1, g), p["rm"], p["rv"], p["bw"], p["bb"], True, 0.1, 1e-5)
+        y = torch.relu(y + residual if i == len(chain) - 1 else y)
+    return y
+
+
+def results(fn, x, params, chain, residual, grad, backend, dtype=None):
+    """[output, grad x, grad residual, per conv: grad w, grad bn weight, grad bn bias, running mean, var]."""
+    def leaf(t):  # a fresh copy in `dtype`: every run starts from the same values and running statistics
+        return t.detach().clone().to(dtype or t.dtype)
+
+    x, residual = leaf(x).requires_grad_(), leaf(residual).requires_grad_()
+    params = [{k: leaf(v).requires_grad_(k in ("w", "bw", "bb")) for k, v in p.items()} for p in params]
+    out = fn(x, params, chain, residual, backend)
+    out.backward(grad.to(out.dtype))
+    res = [out.detach(), x.grad, residual.grad]
+    for p in params:
+        res += [p["w"].grad, p["bw"].grad, p["bb"].grad, p["rm"], p["rv"]]
+    return res
+
+
+def names(chain):
+    return ["output", "grad input", "grad residual"] + [f"conv{i + 1} {n}" for i in range(len(chain)) for n in
+                                                         ("grad weight", "grad bn weight", "grad bn bias", "running_mean",
+                                                          "running_var")]
+
+
+def plain_chain(x, params, chain, residual, backend):
+    """The same chain with every activation written: conv_bn_act after conv_bn_act."""
+    y = x
+    for i, (p, (_, _, s, pad, g)) in enumerate(zip(params, chain)):
+        last = i == len(chain) - 1
+        y = functional.conv_bn_act(y, p["w"], None, p["rm"], p["rv"], p["bw"], p["bb"], s, pad, 1, g, True, 0.1, 1e-5,
+                                   residual if last else None, True, backend=backend)
+    return y
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("chain", [BASIC, BOTTLENECK], ids=["basic", "bottleneck"])
+def test_deferred_chain_matches_eager(backend, fmt, chain):
+    """fp32: every tensor within the eager-error rule against float64. fp16 / bf16: equal (to the
+    dtype's tolerance) to the chain that writes every activation, which test_conv_bn_act holds to the
+    eager-error rule: the prologue computes relu(y * scale + shift) in fp32 and rounds it to the input
+    dtype, as bn_act_apply does, so the convolution sees the same values. (In low precision a single
+    ReLU mask flip near zero decides a small case's error against float64, so a per-case eager-error
+    comparison there would be a coin toss.)"""
+    device = device_of(backend)
+    low = torch.float16 if backend == "triton" and interpreted_triton() else torch.bfloat16
+    for dtype in (torch.float32, low):
+        torch.manual_seed(0)
+        cin, H = 5, 9
+        Ho = H
+        for _, k, s, pad, _ in chain:
+            Ho = (Ho + 2 * pad - k) // s + 1
+        x = activation((2, cin, H, H), dtype, fmt, device)
+        r = activation((2, chain[-1][0], Ho, Ho), dtype, fmt, device)
+        params = make_params(cin, chain, dtype, device)
+        grad = activation(r.shape, dtype, fmt, device)
+        got = results(fused_chain, x, params, chain, r, grad, backend)
+        if dtype == torch.float32:
+            ref = results(eager_chain, x, params, chain, r, grad, backend)
+            exact = results(eager_chain, x, params, chain, r, grad, backend, torch.float64)
+            for name, a, e, x64 in zip(names(chain), got, ref, exact):
+                assert_within_eager_error(a, e, x64, f"{backend} {dtype} {name}")
+        else:
+            for name, a, p in zip(names(chain), got, results(plain_chain, x, params, chain, r, grad, backend)):
+                torch.testing.assert_close(a, p, msg=lambda m: f"{backend} {dtype} {name}: {m}")
+
+
+def _conv2d_stats_cases(backend):
+    """(input, weight, stride, padding, dilation, groups, backend[, prologue BN]) in both layouts."""
+    device = device_of(backend)
+    for fmt in FORMATS:
+        def leaf(*shape, scale=1.0, offset=0.0):
+            return (torch.randn(shape, device=device) * scale + offset).requires_grad_()
+
+        x = activation((2, 4, 5, 5), torch.float32, fmt, device).requires_grad_()
+        mean, var = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
+        bw, bb = leaf(4, scale=0.5, offset=1.0), leaf(4)
+        yield (x, leaf(6, 4, 3, 3, scale=0.2), [1, 1], [1, 1], [1, 1], 1, backend)
+        yield (x, leaf(6, 4, 3, 3, scale=0.2), [2, 2], [1, 1], [1, 1], 1, backend, mean, var, bw, bb, 1e-3)
+        yield (x, leaf(6, 4, 1, 1, scale=0.5), [1, 1], [0, 0], [1, 1], 1, backend, mean, var, None, None, 1e-5)
+        yield (x, leaf(6, 2, 3, 3, scale=0.2), [1, 1], [1, 1], [1, 1], 2, backend, mean, var, bw, bb, 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck_conv2d_stats(backend):
+    for args in _conv2d_stats_cases(backend):
+        torch.library.opcheck(OPS.conv2d_stats, args)
+
+
+def test_gradcheck_deferred_chain_float64():
+    """The prologue backward (recomputed activation, BN backward through the deferred statistics) and
+    the conv backward against finite differences."""
+    x = activation((2, 3, 5, 5), torch.float64, torch.channels_last).requires_grad_()
+    w1, w2 = (torch.randn(4, 3, 3, 3, dtype=torch.float64) / 5).requires_grad_(), (torch.randn(5, 4, 1, 1, dtype=torch.float64) / 2).requires_grad_()
+    bw1, bb1 = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(4, dtype=torch.float64).requires_grad_()
+    bw2, bb2 = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(5, dtype=torch.float64).requires_grad_()
+
+    def fn(x, w1, bw1, bb1, w2, bw2, bb2):
+        y, d = functional.conv_bn_defer(x, w1, None, None, bw1, bb1, 1, 1)
+        return functional.conv_bn_act(y, w2, None, None, None, bw2, bb2, training=True, relu=False, input_bn=d)
+
+    assert torch.autograd.gradcheck(fn, (x, w1, bw1, bb1, w2, bw2, bb2))
+
+
+def test_deferred_chain_compiles_fullgraph():
+    torch.manual_seed(0)
+    params = make_params(5, BASIC, torch.float32, "cpu")
+    x, r = activation((2, 5, 9, 9), torch.float32, torch.channels_last), activation((2, 6, 5, 5), torch.float32, torch.channels_last)
+
+    def fn(x, r):
+        return fused_chain(x, params, BASIC, r, "cpu")
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r), fn(x, r))
+
+
+@pytest.mark.parametrize("case", ["conv bias", "eval", "autocast"])
+def test_deferred_input_falls_back_exactly(case):
+    """Where the prologue does not apply, the deferred activation is written first: same values as eager."""
+    torch.manual_seed(0)
+    x = activation((2, 3, 6, 6), torch.float32, torch.channels_last)
+    w1, w2, b2 = torch.randn(4, 3, 3, 3) / 5, torch.randn(5, 4, 3, 3) / 6, torch.randn(5)
+    rm, rv = torch.randn(5) * 0.3, torch.rand(5) + 0.5
+    y, d = functional.conv_bn_defer(x, w1, None, None, None, None, 1, 1)
+    a = torch.relu(F.batch_norm(F.conv2d(x, w1, None, 1, 1), None, None, None, None, True))
+    bias, training = (b2, True) if case == "conv bias" else (None, case != "eval")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = functional.conv_bn_act(y, w2, bias, rm.clone(), rv.clone(), None, None, 1, 1, training=training, input_bn=d)
+        expected = torch.relu(F.batch_norm(F.conv2d(a, w2, bias, 1, 1), rm.clone(), rv.clone(), None, None, training))
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, **({} if case != "autocast" else dict(atol=0.05, rtol=0.05)))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_blocks_defer_in_training_on_triton(block, monkeypatch):
+    """Training on Triton runs the deferred data flow of DESIGN.md, and still matches torchvision's block."""
+    if not resnet_fused.backends.available()["triton"]:
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    device = device_of("triton")
+    calls = []
+    defer = functional.conv_bn_defer
+    monkeypatch.setattr(functional, "conv_bn_defer", lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k))
+    torch.manual_seed(0)
+    eager = (torchvision.models.resnet.BasicBlock(6, 6) if block == "basic"
+             else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)
+    fused = resnet_fused.fuse_(copy.deepcopy(eager), backend="triton")
+    x = activation((2, 6 if block == "basic" else 8, 5, 5), torch.float32, torch.channels_last, device)
+    grad = activation(x.shape, torch.float32, torch.channels_last, device)
+    got = results_of(fused, x, grad)
+    ref = results_of(eager, x, grad)
+    exact = results_of(copy.deepcopy(eager).double(), x.double(), grad.double())
+    # every conv runs as conv_bn_defer (the last inside conv_bn_act); all but the first apply a deferred BN + ReLU
+    assert len(calls) == (2 if block == "basic" else 3) and calls[0] is None and all(c is not None for c in calls[1:])
+    for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), got, ref, exact):
+        assert_within_eager_error(a, e, x64, f"{block} {name}", norm="fro")
+
+
+def results_of(model, x, grad):
+    """output, grad input, all parameter grads as one vector, all running statistics as one: single
+    (C,) grads of a tiny block are a handful of rounding errors, and their ratios to eager's a coin toss
+    (tests/test_nn.py, Trio)."""
+    model.train()
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+            torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()])]
+
+
+def test_blocks_do_not_defer_on_cpu(monkeypatch):
+    """On the CPU backend writing the activation once is as cheap as recomputing it: no deferral."""
+    monkeypatch.setattr(functional, "conv_bn_defer", lambda *a, **k: pytest.fail("deferred on the cpu backend"))
+    block = resnet_fused.fuse_(torchvision.models.resnet.BasicBlock(4, 4), backend="auto").train()
+    block(torch.randn(2, 4, 5, 5)).sum().backward()
+
+
+def test_bad_deferred_input():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(TypeError, match=r"`input_bn` must be the DeferredBnReLU that conv_bn_defer returned, got tuple"):
+        functional.conv_bn_act(x, w, None, None, None, training=True, input_bn=(torch.zeros(4), torch.ones(4), None, None, 1e-5))
+    bad = functional.DeferredBnReLU(torch.zeros(3), torch.ones(3), None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"expected `input_bn.mean` of shape \(4,\), one per channel of input \(2, 4, 5, 5\), got \(3,\)"):
+        functional.conv_bn_act(x, w, None, None, None, training=True, input_bn=bad)
+    with pytest.raises(ValueError, match=r"conv_bn_defer: `conv_weight` \(6, 3, 3, 3\) with groups=1 expects 3 input channels"):
+        functional.conv_bn_defer(x, torch.randn(6, 3, 3, 3), None, None)
