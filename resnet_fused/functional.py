@@ -711,9 +711,14 @@ def conv_act(
 ) -> Tensor:
     """``act(conv2d(input, weight, bias, ...) + residual)``: the eval form of conv_bn_act once BN is
     folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
-    one pass after the convolution."""
+    one pass after the convolution. ``weight`` may be prepacked by prepack_conv_weight (CPU inference)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if _onednn_post_ops_apply(input, weight, residual, backend):
+    if weight.layout == torch._mkldnn:
+        if not onednn_inference(input, weight, residual, backend):
+            raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, fp32, without "
+                             f"gradients; got {input.dtype} input on {input.device}, requires_grad={input.requires_grad}")
+        return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if onednn_inference(input, weight, residual, backend):
         return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = _residual_for(residual, y, "conv_act")
@@ -722,8 +727,18 @@ def conv_act(
     return torch.relu(y) if relu else y
 
 
-def _onednn_post_ops_apply(input: Tensor, weight: Tensor, residual: Tensor | None, backend: str | None) -> bool:
-    """CPU inference: oneDNN's convolution takes the bias, the residual add and the ReLU as post-ops
+def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, input_shape) -> Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout for inputs of ``input_shape`` (what
+    Inductor's CPU freezing does): conv_act then skips the per-call reorder, which costs most where
+    weights are large and activations small (ResNet's last stages). CPU, fp32; for conv_act only."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(padding), list(stride),
+                                                     list(dilation), groups, list(input_shape))
+
+
+def onednn_inference(input: Tensor, weight: Tensor, residual: Tensor | None = None, backend: str | None = None) -> bool:
+    """Whether conv_act runs oneDNN's convolution with post-ops here (and can take a prepacked weight).
+    CPU inference: oneDNN's convolution takes the bias, the residual add and the ReLU as post-ops
     (what Inductor's CPU backend emits), so the conv output is written once. Not differentiable:
     only where no gradient is needed."""
     return (

@@ -98,3 +98,23 @@ def test_conv_bn_act_rejects_bad_input():
                                residual=torch.randn(2, 8, 3, 3))
     with pytest.raises(ValueError, match=r"`conv_weight` is torch.float16"):
         functional.conv_bn_act(x, torch.randn(8, 4, 3, 3).half(), None, torch.zeros(8), torch.ones(8))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_conv_act_prepacked_weight_equals_plain(geometry):
+    """CPU inference with the weight reordered once for oneDNN gives the plain weight's result."""
+    if not functional.onednn_inference(torch.randn(1, 1, 1, 1), torch.randn(1, 1, 1, 1), backend="auto"):
+        pytest.skip("needs the cpu backend and oneDNN")
+    N, Cin, H, Cout, k, s, p, d = geometry
+    x = activation((N, Cin, H, H), torch.float32, torch.channels_last)
+    w, b = torch.randn(Cout, Cin, k, k) / (Cin * k * k) ** 0.5, torch.randn(Cout)
+    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    r = activation((N, Cout, Ho, Ho), torch.float32, torch.channels_last)
+    packed = functional.prepack_conv_weight(w, s, p, d, 1, x.shape)
+    for residual, relu in ((r, True), (None, True), (None, False)):
+        with torch.no_grad():
+            got = functional.conv_act(x, packed, b, s, p, d, 1, residual, relu)
+            expected = functional.conv_act(x, w, b, s, p, d, 1, residual, relu)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, fp32, without gradients"):
+        functional.conv_act(x.requires_grad_(), packed, b, s, p, d)

@@ -56,3 +56,73 @@ def test_opcheck_cuda_kernel_ops():
             (ops.bn_act_backward_elemt, (g, None, None, None, v(), None, None, False)),
         ]:
             torch.library.opcheck(op, args)
+
+
+# (N, Cin, H, Cout, kernel, stride, residual): ResNet-50 convolutions at batch 32
+CONV_SHAPES = [(32, 64, 56, 64, 3, 1, False), (32, 128, 56, 128, 3, 2, False), (32, 256, 14, 1024, 1, 1, True),
+               (32, 3, 224, 64, 7, 2, False)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_act_resnet50_shapes(backend, dtype, training, poisoned):
+    """conv_bn_act forward and backward at real shapes, channels_last, against eager and float64
+    (2-norm over each tensor: at these sizes it measures the arithmetic, not one ReLU mask flip)."""
+    for N, Cin, H, Cout, k, s, with_residual in CONV_SHAPES:
+        Ho = (H + 2 * (k // 2) - k) // s + 1
+        x = activation((N, Cin, H, H), dtype, CL, "cuda")
+        w = (torch.randn(Cout, Cin, k, k, device="cuda") / (Cin * k * k) ** 0.5).to(dtype)
+        r = activation((N, Cout, Ho, Ho), dtype, CL, "cuda") if with_residual else None
+        g = activation((N, Cout, Ho, Ho), dtype, CL, "cuda")
+        bw, bb = torch.rand(Cout, device="cuda") + 0.5, torch.randn(Cout, device="cuda")
+        rm, rv = torch.randn(Cout, device="cuda") * 0.3, torch.rand(Cout, device="cuda") + 0.5
+
+        def run(fused, cast=None):
+            dt = cast or dtype
+            xs, ws, rs = (None if t is None else t.detach().clone().to(dt).requires_grad_() for t in (x, w, r))
+            bws, bbs = bw.clone().to(dt).requires_grad_(), bb.clone().to(dt).requires_grad_()
+            m, v = rm.clone().to(dt), rv.clone().to(dt)
+            if fused:
+                out = functional.conv_bn_act(xs, ws, None, m, v, bws, bbs, s, k // 2, 1, 1, training, 0.1, 1e-5, rs,
+                                             backend=backend)
+            else:
+                y = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(xs, ws, None, s, k // 2), m, v, bws, bbs,
+                                                   training, 0.1, 1e-5)
+                out = torch.relu(y + rs if rs is not None else y)
+            out.backward(g.to(dt))
+            return [out.detach(), xs.grad, ws.grad, bws.grad, bbs.grad] + ([rs.grad] if rs is not None else []) + [m, v]
+
+        for i, (f, e, x64) in enumerate(zip(run(True), run(False), run(False, torch.float64))):
+            assert_within_eager_error(f, e, x64, f"{backend} {dtype} k{k} s{s} Cin={Cin} [{i}]", norm="fro")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_bottleneck_training_resnet50_stage(backend, dtype):
+    """A torchvision Bottleneck after fuse_ (Triton: the deferred BN + ReLU data flow) against the
+    original in the same dtype and float64, at layer1's shape, batch 32."""
+    import copy
+
+    import torchvision
+
+    import resnet_fused
+
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet.Bottleneck(256, 64).cuda().to(memory_format=torch.channels_last)
+    fused = resnet_fused.fuse_(copy.deepcopy(eager).to(dtype), backend=backend)
+    exact = copy.deepcopy(eager).double()
+    eager = eager.to(dtype)
+    x = activation((32, 256, 56, 56), dtype, CL, "cuda")
+    g = activation(x.shape, dtype, CL, "cuda")
+
+    def run(model, cast=None):
+        xs = x.detach().clone().to(cast or dtype).requires_grad_()
+        out = model.train()(xs)
+        out.backward(g.to(cast or dtype))
+        return [out.detach(), xs.grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()])]
+
+    for name, f, e, x64 in zip(("output", "grad input", "parameter grads", "running stats"), run(fused), run(eager),
+                               run(exact, torch.float64)):
+        assert_within_eager_error(f, e, x64, f"{backend} {dtype} {name}", norm="fro")

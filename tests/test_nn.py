@@ -151,10 +151,14 @@ def test_eval_fold_cache_follows_parameter_and_buffer_changes():
     x = torch.randn(2, 8, 6, 6)
 
     def check(what):
+        # folding rounds w * s once: measured up to ~2.6x eager's max error (see test_conv_bn_act), so 3x
         with torch.no_grad():
-            torch.testing.assert_close(block(x), eager(x), msg=what, rtol=1e-5, atol=1e-5)
+            exact = copy.deepcopy(eager).double()(x.double())
+            assert_within_eager_error(block(x), eager(x), exact, what, factor=3.0)
 
     check("first call")
+    x = torch.randn(3, 8, 6, 6)  # CPU: the folded weights are prepacked for oneDNN per input shape
+    check("another batch size")
     with torch.no_grad():
         block.bn1.running_var.mul_(2.0)  # in place, like a training step's update
         eager.bn1.running_var.mul_(2.0)
