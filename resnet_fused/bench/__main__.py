@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from resnet_fused.bench import blocks, convs, environment, models, ops, plots
+from resnet_fused.bench import blocks, convs, environment, models, ops, plots, timing
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["default", "max-autotune"], action="append", default=[],
                    help="also time torch.compile of the eager module in this mode (repeatable)")
     p.add_argument("--quick", action="store_true", help="the first stage shapes only, short timings")
+    p.add_argument("--cuda-graphs", action="store_true", help="GPU: time every call as a CUDA graph replay")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv and the plots")
     return p.parse_args(argv)
 
@@ -40,6 +41,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     device = torch.device(args.device)
+    timing.use_cuda_graphs(args.cuda_graphs and device.type == "cuda")
     gpu = device.type == "cuda"
     suites = args.suite or list(SUITES)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if gpu else ["fp32"]))]

@@ -58,11 +58,38 @@ def _seconds_per_call(fn: Callable[[], object]) -> float:
     return max(time.perf_counter() - start, 1e-6)
 
 
+_cuda_graphs = False
+
+
+def use_cuda_graphs(enabled: bool) -> None:
+    """time_cuda replays each call as a captured CUDA graph (no CPU launch overhead) when enabled."""
+    global _cuda_graphs
+    _cuda_graphs = enabled
+
+
+def _captured(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn captured into a CUDA graph (after warm-up calls on a side stream, as capture requires):
+    replaying it runs fn's kernels on the same buffers without the Python and launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_cuda(fns: Sequence[Callable[[], object]], warmup: int = 10, reps: int = 50) -> Timing:
     """CUDA-event time per call, cycling through `fns` (the same work on different buffers, so the
-    inputs are not resident in L2 from the previous call)."""
-    for i in range(warmup):
+    inputs are not resident in L2 from the previous call); as CUDA graph replays after
+    use_cuda_graphs(True)."""
+    for i in range(warmup):  # first calls: autotuning, fold caches, allocator warm-up
         fns[i % len(fns)]()
+    if _cuda_graphs:
+        fns = [_captured(fn) for fn in fns]
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
