@@ -228,7 +228,10 @@ def test_resnet18_model_equals_torchvision():
     ours = models.resnet18(num_classes=10)
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(4, 3, 64, 64)
-    trio = Trio(ours, tv)
+    # whole network: 20 BNs deep, one BN's weight gradient is rounding noise amplified through the
+    # layers above it; its ratio to eager's depends on the summation order (measured per tensor, eval
+    # with gradients: median 1.0x, range 0.53x to 2.17x)
+    trio = Trio(ours, tv, whole_network=True)
     for training in (True, False):
         trio.step(x, training, f"resnet18 training={training}")
 

@@ -59,20 +59,25 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
       }
     });
   });
-  // Chan et al.: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b), in fp64
+  // Merge the chunks' (n_k, mean_k, M2_k) per channel in two sweeps, in fp64 and a fixed order:
+  //   mean = sum n_k mean_k / n,  M2 = sum M2_k + n_k (mean_k - mean)^2
+  // (as stable as Chan's pairwise update, without its chain of divisions)
   float* mp = mean.mutable_data_ptr<float>();
   float* vp = var.mutable_data_ptr<float>();
-  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+  const double n = static_cast<double>(x.numel() / C);
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> mu(end - begin, 0.0), m2(end - begin, 0.0);
+    ch.for_each_chunk_of(begin, end, [&](int64_t k, int64_t c, int64_t slot) {
+      mu[c - begin] += static_cast<double>(ch.elems(k)) * part_mean[slot];
+    });
+    for (double& m : mu) m /= n;
+    ch.for_each_chunk_of(begin, end, [&](int64_t k, int64_t c, int64_t slot) {
+      const double d = part_mean[slot] - mu[c - begin];
+      m2[c - begin] += part_m2[slot] + static_cast<double>(ch.elems(k)) * d * d;
+    });
     for (int64_t c = begin; c < end; ++c) {
-      double n = 0, mu = 0, m2 = 0;
-      ch.for_each_chunk_of(c, [&](int64_t k, int64_t slot) {
-        const double nb = static_cast<double>(ch.elems(k)), delta = part_mean[slot] - mu, total = n + nb;
-        mu += delta * nb / total;
-        m2 += part_m2[slot] + delta * delta * n * nb / total;
-        n = total;
-      });
-      mp[c] = static_cast<float>(mu);
-      vp[c] = static_cast<float>(m2 / n);
+      mp[c] = static_cast<float>(mu[c - begin]);
+      vp[c] = static_cast<float>(m2[c - begin] / n);
     }
   });
   return {mean, var};
@@ -146,12 +151,14 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
   });
   float* s1 = sum_dy.mutable_data_ptr<float>();
   float* s2 = sum_dy_xmu.mutable_data_ptr<float>();
-  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> a(end - begin, 0.0), b(end - begin, 0.0);
+    ch.for_each_chunk_of(begin, end, [&](int64_t, int64_t c, int64_t slot) {
+      a[c - begin] += part[2 * slot], b[c - begin] += part[2 * slot + 1];
+    });
     for (int64_t c = begin; c < end; ++c) {
-      double a = 0, b = 0;
-      ch.for_each_chunk_of(c, [&](int64_t, int64_t slot) { a += part[2 * slot], b += part[2 * slot + 1]; });
-      s1[c] = static_cast<float>(a);
-      s2[c] = static_cast<float>(b);
+      s1[c] = static_cast<float>(a[c - begin]);
+      s2[c] = static_cast<float>(b[c - begin]);
     }
   });
   return {sum_dy, sum_dy_xmu};

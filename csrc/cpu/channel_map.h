@@ -42,6 +42,9 @@ inline void store_f(T* p, fVec v) {
 // kDVec elements of T, widened to fp64 (reductions accumulate in fp64 on the CPU, as eager does)
 template <typename T>
 inline dVec load_d(const T* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return dVec(_mm256_cvtps_pd(_mm_loadu_ps(p)));  // 4 floats -> 4 doubles
+#endif
   __at_align__ double buf[kDVec];
   for (int64_t i = 0; i < kDVec; ++i) buf[i] = static_cast<double>(static_cast<float>(p[i]));
   return dVec::loadu(buf);
@@ -75,44 +78,42 @@ struct Runs {
   int64_t channel_of_run(int64_t run) const { return run % C; }  // contiguous layout only
 };
 
-// One per-channel fp32 vector as seen along a run: indexed by position (channels_last) or one value
-// broadcast along the run (contiguous).
-struct ChannelParam {
-  const float* p;
-  bool varies;
-  fVec vec(int64_t j) const { return varies ? fVec::loadu(p + j) : fVec(*p); }
-  float scalar(int64_t j) const { return varies ? p[j] : *p; }
-};
-
 // out[k][i] = math(in[0][i], ..., param[0][c(i)], ...)[k] for every element i of the activation.
 // `math(std::array<V, kIn>, std::array<V, kParam>) -> std::array<V, kOut>`, V in {float, fVec}.
 template <size_t kIn, size_t kParam, size_t kOut, typename T, typename Math>
 void channel_map(const Runs& g, std::array<const T*, kIn> in, std::array<const float*, kParam> params,
                  std::array<T*, kOut> out, const Math& math) {
+  // one run [base, base + run_len); param(k, j) gives param k at position j as a vector or a scalar
+  const auto map_run = [&](int64_t base, const auto& param_vec, const auto& param_scalar) {
+    int64_t j = 0;
+    for (; j + kVec <= g.run_len; j += kVec) {
+      std::array<fVec, kIn> xs;
+      std::array<fVec, kParam> cs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+      for (size_t k = 0; k < kParam; ++k) cs[k] = param_vec(k, j);
+      const std::array<fVec, kOut> ys = math(xs, cs);
+      for (size_t k = 0; k < kOut; ++k) store_f(out[k] + base + j, ys[k]);
+    }
+    for (; j < g.run_len; ++j) {
+      std::array<float, kIn> xs;
+      std::array<float, kParam> cs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
+      for (size_t k = 0; k < kParam; ++k) cs[k] = param_scalar(k, j);
+      const std::array<float, kOut> ys = math(xs, cs);
+      for (size_t k = 0; k < kOut; ++k) out[k][base + j] = static_cast<T>(ys[k]);
+    }
+  };
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.run_len, 1));
   at::parallel_for(0, g.num_runs, grain, [&](int64_t run_begin, int64_t run_end) {
     for (int64_t run = run_begin; run < run_end; ++run) {
-      const int64_t base = run * g.run_len;
-      std::array<ChannelParam, kParam> ps;
-      for (size_t k = 0; k < kParam; ++k) {
-        ps[k] = g.channels_last ? ChannelParam{params[k], true} : ChannelParam{params[k] + g.channel_of_run(run), false};
-      }
-      int64_t j = 0;
-      for (; j + kVec <= g.run_len; j += kVec) {
-        std::array<fVec, kIn> xs;
-        std::array<fVec, kParam> cs;
-        for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
-        for (size_t k = 0; k < kParam; ++k) cs[k] = ps[k].vec(j);
-        const std::array<fVec, kOut> ys = math(xs, cs);
-        for (size_t k = 0; k < kOut; ++k) store_f(out[k] + base + j, ys[k]);
-      }
-      for (; j < g.run_len; ++j) {
-        std::array<float, kIn> xs;
-        std::array<float, kParam> cs;
-        for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
-        for (size_t k = 0; k < kParam; ++k) cs[k] = ps[k].scalar(j);
-        const std::array<float, kOut> ys = math(xs, cs);
-        for (size_t k = 0; k < kOut; ++k) out[k][base + j] = static_cast<T>(ys[k]);
+      if (g.channels_last) {  // the channel varies along the row: params load alongside the data
+        map_run(run * g.run_len, [&](size_t k, int64_t j) { return fVec::loadu(params[k] + j); },
+                [&](size_t k, int64_t j) { return params[k][j]; });
+      } else {  // one channel per plane: params broadcast once
+        const int64_t c = g.channel_of_run(run);
+        std::array<fVec, kParam> cv;
+        for (size_t k = 0; k < kParam; ++k) cv[k] = fVec(params[k][c]);
+        map_run(run * g.run_len, [&](size_t k, int64_t) { return cv[k]; }, [&](size_t k, int64_t) { return params[k][c]; });
       }
     }
   });
@@ -149,14 +150,18 @@ struct Chunks {
                            : std::min(len, g.run_len - (chunk % per_plane) * len);
   }
   int64_t first_channel(int64_t chunk) const { return g.channels_last ? 0 : g.channel_of_run(chunk / per_plane); }
-  // f(chunk, slot) for every chunk covering channel c, in a fixed order; slot = chunk * width + (c - first)
+  // f(chunk, c, slot) for every chunk covering each channel c in [c0, c1), each channel's chunks in a
+  // fixed order (deterministic sums); slot = chunk * width + (c - first channel). channels_last walks
+  // chunk by chunk, so that the partials of [c0, c1) are read as contiguous runs.
   template <typename F>
-  void for_each_chunk_of(int64_t c, const F& f) const {
+  void for_each_chunk_of(int64_t c0, int64_t c1, const F& f) const {
     if (g.channels_last) {
-      for (int64_t k = 0; k < count; ++k) f(k, k * width + c);
+      for (int64_t k = 0; k < count; ++k)
+        for (int64_t c = c0; c < c1; ++c) f(k, c, k * width + c);
     } else {
-      for (int64_t plane = c; plane < g.num_runs; plane += g.C)
-        for (int64_t s = 0; s < per_plane; ++s) f(plane * per_plane + s, plane * per_plane + s);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t plane = c; plane < g.num_runs; plane += g.C)
+          for (int64_t s = 0; s < per_plane; ++s) f(plane * per_plane + s, c, plane * per_plane + s);
     }
   }
 };
@@ -169,12 +174,33 @@ void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, s
                 std::array<double*, kAcc> acc, const Math& math) {
   const Runs& g = ch.g;
   if (g.channels_last) {
-    // rows [r0, r1) of C channels; acc vectors run along the channels
+    // rows [r0, r1) of C channels. Blocks of kBlock channels: the block's sums stay in registers while
+    // the rows stream by (a row's block is one cache line of fp32); leftover channels go row by row.
+    constexpr int64_t kUnroll = kIn + kAcc > 3 ? 2 : 4, kBlock = kUnroll * kDVec;  // within 16 vector registers
     const int64_t r0 = chunk * ch.len, r1 = std::min(g.num_runs, r0 + ch.len);
-    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k], acc[k] + g.C, 0.0);
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t j0 = 0;
+    for (; j0 + kBlock <= g.C; j0 += kBlock) {
+      std::array<std::array<dVec, kUnroll>, kAcc> sums;
+      std::array<std::array<dVec, kParam>, kUnroll> cs;
+      for (size_t k = 0; k < kAcc; ++k) sums[k].fill(dVec(0.0));
+      for (int64_t u = 0; u < kUnroll; ++u)
+        for (size_t k = 0; k < kParam; ++k) cs[u][k] = dVec::loadu(params[k] + j0 + u * kDVec);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * g.C + j0;
+        for (int64_t u = 0; u < kUnroll; ++u) {
+          std::array<dVec, kIn> xs;
+          for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + u * kDVec);
+          const std::array<dVec, kAcc> t = math(xs, cs[u]);
+          for (size_t k = 0; k < kAcc; ++k) sums[k][u] = sums[k][u] + t[k];
+        }
+      }
+      for (size_t k = 0; k < kAcc; ++k)
+        for (int64_t u = 0; u < kUnroll; ++u) sums[k][u].store(acc[k] + j0 + u * kDVec);
+    }
+    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k] + j0, acc[k] + g.C, 0.0);
+    for (int64_t r = r0; r < r1 && j0 < g.C; ++r) {
       const int64_t base = r * g.C;
-      int64_t j = 0;
+      int64_t j = j0;
       for (; j + kDVec <= g.C; j += kDVec) {
         std::array<dVec, kIn> xs;
         std::array<dVec, kParam> cs;
