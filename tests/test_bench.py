@@ -49,6 +49,9 @@ def test_conv_flops_and_shapes():
     assert stem.out_hw == 112 and stem.flops(2) == 2 * 2 * 112 * 112 * 64 * 3 * 49
 
 
+FLOPS_OF = {s.name: s.flops(1) for s in RESNET50_CONVS}  # batch 1, forward
+
+
 def test_quick_run_writes_results(tmp_path, capsys):
     bench.main(["--quick", "--batch", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
@@ -63,6 +66,7 @@ def test_quick_run_writes_results(tmp_path, capsys):
             assert abs(r["gbps"] - r["bytes"] / r["median_ms"] / 1e6) < 1e-6 * r["gbps"]
         if r["suite"] == "convs":
             assert abs(r["tflops"] - r["flops"] / r["median_ms"] / 1e9) < 1e-6 * r["tflops"] and r["matmul_tflops"] > 0
+            assert r["flops"] == {"inference": 1, "training fwd": 1, "training": 3}[r["mode"]] * FLOPS_OF[r["case"]]
         if r["suite"] == "models":
             assert abs(r["images_per_s"] - 1 / r["median_ms"] * 1e3) < 1e-6 * r["images_per_s"]
     assert {(r["provider"], r["mode"]) for r in rows if r["suite"] == "blocks"} >= {("eager", "inference"), ("fused-cpu", "training")}

@@ -2,8 +2,9 @@
 eager modules vs the fused call (and torch.compile where asked), in achieved TFLOP/s against a large
 matmul measured in the same run, next to the time of the convolution alone (cuDNN / oneDNN).
 
-FLOPs are the convolution's: 2 * N * Hout * Wout * Cout * Cin * KH * KW (BN, add and ReLU are
-memory-bound and not counted).
+FLOPs are the convolution's: 2 * N * Hout * Wout * Cout * Cin * KH * KW for a forward, three times
+that for "training" (forward, input gradient, weight gradient); BN, add and ReLU are memory-bound
+and not counted.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def _call(shape: ConvShape, forward: Callable, mode: str, batch: int, device, dt
     return train
 
 
-def matmul_tflops(dtype: torch.dtype, device: torch.device, quick: bool) -> float:
+def matmul_tflops(dtype: torch.dtype, device: torch.device) -> float:
     """The compute ceiling: TFLOP/s of one large square matmul in `dtype`, timed like the convs."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -139,7 +140,7 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
     names = providers(device, compile_modes)
     rows = []
     for dtype in dtypes:
-        ceiling = matmul_tflops(dtype, device, quick)
+        ceiling = matmul_tflops(dtype, device)
         for shape in shapes:
             nbytes = 2 * batch * shape.cin * shape.hw**2 * torch.finfo(dtype).bits // 8
             copies = copies_exceeding_l2(nbytes, device)
@@ -154,11 +155,12 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
                 eager_ms = timings["eager"].median_ms
                 for p in names:
                     t = timings[p]
-                    tflops = shape.flops(batch) / t.median_ms / 1e9
+                    flops = shape.flops(batch) * (3 if mode == "training" else 1)  # + dgrad + wgrad
+                    tflops = flops / t.median_ms / 1e9
                     rows.append(dict(
                         suite="convs", case=shape.name, shape=shape.label(batch), dtype=str(dtype).removeprefix("torch."),
                         mode=mode, provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                        flops=shape.flops(batch), tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
+                        flops=flops, tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
                         speedup_vs_eager=eager_ms / t.median_ms,
                     ))
                     progress()
