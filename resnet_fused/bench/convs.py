@@ -1,6 +1,7 @@
 """The `convs` suite: every distinct conv -> BN (-> + residual) (-> ReLU) of torchvision's ResNet-50,
 eager modules vs the fused call (and torch.compile where asked), in achieved TFLOP/s against a large
-matmul measured in the same run, next to the time of the convolution alone (cuDNN / oneDNN).
+matmul measured in the same run (on the CPU in the same alternating rounds as each case, since the
+machine's speed drifts), next to the time of the convolution alone (cuDNN / oneDNN).
 
 FLOPs are the convolution's: 2 * N * Hout * Wout * Cout * Cin * KH * KW for a forward, three times
 that for "training" (forward, input gradient, weight gradient); BN, add and ReLU are memory-bound
@@ -128,19 +129,20 @@ def _call(shape: ConvShape, forward: Callable, mode: str, batch: int, device, dt
     return train
 
 
-def matmul_tflops(dtype: torch.dtype, device: torch.device) -> float:
-    """The compute ceiling: TFLOP/s of one large square matmul in `dtype`, timed like the convs."""
-    n = 8192 if device.type == "cuda" else 2048
+def _matmul(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], int]:
+    """The compute ceiling's workload: one large square matmul in `dtype`, and its FLOPs."""
+    n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    t = time_cuda([lambda: a @ b]) if device.type == "cuda" else time_cpu_interleaved({"mm": lambda: a @ b}, 0.5)["mm"]
-    return 2 * n**3 / t.median_ms / 1e9
+    return (lambda: a @ b), 2 * n**3
 
 
 def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, quick: bool, progress) -> list[dict]:
     names = providers(device, compile_modes)
     rows = []
     for dtype in dtypes:
-        ceiling = matmul_tflops(dtype, device)
+        matmul, matmul_flops = _matmul(dtype, device)
+        if device.type == "cuda":  # clocks are steady: one measurement per dtype
+            ceiling_ms = time_cuda([matmul]).median_ms
         for shape in shapes:
             nbytes = 2 * batch * shape.cin * shape.hw**2 * torch.finfo(dtype).bits // 8
             copies = copies_exceeding_l2(nbytes, device)
@@ -149,9 +151,11 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
                 if device.type == "cuda":  # inputs rotated past L2
                     timings = {p: time_cuda([_call(shape, f, mode, batch, device, dtype) for _ in range(copies)])
                                for p, f in forwards.items()}
-                else:  # alternating rounds: see time_cpu_interleaved
-                    timings = time_cpu_interleaved({p: _call(shape, f, mode, batch, device, dtype) for p, f in forwards.items()},
-                                                   0.5 if quick else 2.0)
+                else:  # alternating rounds (see time_cpu_interleaved), the matmul ceiling in the same rounds
+                    calls = {p: _call(shape, f, mode, batch, device, dtype) for p, f in forwards.items()}
+                    timings = time_cpu_interleaved({**calls, "matmul": matmul}, 0.5 if quick else 2.0)
+                    ceiling_ms = timings["matmul"].median_ms
+                ceiling = matmul_flops / ceiling_ms / 1e9
                 eager_ms = timings["eager"].median_ms
                 for p in names:
                     t = timings[p]
