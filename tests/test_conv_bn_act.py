@@ -20,6 +20,13 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def onednn_at_every_size(monkeypatch):
+    """The CPU inference path under test is oneDNN's fused convolution, which production uses only
+    above a size (its fixed cost per call); these tests' shapes are small."""
+    monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)
+
+
 def eager(x, w, cb, rm, rv, bw, bb, stride, padding, dilation, training, residual, relu):
     y = F.batch_norm(F.conv2d(x, w, cb, stride, padding, dilation), rm, rv, bw, bb, training, 0.1, 1e-5)
     y = y + residual if residual is not None else y
@@ -118,3 +125,17 @@ def test_conv_act_prepacked_weight_equals_plain(geometry):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, fp32, without gradients"):
         functional.conv_act(x.requires_grad_(), packed, b, s, p, d)
+
+
+def test_small_convs_skip_onednn(monkeypatch):
+    """Below _ONEDNN_MIN_OUTPUT outputs the aten conv + fused add-ReLU runs (oneDNN's fused call has a
+    fixed cost that dominates there); same values either way."""
+    x, w, b = activation((1, 8, 4, 4), torch.float32, torch.channels_last), torch.randn(8, 8, 3, 3) / 8, torch.randn(8)
+    r = activation((1, 8, 4, 4), torch.float32, torch.channels_last)
+    with torch.no_grad():
+        monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 1 << 13)
+        assert not functional.onednn_inference(x, w, r)
+        small = functional.conv_act(x, w, b, 1, 1, 1, 1, r)
+        monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)
+        assert functional.onednn_inference(x, w, r) == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(small, functional.conv_act(x, w, b, 1, 1, 1, 1, r), rtol=1e-5, atol=1e-5)

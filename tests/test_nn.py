@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from helpers import CL, NCHW, FORMATS, assert_within_eager_error
-from resnet_fused import models
+from resnet_fused import functional, models
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, FusedInstanceNormResBlock, ShortcutA, make_shortcut
 
 TV = torchvision.models.resnet
@@ -144,7 +144,11 @@ def test_other_norms_fall_back_to_a_correct_path():
     torch.testing.assert_close(ours(x), tv(x))
 
 
-def test_eval_fold_cache_follows_parameter_and_buffer_changes():
+def test_eval_fold_cache_follows_parameter_and_buffer_changes(monkeypatch):
+    monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)  # CPU: the prepacked oneDNN weights at this small size too
+    packs = []
+    prepack = functional.prepack_conv_weight
+    monkeypatch.setattr(functional, "prepack_conv_weight", lambda *a: packs.append(a[-1]) or prepack(*a))
     block = randomize_bn(FusedBasicBlock(8, 8)).eval()
     eager = copy.deepcopy(block)
     eager.__class__ = TV.BasicBlock
@@ -157,8 +161,12 @@ def test_eval_fold_cache_follows_parameter_and_buffer_changes():
             assert_within_eager_error(block(x), eager(x), exact, what, factor=3.0)
 
     check("first call")
+    check("second call")
+    onednn = torch.backends.mkldnn.is_available()
+    assert len(packs) == (2 if onednn else 0), "each conv's folded weight prepacked once, then cached"
     x = torch.randn(3, 8, 6, 6)  # CPU: the folded weights are prepacked for oneDNN per input shape
     check("another batch size")
+    assert len(packs) == (4 if onednn else 0) and packs[-1] == x.shape
     with torch.no_grad():
         block.bn1.running_var.mul_(2.0)  # in place, like a training step's update
         eager.bn1.running_var.mul_(2.0)
