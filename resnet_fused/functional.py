@@ -23,7 +23,8 @@ from torch import Tensor
 from resnet_fused import backends
 from resnet_fused.reference import _memory_format, _stat_dtype  # the layout and statistics dtype rules, defined once
 
-__all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn"]
+__all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn", "onednn_inference",
+           "prepack_conv_weight"]
 
 
 def _per_channel_empty(x: Tensor) -> Tensor:
@@ -432,9 +433,11 @@ def _conv2d_stats(
 @_conv2d_stats.register_fake
 def _(input, weight, stride, padding, dilation, groups, backend, input_mean=None, input_var=None, input_weight=None,
       input_bias=None, input_eps=1e-5):
-    out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation))
-    if (backend == "triton" and groups == 1) or _memory_format(input) == torch.channels_last:
+    if backend == "triton" and groups == 1:  # the implicit-GEMM conv writes NHWC
+        out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation))
         out = out.contiguous(memory_format=torch.channels_last)
+    else:  # aten's conv on the (prologue's, same-layout) input: its own layout rule (input's or weight's)
+        out = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
     return out, _per_channel_empty(out), _per_channel_empty(out)
 
 
@@ -586,6 +589,10 @@ def conv_bn_defer(
     """
     fn = "conv_bn_defer"
     _check_conv(input, conv_weight, groups, fn)
+    if momentum is None:
+        raise TypeError(f"resnet_fused.{fn}: momentum=None is nn.BatchNorm2d's cumulative average: pass 1 / num_batches_tracked")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"resnet_fused.{fn}: give both running_mean and running_var, or neither")
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
     _check_input_bn(input_bn, input, fn)
@@ -714,11 +721,12 @@ def conv_act(
     one pass after the convolution. ``weight`` may be prepacked by prepack_conv_weight (CPU inference)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if weight.layout == torch._mkldnn:
-        if not onednn_inference(input, weight, residual, backend):
+        if not _onednn_applies(input, weight, bias, residual, backend):
+            needs_grad = [n for n, t in (("input", input), ("bias", bias), ("residual", residual)) if t is not None and t.requires_grad]
             raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, fp32, without "
-                             f"gradients; got {input.dtype} input on {input.device}, requires_grad={input.requires_grad}")
+                             f"gradients; got {input.dtype} input on {input.device}, requiring grad: {needs_grad or 'none'}")
         return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
-    if onednn_inference(input, weight, residual, backend):
+    if onednn_inference(input, weight, bias, residual, backend):
         return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = _residual_for(residual, y, "conv_act")
@@ -742,21 +750,28 @@ def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, 
 _ONEDNN_MIN_OUTPUT = 1 << 13
 
 
-def onednn_inference(input: Tensor, weight: Tensor, residual: Tensor | None = None, backend: str | None = None) -> bool:
-    """Whether conv_act runs oneDNN's convolution with post-ops here (and can take a prepacked weight).
+def onednn_inference(input: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+                     backend: str | None = None) -> bool:
+    """Whether conv_act runs oneDNN's convolution with post-ops here (and so can use a prepacked weight).
     CPU inference: oneDNN's convolution takes the bias, the residual add and the ReLU as post-ops
-    (what Inductor's CPU backend emits), so the conv output is written once. Not differentiable:
-    only where no gradient is needed."""
+    (what Inductor's CPU backend emits), so the conv output is written once; used where it can run
+    (_onednn_applies) and pays (at least _ONEDNN_MIN_OUTPUT outputs)."""
+    return (input.numel() // max(input.shape[1], 1) * weight.shape[0] >= _ONEDNN_MIN_OUTPUT
+            and _onednn_applies(input, weight, bias, residual, backend))
+
+
+def _onednn_applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:
+    """oneDNN's fused convolution computes conv_act here: CPU, fp32, and no gradient needed (it is not
+    differentiable)."""
     return (
         input.device.type == "cpu"
-        and input.numel() // max(input.shape[1], 1) * weight.shape[0] >= _ONEDNN_MIN_OUTPUT
         and backends.resolve(backend, input) == "cpu"
         and torch.backends.mkldnn.is_available()
         and input.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16 / AVX-NE-CONVERT
         and weight.dtype == input.dtype
         and (residual is None or residual.dtype == input.dtype)
         and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)))
     )
 
 

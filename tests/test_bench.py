@@ -52,6 +52,16 @@ def test_conv_flops_and_shapes():
 FLOPS_OF = {s.name: s.flops(1) for s in RESNET50_CONVS}  # batch 1, forward
 
 
+def test_convs_suite_counts_training_flops_three_times():
+    from resnet_fused.bench import convs
+
+    shape = ConvShape("tiny", 4, 6, 8, 3)
+    rows = convs.run([shape], 1, [torch.float32], convs.MODES, torch.device("cpu"), [], True, progress=lambda: None)
+    assert {r["mode"] for r in rows} == set(convs.MODES)
+    for r in rows:  # forward; training adds the input and the weight gradients, each a forward's worth
+        assert r["flops"] == (3 if r["mode"] == "training" else 1) * shape.flops(1) == (3 if r["mode"] == "training" else 1) * 2 * 36 * 8 * 4 * 9
+
+
 def test_quick_run_writes_results(tmp_path, capsys):
     bench.main(["--quick", "--batch", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())

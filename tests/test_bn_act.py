@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from helpers import DTYPES, FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton, is_layout
 from resnet_fused import backends, functional, reference
 
-# N=1, C=3, 7x7, H=W=1, non-powers of two, one larger ResNet-like shape
-SHAPES = [(2, 5, 3, 3), (1, 3, 7, 7), (3, 6, 1, 1), (4, 16, 8, 8), (2, 64, 14, 14)]
+# N=1, C=3, 7x7, H=W=1, non-powers of two, one larger ResNet-like shape; C=20 and 70: channels_last
+# reductions take register blocks of 8 or 16 channels, then a tail of 4 or 6
+SHAPES = [(2, 5, 3, 3), (1, 3, 7, 7), (3, 6, 1, 1), (4, 16, 8, 8), (2, 64, 14, 14), (3, 20, 5, 7), (2, 70, 6, 6)]
 TRITON_SHAPES = [(2, 5, 3, 3), (1, 3, 7, 7)]  # the interpreter is slow
 
 

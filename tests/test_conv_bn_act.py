@@ -123,8 +123,35 @@ def test_conv_act_prepacked_weight_equals_plain(geometry):
             got = functional.conv_act(x, packed, b, s, p, d, 1, residual, relu)
             expected = functional.conv_act(x, w, b, s, p, d, 1, residual, relu)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, fp32, without gradients"):
+    with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, fp32, without gradients; "
+                                         r"got torch.float32 input on cpu, requiring grad: \['residual'\]"):
+        functional.conv_act(x, packed, b, s, p, d, 1, r.clone().requires_grad_())
+    with pytest.raises(ValueError, match=r"requiring grad: \['input'\]"):
         functional.conv_act(x.requires_grad_(), packed, b, s, p, d)
+
+
+def test_onednn_never_drops_gradients(monkeypatch):
+    """oneDNN's fused call is not differentiable: any argument needing a gradient takes the aten path."""
+    x, w = activation((2, 4, 6, 6), torch.float32, torch.channels_last), torch.randn(4, 4, 3, 3) / 6
+    b, r = torch.randn(4), activation((2, 4, 6, 6), torch.float32, torch.channels_last)
+    assert functional.onednn_inference(x, w, b, r) == torch.backends.mkldnn.is_available()
+    for grad_of in ("bias", "residual"):
+        bb, rr = b.clone().requires_grad_(grad_of == "bias"), r.clone().requires_grad_(grad_of == "residual")
+        assert not functional.onednn_inference(x, w, bb, rr)
+        out = functional.conv_act(x, w, bb, 1, 1, 1, 1, rr)
+        out.sum().backward()
+        assert (bb.grad if grad_of == "bias" else rr.grad) is not None, grad_of
+
+
+def test_prepacked_weight_runs_below_the_size_threshold(monkeypatch):
+    """A weight someone prepacked is used at any size (the threshold decides only whether to prepack)."""
+    monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 1 << 13)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("needs oneDNN")
+    x, w, b = activation((1, 8, 4, 4), torch.float32, torch.channels_last), torch.randn(8, 8, 3, 3) / 8, torch.randn(8)
+    with torch.no_grad():
+        got = functional.conv_act(x, functional.prepack_conv_weight(w, 1, 1, 1, 1, x.shape), b, 1, 1)
+        torch.testing.assert_close(got, torch.relu(F.conv2d(x, w, b, 1, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_small_convs_skip_onednn(monkeypatch):
@@ -134,8 +161,8 @@ def test_small_convs_skip_onednn(monkeypatch):
     r = activation((1, 8, 4, 4), torch.float32, torch.channels_last)
     with torch.no_grad():
         monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 1 << 13)
-        assert not functional.onednn_inference(x, w, r)
+        assert not functional.onednn_inference(x, w, b, r)
         small = functional.conv_act(x, w, b, 1, 1, 1, 1, r)
         monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)
-        assert functional.onednn_inference(x, w, r) == torch.backends.mkldnn.is_available()
+        assert functional.onednn_inference(x, w, b, r) == torch.backends.mkldnn.is_available()
         torch.testing.assert_close(small, functional.conv_act(x, w, b, 1, 1, 1, 1, r), rtol=1e-5, atol=1e-5)

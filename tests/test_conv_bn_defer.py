@@ -173,11 +173,15 @@ def test_deferred_input_falls_back_exactly(case):
     y, d = functional.conv_bn_defer(x, w1, None, None, None, None, 1, 1)
     a = torch.relu(F.batch_norm(F.conv2d(x, w1, None, 1, 1), None, None, None, None, True))
     bias, training = (b2, True) if case == "conv bias" else (None, case != "eval")
+    stats_got, stats_expected = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        got = functional.conv_bn_act(y, w2, bias, rm.clone(), rv.clone(), None, None, 1, 1, training=training, input_bn=d)
-        expected = torch.relu(F.batch_norm(F.conv2d(a, w2, bias, 1, 1), rm.clone(), rv.clone(), None, None, training))
+        got = functional.conv_bn_act(y, w2, bias, *stats_got, None, None, 1, 1, training=training, input_bn=d)
+        expected = torch.relu(F.batch_norm(F.conv2d(a, w2, bias, 1, 1), *stats_expected, None, None, training))
     assert got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected, **({} if case != "autocast" else dict(atol=0.05, rtol=0.05)))
+    tol = {} if case != "autocast" else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(got, expected, **tol)
+    for g, e in zip(stats_got, stats_expected):  # training: the conv bias moves running_mean only
+        torch.testing.assert_close(g, e, **tol)
 
 
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
@@ -193,15 +197,18 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     eager = (torchvision.models.resnet.BasicBlock(6, 6) if block == "basic"
              else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)
     fused = resnet_fused.fuse_(copy.deepcopy(eager), backend="triton")
+    exact_model = copy.deepcopy(eager).double()  # before any step: all three start from the same buffers
     x = activation((2, 6 if block == "basic" else 8, 5, 5), torch.float32, torch.channels_last, device)
     grad = activation(x.shape, torch.float32, torch.channels_last, device)
     got = results_of(fused, x, grad)
     ref = results_of(eager, x, grad)
-    exact = results_of(copy.deepcopy(eager).double(), x.double(), grad.double())
+    exact = results_of(exact_model, x.double(), grad.double())
     # every conv runs as conv_bn_defer (the last inside conv_bn_act); all but the first apply a deferred BN + ReLU
     assert len(calls) == (2 if block == "basic" else 3) and calls[0] is None and all(c is not None for c in calls[1:])
     for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), got, ref, exact):
         assert_within_eager_error(a, e, x64, f"{block} {name}", norm="fro")
+    counters = [[b.item() for b in m.buffers() if not b.is_floating_point()] for m in (fused, eager)]
+    assert counters[0] == counters[1] == [1] * len(counters[0]), "num_batches_tracked: once per BN per step"
 
 
 def results_of(model, x, grad):

@@ -40,6 +40,9 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    if args.cuda_graphs and args.compile:
+        raise SystemExit("--cuda-graphs with --compile: torch.compile makes its own CUDA graphs (mode='max-autotune'), "
+                         "which cannot be captured inside ours; run them separately")
     device = torch.device(args.device)
     timing.use_cuda_graphs(args.cuda_graphs and device.type == "cuda")
     gpu = device.type == "cuda"

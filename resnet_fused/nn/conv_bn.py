@@ -53,7 +53,7 @@ def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, resi
         torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
     ):
         weight, bias = cache.get(name, conv, bn)
-        if functional.onednn_inference(x, weight, residual, backend):  # CPU: reordered for oneDNN once, not per call
+        if functional.onednn_inference(x, weight, bias, residual, backend):  # CPU: reordered for oneDNN once, not per call
             weight = cache.prepacked(name, x.shape, lambda: functional.prepack_conv_weight(
                 weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
         return functional.conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu,
