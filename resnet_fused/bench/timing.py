@@ -1,5 +1,6 @@
-"""Timing that a kernel engineer trusts: medians after warm-up, CUDA events on the GPU,
-torch.utils.benchmark on the CPU, and inputs rotated so the working set exceeds the cache."""
+"""Timing that a kernel engineer trusts: medians after warm-up; CUDA events on the GPU (optionally
+CUDA graph replays), inputs rotated so the working set exceeds L2; on the CPU, providers timed in
+alternating rounds (the machine's speed drifts), and torch.utils.benchmark for single workloads."""
 
 from __future__ import annotations
 
