@@ -350,10 +350,7 @@ def bn_act(
         _check_channel_vector(v, input.shape[1], input.device, fn, name, f"input {tuple(input.shape)}")
     if residual is not None:
         _check_like(residual, input, fn, "residual")
-    if momentum is None:
-        raise TypeError(f"resnet_fused.{fn}: momentum=None is nn.BatchNorm2d's cumulative average: pass 1 / num_batches_tracked")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"resnet_fused.{fn}: give both running_mean and running_var, or neither")
+    _check_running_args(running_mean, running_var, momentum, fn)
     name = backends.resolve(backend, input)
 
     if not training:
@@ -373,6 +370,13 @@ def bn_act(
     out, mean, var = _bn_act_train(input, weight, bias, residual, eps, relu, name)
     _update_running_stats(running_mean, running_var, mean, var, input.numel() // max(input.shape[1], 1), momentum)
     return out
+
+
+def _check_running_args(running_mean: Tensor | None, running_var: Tensor | None, momentum, fn: str) -> None:
+    if momentum is None:
+        raise TypeError(f"resnet_fused.{fn}: momentum=None is nn.BatchNorm2d's cumulative average: pass 1 / num_batches_tracked")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"resnet_fused.{fn}: give both running_mean and running_var, or neither")
 
 
 def _check_batch(input: Tensor, fn: str) -> None:
@@ -589,10 +593,7 @@ def conv_bn_defer(
     """
     fn = "conv_bn_defer"
     _check_conv(input, conv_weight, groups, fn)
-    if momentum is None:
-        raise TypeError(f"resnet_fused.{fn}: momentum=None is nn.BatchNorm2d's cumulative average: pass 1 / num_batches_tracked")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"resnet_fused.{fn}: give both running_mean and running_var, or neither")
+    _check_running_args(running_mean, running_var, momentum, fn)
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         _check_channel_vector(v, conv_weight.shape[0], input.device, fn, name, f"conv_weight {tuple(conv_weight.shape)}")
     _check_input_bn(input_bn, input, fn)
@@ -652,31 +653,25 @@ def conv_bn_act(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     name = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
+    triton_conv = name == "triton" and groups == 1 and process_group is None and not autocast  # the implicit-GEMM conv
+    if use_batch_stats and _prologue_fusable(input, conv_bias, process_group) and (input_bn is not None or triton_conv):
+        # conv2d_stats (Triton: the statistics in the epilogue, input_bn in the prologue), then one fused
+        # normalize + add + ReLU pass; the residual is checked first, before any running statistic moves
+        _check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
+        y, bn = conv_bn_defer(input, conv_weight, running_mean, running_var, bn_weight, bn_bias, stride, padding,
+                              dilation, groups, momentum, eps, input_bn=input_bn, backend=name)
+        return _bn_act_train(y, bn_weight, bn_bias, residual, eps, relu, name, bn.mean, bn.var)[0]
     if input_bn is not None:
-        if use_batch_stats and _prologue_fusable(input, conv_bias, process_group):
-            y, bn = conv_bn_defer(input, conv_weight, running_mean, running_var, bn_weight, bn_bias, stride, padding,
-                                  dilation, groups, momentum, eps, input_bn=input_bn, backend=name)
-            out, _, _ = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, bn.mean, bn.var)
-            return out
         input = _materialize(input, input_bn, name)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
-    if name == "triton" and groups == 1 and process_group is None and not autocast:  # the fused implicit-GEMM conv
-        if use_batch_stats and conv_bias is None:  # the epilogue takes the statistics
-            y, mean, var = _conv2d_stats(input, conv_weight, list(stride), list(padding), list(dilation), 1, name)
-            _check_batch(y, fn)
-            out, mean, var = _bn_act_train(y, bn_weight, bn_bias, _residual_for(residual, y, fn), eps, relu, name, mean, var)
-            _update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
-            return out
-        if not use_batch_stats and not needs_grad:  # BN, residual and ReLU in the epilogue
-            # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
-            scale, shift = _scale_shift(running_mean - (conv_bias if conv_bias is not None else 0), running_var, eps,
-                                        bn_weight, bn_bias, _stat_dtype(input))
-            y_shape = _conv_output_shape(input, conv_weight, stride, padding, dilation)
-            if residual is not None:
-                _check_like(residual, input.new_empty(y_shape), fn, "residual")
-            return torch.ops.resnet_fused.triton_conv_bn_act(input, conv_weight, list(stride), list(padding), list(dilation),
-                                                             None, None, False, scale, shift, residual, relu, False)[0]
+    if triton_conv and not use_batch_stats and not needs_grad:  # BN, residual and ReLU in the epilogue
+        # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
+        scale, shift = _scale_shift(running_mean - (conv_bias if conv_bias is not None else 0), running_var, eps,
+                                    bn_weight, bn_bias, _stat_dtype(input))
+        _check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
+        return torch.ops.resnet_fused.triton_conv_bn_act(input, conv_weight, list(stride), list(padding), list(dilation),
+                                                         None, None, False, scale, shift, residual, relu, False)[0]
 
     if use_batch_stats:
         y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
@@ -691,6 +686,12 @@ def conv_bn_act(
                       _residual_for(residual, y, fn), relu, backend=name)
     weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu, backend=name)
+
+
+def _check_residual_of_conv(residual: Tensor | None, input: Tensor, weight: Tensor, stride, padding, dilation, fn: str) -> None:
+    """residual (if any) must match the convolution's output, which is not computed yet."""
+    if residual is not None:
+        _check_like(residual, input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation)), fn, "residual")
 
 
 def _residual_for(residual: Tensor | None, y: Tensor, fn: str) -> Tensor | None:
@@ -779,6 +780,6 @@ def _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, res
     ops, unary = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
     if residual is None:
         return ops(input, weight, bias, padding, stride, dilation, groups, unary, [], "")
-    _check_like(residual, input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation)), "conv_act", "residual")
+    _check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
     return ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, unary if relu else None, [], "")
 
