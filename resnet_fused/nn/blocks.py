@@ -49,6 +49,19 @@ class _FusedBlock(nn.Module):
             and is_plain_batchnorm(getattr(self, f"bn{num_convs}"))
         )
 
+    def _conv_chain(self, x: torch.Tensor, num_convs: int) -> torch.Tensor:
+        """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
+        BN + ReLU to the next conv's loads where _defers says so."""
+        identity = self._identity(x)
+        defer = self._defers(x, num_convs)
+        out, deferred = x, None
+        for i in range(1, num_convs):
+            if defer:
+                out, deferred = self._conv_bn_defer(i, out, deferred)
+            else:
+                out = self._conv_bn(i, out)
+        return self._conv_bn(num_convs, out, residual=identity, input_bn=deferred)
+
     def _identity(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.shortcut:
             return None
@@ -85,12 +98,7 @@ class FusedBasicBlock(_FusedBlock):
         self._init_fused(backend, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = self._identity(x)
-        if self._defers(x, 2):
-            y1, bn1 = self._conv_bn_defer(1, x)
-            return self._conv_bn(2, y1, residual=identity, input_bn=bn1)
-        out = self._conv_bn(1, x)
-        return self._conv_bn(2, out, residual=identity)
+        return self._conv_chain(x, 2)
 
 
 class FusedBottleneck(_FusedBlock):
@@ -117,11 +125,4 @@ class FusedBottleneck(_FusedBlock):
         self._init_fused(backend, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = self._identity(x)
-        if self._defers(x, 3):
-            y1, bn1 = self._conv_bn_defer(1, x)
-            y2, bn2 = self._conv_bn_defer(2, y1, input_bn=bn1)
-            return self._conv_bn(3, y2, residual=identity, input_bn=bn2)
-        out = self._conv_bn(1, x)
-        out = self._conv_bn(2, out)
-        return self._conv_bn(3, out, residual=identity)
+        return self._conv_chain(x, 3)
