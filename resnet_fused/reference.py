@@ -18,6 +18,8 @@ __all__ = [
     "bn_act_backward_reduce",
     "bn_act_backward_elemt",
     "bn_act",
+    "conv2d_stats",
+    "conv_bn_act",
 ]
 
 _CHANNEL = (0, 2, 3)  # reduce over N, H, W
@@ -142,3 +144,52 @@ def bn_act(
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+def conv2d_stats(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    input_mean: torch.Tensor | None = None,
+    input_var: torch.Tensor | None = None,
+    input_weight: torch.Tensor | None = None,
+    input_bias: torch.Tensor | None = None,
+    input_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, biased var of y per channel), y = conv2d(a, weight): a = input, or with input_mean /
+    input_var a = relu(batch_norm(input)) normalized by those (batch) statistics."""
+    a = input
+    if input_mean is not None:  # batch_norm(x) = x * scale + shift, per channel, in the statistics' dtype
+        scale = torch.rsqrt(input_var + input_eps)
+        scale = scale * input_weight.to(scale.dtype) if input_weight is not None else scale
+        shift = -input_mean * scale
+        shift = shift + input_bias.to(shift.dtype) if input_bias is not None else shift
+        a = bn_act_apply(input, scale, shift, None, True)
+    y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    return (y, *bn_stats(y))
+
+
+def conv_bn_act(
+    input: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """act(batch_norm(conv2d(input, ...)) + residual) in eager PyTorch: what the fused convolution replaces."""
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual, relu)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
-from resnet_fused import functional
+from resnet_fused import functional, reference
 
 # (N, Cin, H, Cout, kernel, stride, padding, dilation)
 GEOMETRIES = [
@@ -28,9 +28,7 @@ def onednn_at_every_size(monkeypatch):
 
 
 def eager(x, w, cb, rm, rv, bw, bb, stride, padding, dilation, training, residual, relu):
-    y = F.batch_norm(F.conv2d(x, w, cb, stride, padding, dilation), rm, rv, bw, bb, training, 0.1, 1e-5)
-    y = y + residual if residual is not None else y
-    return torch.relu(y) if relu else y
+    return reference.conv_bn_act(x, w, cb, rm, rv, bw, bb, stride, padding, dilation, 1, training, 0.1, 1e-5, residual, relu)
 
 
 def run(fn, tensors, geometry, training, relu, cast=None, grad=None, **kw):

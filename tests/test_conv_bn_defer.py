@@ -12,7 +12,7 @@ import torchvision
 
 import resnet_fused
 from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
-from resnet_fused import functional
+from resnet_fused import functional, reference
 
 OPS = torch.ops.resnet_fused
 
@@ -129,6 +129,20 @@ def _conv2d_stats_cases(backend):
         yield (x, leaf(6, 4, 3, 3, scale=0.2), [2, 2], [1, 1], [1, 1], 1, backend, mean, var, bw, bb, 1e-3)
         yield (x, leaf(6, 4, 1, 1, scale=0.5), [1, 1], [0, 0], [1, 1], 1, backend, mean, var, None, None, 1e-5)
         yield (x, leaf(6, 2, 3, 3, scale=0.2), [1, 1], [1, 1], [1, 1], 2, backend, mean, var, bw, bb, 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_conv2d_stats_matches_reference(backend):
+    """The op's forward (y, mean, var) against reference.conv2d_stats in fp32 and in float64, every case."""
+    for args in _conv2d_stats_cases(backend):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        geometry, prologue = args[2:6], args[7:]
+        got = OPS.conv2d_stats(*args)
+        ref = reference.conv2d_stats(*args[:2], *geometry, *prologue)
+        x64 = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+        exact = reference.conv2d_stats(*x64[:2], *geometry, *x64[7:])
+        for name, a, e, c in zip(("y", "mean", "var"), got, ref, exact):
+            assert_within_eager_error(a, e, c, f"{backend} groups={args[5]} prologue={bool(prologue)} {name}")
 
 
 @pytest.mark.parametrize("backend", backend_params())
