@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build, test, sanitize, benchmark; everything lands in OUTDIR.
 #
-#   benchmarks/gpu_check.sh [all|build|test|sanitize|bench|quick] OUTDIR
+#   benchmarks/gpu_check.sh [all|build|test|sanitize|bench|quick|verify] OUTDIR [pytest arguments]
 #
 # Each stage also runs alone, so the whole check fits in a few commands of at most 10 minutes each
-# (all = build test sanitize bench; quick = build, the tests, then a --quick benchmark).
+# (all = build test sanitize bench; quick = build, the tests, then a --quick benchmark). `test` takes
+# pytest arguments after OUTDIR to run one part (e.g. tests/test_cuda.py). `verify` (no GPU needed)
+# only checks that OUTDIR fits what a remote machine sends back; every other stage ends with it.
 # OUTDIR receives at most 8 files, each under 16 MB (a remote machine sends back no more):
 #   summary.txt  build.log  test.log  junit.xml  sanitize.log  bench.log  results.csv  results.json
 # Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage),
 # PYTEST_WORKERS (default 8; the GPU is shared between them), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
 
-usage() { echo "usage: $0 [all|build|test|sanitize|bench|quick] OUTDIR" >&2; exit 2; }
+MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
+usage() { echo "usage: $0 [all|build|test|sanitize|bench|quick|verify] OUTDIR [pytest arguments]" >&2; exit 2; }
 [[ $# -eq 1 ]] && set -- all "$1"
-[[ $# -eq 2 ]] || usage
+[[ $# -ge 2 ]] || usage
 stage=$1 out=$2
-case $stage in all|build|test|sanitize|bench|quick) ;; *) usage ;; esac
+shift 2
+case $stage in all|build|test|sanitize|bench|quick|verify) ;; *) usage ;; esac
+[[ $# -eq 0 || $stage == test ]] || usage
+
+# OUTDIR must come back whole: at most MAX_FILES plain files, no folders, none over MAX_BYTES
+# (a log over the limit keeps its last MAX_BYTES).
+verify_out() {
+    local f n=0 rc=0
+    for f in "$1"/* "$1"/.[!.]*; do
+        [[ -e $f ]] || continue
+        if [[ ! -f $f || -L $f ]]; then echo "gpu_check: $f is not a plain file; it would not come back" >&2; rc=1; continue; fi
+        n=$((n + 1))
+        if (( $(stat -c %s "$f") > MAX_BYTES )); then
+            tail -c "$MAX_BYTES" "$f" >"$f.tail" && mv "$f.tail" "$f"
+            echo "gpu_check: $f truncated to its last $MAX_BYTES bytes" >&2
+        fi
+    done
+    if (( n > MAX_FILES )); then echo "gpu_check: $1 holds $n files, more than the $MAX_FILES that come back" >&2; rc=1; fi
+    return $rc
+}
+if [[ $stage == verify ]]; then
+    [[ -d $out ]] || { echo "gpu_check: $out is not a directory" >&2; exit 2; }
+    verify_out "$out"; exit $?
+fi
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -48,11 +74,13 @@ run_build() {
 run_tests() {
     note "== test $(date -u +%FT%TZ)"
     local t0=$SECONDS
-    timeout "${TEST_TIMEOUT:-330}" $PY -m pytest -q -rfE -n "${PYTEST_WORKERS:-8}" --timeout=240 \
-        -p no:cacheprovider --junitxml="$out/junit.xml" "$@" >"$out/test.log" 2>&1
+    # one line per test (-v), so a run cut short still says what passed; at the time limit pytest gets
+    # SIGINT first, which still prints the failure summary and writes junit.xml
+    timeout -s INT -k 60 "${TEST_TIMEOUT:-330}" $PY -m pytest -v -rfE -n "${PYTEST_WORKERS:-8}" --timeout=240 \
+        -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$out/junit.xml" "$@" >"$out/test.log" 2>&1
     local rc=$?
-    note "tests: rc=$rc in $((SECONDS - t0)) s"
-    grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$out/test.log" | tail -60 | tee -a "$summary"
+    note "tests ($*): rc=$rc in $((SECONDS - t0)) s"
+    grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error)|Timeout|Fatal Python error|node down" "$out/test.log" | tail -60 | tee -a "$summary"
     return $rc
 }
 
@@ -85,12 +113,13 @@ run_bench() {
 rc=0
 case $stage in
     build) run_build || rc=1 ;;
-    test) run_tests || rc=1 ;;
+    test) run_tests "$@" || rc=1 ;;
     sanitize) run_sanitize || rc=1 ;;
     bench) run_bench --compile default --compile max-autotune || rc=1 ;;
     quick) { run_build && run_tests; } || rc=1; run_bench --quick --compile default || rc=1 ;;
     all) { run_build && run_tests; } || rc=1; run_sanitize || rc=1; run_bench --compile default --compile max-autotune || rc=1 ;;
 esac
+verify_out "$out" || rc=1
 note "gpu_check $stage: rc=$rc"
 [[ $stage == build ]] || grep -vE "it/s\]|s/it\]" "$out/bench.log" 2>/dev/null | tail -60
 exit $rc

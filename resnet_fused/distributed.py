@@ -12,8 +12,9 @@ from resnet_fused import backends
 from resnet_fused.reference import _memory_format
 
 
-def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
-    """Chan et al. across ranks, in fp64: (mean, biased var, count) of the union of all shards."""
+def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al. across ranks, in fp64: (mean, biased var, count) of the union of all shards; the
+    count stays a 0-dim fp64 tensor on the device (reading it on the host would sync every step)."""
     local = torch.stack([torch.full_like(mean, float(count)), mean, var * count]).double()  # (3, C): n, mean, M2
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
@@ -21,7 +22,7 @@ def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor,
     total = n.sum(0)
     mean_all = (n * mu).sum(0) / total.clamp(min=1)
     m2_all = (m2 + n * (mu - mean_all).square()).sum(0)
-    return mean_all.float(), (m2_all / total.clamp(min=1)).float(), int(total[0].item())
+    return mean_all.float(), (m2_all / total.clamp(min=1)).float(), total[0]
 
 
 class SyncBnAct(torch.autograd.Function):
@@ -39,7 +40,7 @@ class SyncBnAct(torch.autograd.Function):
         ctx.save_for_backward(input, weight, out if relu else None, mean, var)
         ctx.eps, ctx.relu, ctx.backend, ctx.group, ctx.count = eps, relu, backend, group, count
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean, var, count)
         return out, mean, var, count
 
     @staticmethod

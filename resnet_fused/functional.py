@@ -361,9 +361,8 @@ def bn_act(
     if process_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(process_group) > 1:
         from resnet_fused.distributed import SyncBnAct
 
+        # as nn.SyncBatchNorm: no host-side check of the global count (it would sync every step)
         out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, relu, name, process_group)
-        if count == 1:
-            raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got {count} over all ranks")
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return out
     _check_batch(input, fn)
@@ -384,11 +383,11 @@ def _check_batch(input: Tensor, fn: str) -> None:
         raise ValueError(f"resnet_fused.{fn}: expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum) -> None:
+def _update_running_stats(running_mean, running_var, mean, var, count: int | Tensor, momentum) -> None:
     """running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count`
     values per channel, as F.batch_norm does; momentum: a float, or a 0-dim tensor (nn.BatchNorm2d's
-    1 / num_batches_tracked)."""
-    if running_mean is None or count == 0:
+    1 / num_batches_tracked); count: an int, or a 0-dim tensor (all ranks' count, never read on the host)."""
+    if running_mean is None or (isinstance(count, int) and count == 0):
         return
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
@@ -729,11 +728,46 @@ def conv_act(
         return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     if onednn_inference(input, weight, bias, residual, backend):
         return _conv_act_onednn(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if _cudnn_fused_applies(input, weight, bias, residual, relu, backend):
+        if residual is not None:
+            _check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
+        return _cudnn_conv_act(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = _residual_for(residual, y, "conv_act")
     if residual is not None:
         return add_relu(y, residual, backend=backend) if relu else y + residual
     return torch.relu(y) if relu else y
+
+
+# relu(conv(input, weight) + bias (+ residual)) in one cuDNN call: cudnnConvolutionBiasActivationForward
+# semantics (aten's cudnn_convolution_relu / cudnn_convolution_add_relu), so the conv output is written
+# once instead of being re-read by a bias, add and ReLU pass. CUDA inference only: aten gives these ops
+# neither autograd nor a fake kernel, hence this wrapper op with a fake and no autograd.
+@torch.library.custom_op("resnet_fused::cudnn_conv_act", mutates_args=(), device_types="cuda")
+def _cudnn_conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    if residual is None:
+        return torch.cudnn_convolution_relu(input, weight, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+
+
+@_cudnn_conv_act.register_fake
+def _(input, weight, bias, residual, stride, padding, dilation, groups):
+    out = input.new_empty(_conv_output_shape(input, weight, stride, padding, dilation))
+    # cuDNN's rule (cudnn_conv_suggest_memory_format): channels_last if the input or the weight is
+    channels_last = any(torch._prims_common.suggest_memory_format(t) == torch.channels_last for t in (input, weight))
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _cudnn_fused_applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool,
+                         backend: str | None) -> bool:
+    """Whether conv_act runs cuDNN's fused conv + bias (+ add) + ReLU: the `cuda` backend's inference
+    with a ReLU, one floating dtype throughout, cuDNN enabled, and no gradient needed."""
+    return (relu and input.is_cuda and input.dim() == 4 and torch.backends.cudnn.enabled
+            and backends.resolve(backend, input) == "cuda"
+            and input.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and all(t is None or (t.dtype == input.dtype and t.device == input.device) for t in (weight, bias, residual))
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))))
 
 
 def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, input_shape) -> Tensor:

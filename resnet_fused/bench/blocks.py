@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused.bench.timing import copies_exceeding_l2, peak_memory, time_cpu_interleaved, time_cuda
+from resnet_fused.bench.timing import copies_exceeding_l2, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 # (name, block class name, inplanes, planes, H): the identity blocks of each stage
 RESNET18_STAGES = [("resnet18.layer1", "BasicBlock", 64, 64, 56), ("resnet18.layer2", "BasicBlock", 128, 128, 28),
@@ -66,6 +66,7 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                     return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
 
                 names = providers(device, compile_modes)
+                fresh_compile_cache()
                 blocks_ = {p: _block(kind, inplanes, planes, p, device, dtype).train(training) for p in names}
                 if device.type == "cuda":
                     copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from resnet_fused.bench.timing import copies_exceeding_l2, time_cpu_interleaved, time_cuda
+from resnet_fused.bench.timing import copies_exceeding_l2, fresh_compile_cache, time_cpu_interleaved, time_cuda
 from resnet_fused.nn.conv_bn import conv_bn_act
 from resnet_fused.nn.fold import FoldCache
 
@@ -147,6 +147,7 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
             nbytes = 2 * batch * shape.cin * shape.hw**2 * torch.finfo(dtype).bits // 8
             copies = copies_exceeding_l2(nbytes, device)
             for mode in modes:
+                fresh_compile_cache()
                 forwards = {p: _forward(shape, p, mode != "inference", device, dtype) for p in names}
                 if device.type == "cuda":  # inputs rotated past L2
                     timings = {p: time_cuda([_call(shape, f, mode, batch, device, dtype) for _ in range(copies)])

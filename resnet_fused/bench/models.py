@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from resnet_fused.bench.blocks import prepare, providers
-from resnet_fused.bench.timing import peak_memory, time_cpu_interleaved, time_cuda
+from resnet_fused.bench.timing import fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 
 def _model(name: str, provider: str, device, dtype):
@@ -44,6 +44,7 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                     x = x.contiguous(memory_format=torch.channels_last)
                     labels = torch.randint(0, 1000, (batch,), device=device)
                     names_ = providers(device, compile_modes)
+                    fresh_compile_cache()
                     steps = {p: _step(_model(name, p, device, dtype), x, labels, training) for p in names_}
                     if device.type == "cuda":
                         timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}

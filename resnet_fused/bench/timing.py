@@ -102,6 +102,14 @@ def time_cuda(fns: Sequence[Callable[[], object]], warmup: int = 10, reps: int =
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def fresh_compile_cache() -> None:
+    """Forget every torch.compile result before a new case. Each case compiles the same forward code
+    object (a module class's or a closure's) for new shapes and modules; kept, the entries pile up,
+    each call's guard checks grow, and past dynamo's recompile limit (8) the compiled provider silently
+    runs eager (seen on the first GPU run)."""
+    torch._dynamo.reset()
+
+
 def copies_exceeding_l2(nbytes_per_copy: int, device: torch.device) -> int:
     """How many copies of the inputs to rotate through so that they do not fit in L2 together."""
     if device.type != "cuda":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import functional
+from resnet_fused import backends, functional
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm
 from resnet_fused.nn.fold import FoldCache
 
@@ -32,7 +32,8 @@ def conv_bn_act(
     conv_bn_defer, which conv applies to x as it loads).
 
     Eval with running statistics uses the BN-folded convolution, from `cache` when nothing requires
-    gradients (folded weights computed once, refreshed when a parameter or buffer changes).
+    gradients (folded weights computed once, refreshed when a parameter or buffer changes); on the
+    Triton backend, the implicit-GEMM conv with BN, residual and ReLU in its epilogue instead.
     """
     if not (is_fusable_conv(conv) and is_plain_batchnorm(bn)):  # a correct unfused path
         if input_bn is not None:
@@ -49,7 +50,8 @@ def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, resi
     """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics.
     input_bn: a BN + ReLU deferred by conv_bn_defer, applied to x as it loads."""
     call = batch_norm_call(bn)
-    if input_bn is None and not call.use_batch_stats and cache is not None and not torch.compiler.is_compiling() and not (
+    triton_epilogue = conv.groups == 1 and backends.resolve(backend, x) == "triton"  # functional.conv_bn_act's eval path
+    if input_bn is None and not call.use_batch_stats and cache is not None and not triton_epilogue and not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
     ):
         weight, bias = cache.get(name, conv, bn)
