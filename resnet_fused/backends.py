@@ -11,12 +11,17 @@ Set it globally, for a block of code, or per call (the ``backend=`` argument of 
 Triton, else to plain PyTorch; fp64 tensors (gradcheck) always go to plain PyTorch, the only
 backend that computes in fp64. A named backend that cannot take the tensors raises an error that
 says why.
+
+``"tune"`` is ``"auto"`` for single ops; the fused blocks and FusedConvBNReLU instead time every
+implementation that can run them here, eager PyTorch included, the first time they see a new input
+signature, and keep the fastest (:mod:`resnet_fused.tuning`; ``tuning_report()`` lists the choices).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -26,7 +31,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+BACKENDS = ("auto", "tune", "cuda", "triton", "cpu", "torch")
 KERNELS = ("add_relu_forward", "bn_stats", "bn_act_apply", "bn_act_backward_reduce", "bn_act_backward_elemt")
 
 _global_backend = "auto"
@@ -49,6 +54,37 @@ def get_backend() -> str:
     """The backend in force here (before ``"auto"`` is resolved for a tensor)."""
     scoped = _scoped_backend.get()
     return scoped if scoped is not None else _global_backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How a fused layer runs on its backend, where a backend has more than one way (the tuner's
+    candidates; None everywhere: the rules). onednn: CPU inference through oneDNN's fused convolution
+    (True) or aten's convolution + the fused epilogue (False); cudnn_fused: CUDA inference through cuDNN's
+    fused conv + bias + add + ReLU; defer: training on Triton, the inner BN + ReLU applied by the next
+    convolution as it loads."""
+
+    onednn: bool | None = None
+    cudnn_fused: bool | None = None
+    defer: bool | None = None
+
+
+RULES = Variant()
+_variant: contextvars.ContextVar[Variant] = contextvars.ContextVar("resnet_fused_variant", default=RULES)
+
+
+def variant() -> Variant:
+    """The Variant in force here (RULES outside a tuner's call)."""
+    return _variant.get()
+
+
+@contextlib.contextmanager
+def use_variant(v: Variant):
+    token = _variant.set(v)
+    try:
+        yield
+    finally:
+        _variant.reset(token)
 
 
 @contextlib.contextmanager
@@ -134,6 +170,11 @@ def triton_launchers() -> dict:
 # ---- choosing one for a call ----
 
 
+def tuned(backend: str | None, x: torch.Tensor) -> bool:
+    """Whether a fused layer with this backend setting picks its implementation by measurement."""
+    return (backend if backend is not None else get_backend()) == "tune" and x.dtype != torch.float64
+
+
 def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     """The concrete backend for a call on ``tensors`` (all on one device; None entries are skipped)."""
     name = _check_name(backend) if backend is not None else get_backend()
@@ -141,7 +182,7 @@ def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     device = ref.device.type
     if ref.dtype == torch.float64:
         return "torch"  # the kernels compute in fp32; fp64 (gradcheck) runs the plain-PyTorch path
-    if name == "auto":
+    if name in ("auto", "tune"):  # "tune" chooses per block (resnet_fused.tuning); single ops take the rules
         if device == "cpu":
             return "cpu" if has_extension() else "torch"
         if device == "cuda":
@@ -181,3 +222,10 @@ def kernels(name: str) -> types.SimpleNamespace:
             add_relu_forward=reference.add_relu, **{k: getattr(reference, k) for k in KERNELS if k != "add_relu_forward"}
         )
     raise ValueError(f"resnet_fused: {name!r} is not a concrete backend; resolve it first")
+
+
+def tuning_report() -> str:
+    """The tuner's choices so far (this process and the persistent cache), one line per signature."""
+    from resnet_fused import tuning
+
+    return tuning.report()

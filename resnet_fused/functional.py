@@ -89,6 +89,8 @@ _TRITON_CONV_SCHEMA = (
 )
 
 if backends.has_triton():  # the Triton launchers become ops too, so that tracing (compile, opcheck) sees fakes
+    # registered for every device: each launcher rejects, naming its op, tensors on a device it cannot run on
+    # here (it takes CUDA; CPU only under TRITON_INTERPRET=1), and launches on its tensors' CUDA device
     for _name, _launcher in backends.triton_launchers().items():
         torch.library.custom_op(f"resnet_fused::triton_{_name}", _launcher, mutates_args=()).register_fake(_KERNEL_FAKES[_name])
     from resnet_fused.triton import conv as _triton_conv
@@ -118,7 +120,7 @@ def _add_relu_setup(ctx, inputs, output):
 
 def _add_relu_backward(ctx, grad_out):
     (out,) = ctx.saved_tensors
-    # d relu(z)/dz = (z > 0) = (out > 0); z = input + residual, so both get the same gradient
+    # d relu(z)/dz = 0 where out <= 0, else 1 (a NaN output passes its gradient, as threshold_backward does)
     grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
     return grad, grad, None
 
@@ -217,7 +219,7 @@ def _bn_act_grads(
     """(grad_input, grad_weight, grad_bias, grad_residual) of out = act(x * scale + shift + residual),
     scale and shift from (batch or running) statistics `mean`, `var`; `needs` says which are wanted.
 
-    One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out * (out > 0);
+    One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out where out > 0 or NaN, else 0;
     one elementwise pass writes grad_input (and grad_residual = dy when a ReLU masks it):
       training: dx = w invstd (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
                    = dy * a + (x - mean) * b + c
@@ -764,6 +766,7 @@ def _cudnn_fused_applies(input: Tensor, weight: Tensor, bias: Tensor | None, res
     """Whether conv_act runs cuDNN's fused conv + bias (+ add) + ReLU: the `cuda` backend's inference
     with a ReLU, one floating dtype throughout, cuDNN enabled, and no gradient needed."""
     return (relu and input.is_cuda and input.dim() == 4 and torch.backends.cudnn.enabled
+            and backends.variant().cudnn_fused is not False
             and backends.resolve(backend, input) == "cuda"
             and input.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and all(t is None or (t.dtype == input.dtype and t.device == input.device) for t in (weight, bias, residual))
@@ -791,8 +794,11 @@ def onednn_inference(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     CPU inference: oneDNN's convolution takes the bias, the residual add and the ReLU as post-ops
     (what Inductor's CPU backend emits), so the conv output is written once; used where it can run
     (_onednn_applies) and pays (at least _ONEDNN_MIN_OUTPUT outputs)."""
-    return (input.numel() // max(input.shape[1], 1) * weight.shape[0] >= _ONEDNN_MIN_OUTPUT
-            and _onednn_applies(input, weight, bias, residual, backend))
+    if torch.compiler.is_compiling():  # Inductor lowers the plain conv + epilogue to oneDNN itself
+        return False
+    forced = backends.variant().onednn
+    large = input.numel() // max(input.shape[1], 1) * weight.shape[0] >= _ONEDNN_MIN_OUTPUT
+    return (large if forced is None else forced) and _onednn_applies(input, weight, bias, residual, backend)
 
 
 def _onednn_applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:

@@ -40,8 +40,9 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _relu_mask(grad_out: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
-    # d relu(z)/dz = (z > 0), read off the saved output: relu(z) > 0  <=>  z > 0
-    return grad_out if output is None else torch.where(output > 0, grad_out, 0)
+    # d relu(z)/dz = (z > 0), read off the saved output: relu(z) > 0  <=>  z > 0. As eager's
+    # threshold_backward: 0 where output <= 0, else grad_out, so a NaN output passes its gradient.
+    return grad_out if output is None else torch.where(output <= 0, 0, grad_out)
 
 
 def add_relu(input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def bn_act_backward_reduce(
     mean: torch.Tensor,
     output: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out masked by (output > 0).
+    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out, 0 where output <= 0.
 
     ``output=None`` means no ReLU followed the normalization: dy = grad_out.
     """
@@ -108,7 +109,7 @@ def bn_act_backward_elemt(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy.
 
-    dy = grad_out masked by (output > 0) (``output=None``: no ReLU). ``input``, ``mean``, ``x_scale``
+    dy = grad_out, 0 where output <= 0 (``output=None``: no ReLU). ``input``, ``mean``, ``x_scale``
     and ``shift`` are given together (training) or all omitted (eval, where grad_input = dy * scale).
     grad_input has grad_out's dtype and input's memory format (grad_out's when input is omitted);
     grad_residual is dy in grad_out's dtype, or an empty tensor when not needed.

@@ -4,18 +4,22 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from resnet_fused import reference as ref  # noqa: E402
+from resnet_fused import reference as ref  # noqa: E402  (importing resnet_fused registers the triton_* ops)
 from resnet_fused.triton import bn_act  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.usefixtures("poisoned")  # conftest: new allocations are NaN-filled
+pytestmark = [
+    pytest.mark.usefixtures("poisoned"),  # conftest: new allocations are NaN-filled
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),  # the interpreter's numpy, on NaN and Inf
+]
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
 # non-power-of-two C, N=1 / C=3 / 7x7, H=W=1 (both layouts at once), H != W
@@ -26,12 +30,14 @@ DTYPES = [torch.float32, torch.float16]
 ELEMT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 # Reductions: fp32 outputs of exact-in-fp32 inputs vs. an fp64 reference.
 SUM_TOL = dict(rtol=1e-5, atol=1e-4)
+SPECIAL = (float("nan"), float("inf"), -float("inf"), -0.0, 0.0)
 
 cases = pytest.mark.parametrize(
     "shape,fmt,dtype",
     [(s, f, d) for s in SHAPES for f in FORMATS for d in DTYPES],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).split(".")[-1],
 )
+specials = pytest.mark.parametrize("special", [False, True], ids=["finite", "nonfinite"])
 
 
 @pytest.fixture
@@ -39,9 +45,13 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-def _act(gen, shape, dtype, fmt, scale=1.0, offset=0.0):
-    """Random activation, N(offset, scale^2), laid out in fmt."""
+def _act(gen, shape, dtype, fmt, scale=1.0, offset=0.0, special=False):
+    """Random activation, N(offset, scale^2), laid out in fmt. special: the elements of even channels
+    whose NCHW index is a multiple of 3 are NaN, +Inf, -Inf, -0.0, 0.0 in turn; odd channels stay finite."""
     x = torch.randn(shape, generator=gen) * scale + offset
+    if special:
+        at = (torch.arange(x.numel()).view(shape) % 3 == 0) & (torch.arange(shape[1]).view(1, -1, 1, 1) % 2 == 0)
+        x[at] = torch.tensor(SPECIAL)[torch.arange(int(at.sum())) % len(SPECIAL)]
     return x.to(DEVICE, dtype).contiguous(memory_format=fmt)
 
 
@@ -50,52 +60,68 @@ def _vec(gen, C):
 
 
 def _check(actual, expected, tol):
+    """Same dtype, shape and layout; NaN where expected is NaN, the same infinities, the rest within tol
+    (a NaN the kernel left in an unwritten, poisoned element fails wherever the reference is not NaN)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert ref._memory_format(actual) == ref._memory_format(expected)
-    torch.testing.assert_close(actual, expected, **tol)
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+def _check_stats(actual, expected):
+    """Statistics: where the reference is finite, within SUM_TOL; elsewhere not finite either. An
+    infinite reference mean may be NaN here: the fp32 merges compute inf - inf, as eager's Welford does."""
+    finite = expected.isfinite()
+    assert torch.equal(actual.isfinite(), finite), (actual, expected)
+    _check(actual[finite], expected[finite], SUM_TOL)
 
 
 @cases
-def test_add_relu(gen, shape, fmt, dtype):
-    x, r = _act(gen, shape, dtype, fmt), _act(gen, shape, dtype, fmt)
+@specials
+def test_add_relu(gen, shape, fmt, dtype, special):
+    x, r = _act(gen, shape, dtype, fmt, special=special), _act(gen, shape, dtype, fmt, special=special)
     _check(add_relu(x, r), ref.add_relu(x, r), ELEMT_TOL[dtype])
 
 
 @cases
-def test_bn_stats(gen, shape, fmt, dtype):
-    x = _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0)
+@specials
+def test_bn_stats(gen, shape, fmt, dtype, special):
+    x = _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0, special=special)
     for a, e in zip(bn_act.bn_stats(x), ref.bn_stats(x)):
-        _check(a, e, SUM_TOL)
+        _check_stats(a, e)
 
 
 @cases
+@specials
 @pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False), (True, True)])
-def test_bn_act_apply(gen, shape, fmt, dtype, residual, relu):
-    x, scale, shift = _act(gen, shape, dtype, fmt), _vec(gen, shape[1]), _vec(gen, shape[1])
-    res = _act(gen, shape, dtype, fmt) if residual else None
+def test_bn_act_apply(gen, shape, fmt, dtype, special, residual, relu):
+    x, scale, shift = _act(gen, shape, dtype, fmt, special=special), _vec(gen, shape[1]), _vec(gen, shape[1])
+    res = _act(gen, shape, dtype, fmt, special=special) if residual else None
     _check(bn_act.bn_act_apply(x, scale, shift, res, relu), ref.bn_act_apply(x, scale, shift, res, relu), ELEMT_TOL[dtype])
 
 
 @cases
+@specials
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_act_backward_reduce(gen, shape, fmt, dtype, relu):
-    g, x = _act(gen, shape, dtype, fmt), _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0)
-    mean = ref.bn_stats(x)[0]
-    y = _act(gen, shape, dtype, fmt) if relu else None  # relu mask: y > 0
+def test_bn_act_backward_reduce(gen, shape, fmt, dtype, special, relu):
+    g, x = _act(gen, shape, dtype, fmt, special=special), _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0, special=special)
+    mean = ref.bn_stats(x.nan_to_num(0.0, 0.0, 0.0))[0]
+    y = _act(gen, shape, dtype, fmt, special=special) if relu else None  # relu mask: 0 where y <= 0
     for a, e in zip(bn_act.bn_act_backward_reduce(g, x, mean, y), ref.bn_act_backward_reduce(g, x, mean, y)):
-        _check(a, e, SUM_TOL)
+        _check(a, e, SUM_TOL)  # sums: NaN and infinities do not depend on the order of summation
 
 
 @cases
+@specials
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("need_grad_residual", [False, True])
-def test_bn_act_backward_elemt(gen, shape, fmt, dtype, relu, training, need_grad_residual):
+def test_bn_act_backward_elemt(gen, shape, fmt, dtype, special, relu, training, need_grad_residual):
     C = shape[1]
-    g = _act(gen, shape, dtype, fmt)
-    y = _act(gen, shape, dtype, fmt) if relu else None
+    g = _act(gen, shape, dtype, fmt, special=special)
+    y = _act(gen, shape, dtype, fmt, special=special) if relu else None
     x, mean, x_scale, shift = (
-        (_act(gen, shape, dtype, fmt), _vec(gen, C), _vec(gen, C), _vec(gen, C)) if training else (None, None, None, None)
+        (_act(gen, shape, dtype, fmt, special=special), _vec(gen, C), _vec(gen, C), _vec(gen, C))
+        if training else (None, None, None, None)
     )
     args = (g, y, x, mean, _vec(gen, C), x_scale, shift, need_grad_residual)
     gi, gr = bn_act.bn_act_backward_elemt(*args)
@@ -174,3 +200,118 @@ def test_empty():
     assert add_relu(x, x).shape == x.shape
     gi, gr = bn_act.bn_act_backward_elemt(x, x, None, None, torch.ones(4, device=DEVICE), None, None, True)
     assert gi.shape == x.shape and gr.shape == x.shape
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_matches_eager(fmt, dtype):
+    """ReLU as torch.relu (relu(NaN) = NaN, relu(-Inf) = 0) and its gradient as threshold_backward
+    (0 where out <= 0, so a NaN out passes its gradient), against eager directly, not the reference.
+    (-0.0 comes out as -0.0, as torch.relu gives on CPU; equal to 0 either way.)"""
+    x = torch.tensor([*SPECIAL, -1.0, 1.0, 2.0]).view(1, 8, 1, 1).repeat(2, 1, 3, 2).to(DEVICE, dtype)
+    x = x.contiguous(memory_format=fmt)
+    zero, ones = torch.zeros_like(x), torch.ones(8, device=DEVICE)
+    g = torch.full_like(x, 3.0)
+    g[1] = float("nan")  # a NaN gradient is zeroed where out <= 0 and passed elsewhere
+    eager_grad = torch.ops.aten.threshold_backward(g, torch.relu(x), 0)
+    _check(add_relu(x, zero), torch.relu(x), ELEMT_TOL[dtype])
+    _check(bn_act.bn_act_apply(x, ones, ones * 0, None, True), torch.relu(x), ELEMT_TOL[dtype])
+    gi, gr = bn_act.bn_act_backward_elemt(g, x, None, None, ones, None, None, True)
+    _check(gi, eager_grad, ELEMT_TOL[dtype])
+    _check(gr, eager_grad, ELEMT_TOL[dtype])
+    sum_dy, _ = bn_act.bn_act_backward_reduce(g, x, ones * 0, x)
+    _check(sum_dy, eager_grad.double().sum((0, 2, 3)).float(), SUM_TOL)
+
+
+def _x(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape or (2, 4, 3, 3)).to(device, dtype)
+
+
+def _c(C=4, dtype=torch.float32, device=DEVICE):
+    return torch.ones(C, dtype=dtype, device=device)
+
+
+OPS = torch.ops.resnet_fused
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: OPS.triton_bn_stats(_x(4, 3)), r"triton_bn_stats: expected `input` to be a 4-D \(N, C, H, W\).*got shape \[4, 3\]"),
+        (lambda: OPS.triton_bn_stats(_x(dtype=torch.float64)), r"float32, float16 or bfloat16 tensor, got .* torch.float64"),
+        (lambda: OPS.triton_add_relu_forward(_x(), _x(2, 4, 3, 2)),
+         r"triton_add_relu_forward: `residual` is torch.float32 of shape \[2, 4, 3, 2\] but `input` is .* \[2, 4, 3, 3\]"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(3), _c(), None, True), r"`scale` to be float32 of shape \[4\].*got .* shape \[3\]"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(dtype=torch.float16), None, True), r"`shift` to be float32.*got torch.float16"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(), _x(dtype=torch.bfloat16), True), r"`residual` is torch.bfloat16"),
+        (lambda: bn_act.bn_act_apply(_x(), _c(), _c(device="meta"), None, True),  # the op would dispatch to its fake
+         r"triton_bn_act_apply: expected all tensors on one device, got .*`shift` on meta"),
+        (lambda: OPS.triton_bn_act_backward_reduce(_x(), _x(), _c(), _x(1, 4, 3, 3)), r"`output` is .* of shape \[1, 4, 3, 3\]"),
+        (lambda: OPS.triton_bn_act_backward_elemt(_x(), None, _x(), None, _c(), None, None, False),
+         r"triton_bn_act_backward_elemt: `input`, `mean`, `x_scale`, `shift` are given together or not at all"),
+    ],
+)
+def test_bad_arguments_raise(call, message):
+    """Wrong shapes, dtypes or devices are named before any kernel runs (a kernel would read out of bounds)."""
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    """On a GPU machine (no TRITON_INTERPRET), CPU tensors reaching the compiled kernels are an error
+    naming the op, the device and what it takes; here the interpreter's flag is turned off to show it."""
+    monkeypatch.setattr(bn_act, "_INTERPRET", False)
+    x, c = _x(device="cpu"), _c(device="cpu")
+    for op, args in [
+        ("add_relu_forward", (x, x)),
+        ("bn_stats", (x,)),
+        ("bn_act_apply", (x, c, c, None, True)),
+        ("bn_act_backward_reduce", (x, x, c, x)),
+        ("bn_act_backward_elemt", (x, x, x, c, c, c, c, True)),
+    ]:
+        with pytest.raises(RuntimeError, match=rf"resnet_fused::triton_{op}: got tensors on cpu; it takes CUDA tensors "
+                                               rf"\(CPU tensors only when TRITON_INTERPRET=1"):
+            getattr(OPS, f"triton_{op}")(*args)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs: kernels must launch on the tensors' device")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runs_on_the_tensors_device(gen, fmt):
+    """Tensors on cuda:1 while cuda:0 is current: every launcher runs there (Triton would otherwise
+    launch on cuda:0 with cuda:1 pointers) and leaves the current device as it was."""
+    shape, C = (2, 5, 4, 3), 5
+    on1 = [t.to("cuda:1") for t in (_act(gen, shape, torch.float32, fmt, scale=2.0, offset=1.0),
+                                    *(_act(gen, shape, torch.float32, fmt) for _ in range(2)),
+                                    _vec(gen, C), _vec(gen, C))]
+    x, g, y, scale, shift = on1
+    with torch.cuda.device(0):
+        _check(add_relu(x, g), ref.add_relu(x, g), ELEMT_TOL[torch.float32])
+        for a, e in zip(bn_act.bn_stats(x), ref.bn_stats(x)):
+            _check(a, e, SUM_TOL)
+        _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True), ELEMT_TOL[torch.float32])
+        for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
+            _check(a, e, SUM_TOL)
+        args = (g, y, x, shift, scale, shift, scale, True)
+        for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
+            _check(a, e, ELEMT_TOL[torch.float32])
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.skipif(
+    INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 48 * 2**30,
+    reason="needs a CUDA GPU with 48 GiB: over 2^31 elements (int64 offsets)",
+)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_over_2_31_elements(fmt):
+    """An fp16 activation of 2^31 + 131072 elements: offsets past 2^31 (int32 would wrap) in both layouts.
+    Values and scales are exact in fp16 (integers in [-255, 255], scales 2^-2..2^1), so results are exact."""
+    shape, C = (1, 8, 16384, 16385), 8
+    x = ((torch.arange(C * 16384 * 16385, device="cuda") % 511) - 255).half().view(shape).contiguous(memory_format=fmt)
+    scale = 2.0 ** (torch.arange(C, device="cuda") % 4 - 2)
+    assert torch.equal(add_relu(x, x), torch.relu(x + x))
+    assert torch.equal(bn_act.bn_act_apply(x, scale, scale * 0, None, True), torch.relu(x * scale.half().view(1, C, 1, 1)))
+    mean, var = bn_act.bn_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean_ref, rtol=0, atol=1e-3)
+    torch.testing.assert_close(var, var_ref, rtol=1e-4, atol=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import backends
+from resnet_fused import backends, tuning
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_act, conv_bn_defer, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
@@ -30,46 +30,67 @@ class _FusedBlock(nn.Module):
         self.shortcut = shortcut
         self._folds = FoldCache()
 
-    def _conv_bn(self, i: int, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True,
-                 input_bn=None) -> torch.Tensor:
-        return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, self.backend, self._folds,
+    def _conv_bn(self, i: int, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None,
+                 relu: bool = True, input_bn=None) -> torch.Tensor:
+        return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, backend, self._folds,
                            f"conv{i}", self.process_group, input_bn)
 
-    def _conv_bn_defer(self, i: int, x: torch.Tensor, input_bn=None):
-        return conv_bn_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, self.backend, input_bn)
-
-    def _defers(self, x: torch.Tensor, num_convs: int) -> bool:
+    def _defers(self, x: torch.Tensor, num_convs: int, backend: str | None) -> bool:
         """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
-        (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN."""
+        (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN;
+        a tuner's Variant may turn it off."""
         return (
             self.process_group is None
-            and backends.resolve(self.backend, x) == "triton"
+            and backends.variant().defer is not False
+            and backends.resolve(backend, x) == "triton"
             and all(can_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, num_convs))
             and is_fusable_conv(getattr(self, f"conv{num_convs}"))
             and is_plain_batchnorm(getattr(self, f"bn{num_convs}"))
         )
 
-    def _conv_chain(self, x: torch.Tensor, num_convs: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if backends.tuned(self.backend, x):
+            return tuning.run(self, x)
+        return self._conv_chain(x, self.num_convs, self.backend)
+
+    # the tuner's two ways to run this block: fused on a backend (a Variant in force), or eager
+    def _run_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        return self._conv_chain(x, self.num_convs, backend)
+
+    def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self._eager_chain(x, self.num_convs)
+
+    def _conv_chain(self, x: torch.Tensor, num_convs: int, backend: str | None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
         BN + ReLU to the next conv's loads where _defers says so."""
-        identity = self._identity(x)
-        defer = self._defers(x, num_convs)
+        identity = self._identity(x, backend)
+        defer = self._defers(x, num_convs, backend)
         out, deferred = x, None
         for i in range(1, num_convs):
             if defer:
-                out, deferred = self._conv_bn_defer(i, out, deferred)
+                out, deferred = conv_bn_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out, backend, deferred)
             else:
-                out = self._conv_bn(i, out)
-        return self._conv_bn(num_convs, out, residual=identity, input_bn=deferred)
+                out = self._conv_bn(i, out, backend)
+        return self._conv_bn(num_convs, out, backend, residual=identity, input_bn=deferred)
 
-    def _identity(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _eager_chain(self, x: torch.Tensor, num_convs: int) -> torch.Tensor:
+        """The same block as torchvision runs it, module by module (the tuner's "eager" candidate)."""
+        out = x
+        for i in range(1, num_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            out = torch.relu(out) if i < num_convs else out
+        if self.shortcut:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return torch.relu(out)
+
+    def _identity(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
         if not self.shortcut:
             return None
         ds = self.downsample
         if ds is None:
             return x
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1]):
-            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=self.backend, cache=self._folds, name="downsample",
+            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=backend, cache=self._folds, name="downsample",
                                process_group=self.process_group)
         return ds(x)
 
@@ -97,8 +118,7 @@ class FusedBasicBlock(_FusedBlock):
         self.stride = stride
         self._init_fused(backend, shortcut)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_chain(x, 2)
+    num_convs = 2
 
 
 class FusedBottleneck(_FusedBlock):
@@ -124,5 +144,4 @@ class FusedBottleneck(_FusedBlock):
         self.stride = stride
         self._init_fused(backend, shortcut)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_chain(x, 3)
+    num_convs = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import backends, functional
+from resnet_fused import backends, functional, tuning
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm
 from resnet_fused.nn.fold import FoldCache
 
@@ -100,7 +100,18 @@ class FusedConvBNReLU(nn.Module):
         self._folds = FoldCache()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, self.backend, self._folds, "conv", self.process_group)
+        if backends.tuned(self.backend, x):
+            return tuning.run(self, x, residual)
+        return self._run_fused(x, self.backend, residual)
+
+    # the tuner's two ways to run this layer: fused on a backend (a Variant in force), or eager
+    def _run_fused(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, backend, self._folds, "conv", self.process_group)
+
+    def _run_eager(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if self.relu else y
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

@@ -11,6 +11,9 @@ BLOCK_S rows of the (N*H*W, C) matrix, contiguous tiles are BLOCK_P planes x BLO
 per-channel vector is gathered once per tile as (BLOCK_P,) and broadcast along pixels. Math runs in
 fp32; per-channel vectors are fp32 (C,); offsets are int64.
 
+ReLU is torch.relu's, NaN included: relu(y) = 0 where y < 0, else y (NaN stays NaN, -0.0 stays -0.0),
+and its gradient is threshold_backward's: dy = 0 where out <= 0, else grad_out (a NaN out passes it).
+
 Reductions (over N, H, W = over pixels, then over the planes of one channel) are two-level and
 deterministic: each program reduces BLOCK_P planes over one chunk of pixels into fp32 partials of
 shape (R, C), R = (P // C) * num_chunks, row (p // C) * num_chunks + chunk; a second pass reduces R.
@@ -18,6 +21,10 @@ shape (R, C), R = (P // C) * num_chunks, row (p // C) * num_chunks + chunk; a se
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import os
 from typing import NamedTuple
 
 import torch
@@ -32,6 +39,8 @@ _MAX_BLOCK_HW = 1024  # contiguous: at most this many pixels per tile
 _REDUCE_PROGRAMS = 1024  # reductions split pixels into chunks until about this many programs run
 _COMBINE_BLOCK_R = 64  # partial rows per step of the bn_stats combine kernel
 _COMBINE_MAX_BLOCK_C = 32
+# Triton picks compiled or interpreted kernels when they are defined (at import), by this variable
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +84,7 @@ def _bn_act_apply_kernel(
     if res_ptr is not None:
         y += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # not tl.maximum(y, 0), which maps NaN to 0
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -87,14 +96,14 @@ def _bn_act_backward_elemt_kernel(
     P, S, C,
     CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # dy = g * (y > 0);  grad_in = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);  grad_res = dy
+    # dy = (y <= 0) ? 0 : g;  grad_in = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);  grad_res = dy
     p, s = _tile(P, S, BLOCK_P, BLOCK_S)
     offs = _offsets(p, s, S, C, CHANNELS_LAST)
     mask = (p < P)[:, None] & (s < S)[None, :]
     c = p % C
     dy = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if y_ptr is not None:
-        dy = tl.where(tl.load(y_ptr + offs, mask=mask) > 0, dy, 0.0)
+        dy = tl.where(tl.load(y_ptr + offs, mask=mask) <= 0, 0.0, dy)  # y = NaN passes g
     gi = dy * tl.load(dy_scale_ptr + c)[:, None]
     if x_ptr is not None:
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -189,7 +198,7 @@ def _bn_act_backward_reduce_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # Program (plane block, chunk k) sums over pixels [k*CHUNK_S, (k+1)*CHUNK_S) of BLOCK_P planes:
-    #   sum dy,  sum dy * (x - mean[c]),   dy = g * (y > 0)
+    #   sum dy,  sum dy * (x - mean[c]),   dy = (y <= 0) ? 0 : g
     pid = tl.program_id(0).to(tl.int64)
     num_p = tl.cdiv(P, BLOCK_P)
     p = (pid % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -207,7 +216,7 @@ def _bn_act_backward_reduce_kernel(
         mask = (p < P)[:, None] & (s < s_end)[None, :]
         dy = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside the tile
         if y_ptr is not None:
-            dy = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+            dy = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) <= 0, 0.0, dy)  # y = NaN passes g
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc_dy += tl.sum(dy, axis=1)
         acc_dy_xmu += tl.sum(dy * (x - mean), axis=1)
@@ -220,6 +229,58 @@ def _bn_act_backward_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def launcher(op: str, like: tuple[str, ...] = (), per_channel: tuple[str, ...] = (), together: tuple[str, ...] = ()):
+    """Decorates the launcher of the op named `op`, whose first argument x is an (N, C, H, W) activation.
+
+    Checks the arguments before any kernel runs (the kernels trust shapes: a wrong one would read out
+    of bounds) and raises RuntimeError naming the op: x is 4-D fp32, fp16 or bf16; the tensors named
+    in `like` have x's shape and dtype, those in `per_channel` are fp32 (C,); those in `together` are
+    all given or all None; every tensor is on one device Triton runs on here (CUDA; CPU only under
+    TRITON_INTERPRET=1). Then launches on that device: Triton launches on the current CUDA device.
+    """
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            device = _check_args(op, signature.bind(*args, **kwargs).arguments, like, per_channel, together)
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def _check_args(op: str, args: dict, like, per_channel, together) -> torch.device:
+    """The device of `args` (a launcher's arguments by name), after the checks `launcher` describes."""
+    name, x = next(iter(args.items()))
+    tensors = {k: t for k, t in args.items() if isinstance(t, torch.Tensor)}
+    if len({t.device for t in tensors.values()}) > 1:
+        raise RuntimeError(f"{op}: expected all tensors on one device, got " + ", ".join(f"`{k}` on {t.device}" for k, t in tensors.items()))
+    if not (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRET)):
+        raise RuntimeError(
+            f"{op}: got tensors on {x.device}; it takes CUDA tensors "
+            f"(CPU tensors only when TRITON_INTERPRET=1 was set before resnet_fused was imported)"
+        )
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{op}: expected `{name}` to be a 4-D (N, C, H, W) float32, float16 or bfloat16 tensor, "
+                           f"got shape {list(x.shape)} and {x.dtype}")
+    for k in like:
+        t = args[k]
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
+            raise RuntimeError(f"{op}: `{k}` is {t.dtype} of shape {list(t.shape)} but `{name}` is {x.dtype} of shape {list(x.shape)}")
+    for k in per_channel:
+        t = args[k]
+        if t is not None and (t.shape != x.shape[1:2] or t.dtype != torch.float32):
+            raise RuntimeError(f"{op}: expected `{k}` to be float32 of shape [{x.shape[1]}], one per channel of `{name}`, "
+                               f"got {t.dtype} of shape {list(t.shape)}")
+    if len({args[k] is None for k in together}) > 1:
+        raise RuntimeError(f"{op}: {', '.join(f'`{k}`' for k in together)} are given together or not at all")
+    return x.device
 
 
 class _Plan(NamedTuple):
@@ -258,6 +319,7 @@ def _dense(t: torch.Tensor | None, fmt: torch.memory_format = torch.contiguous_f
     return None if t is None else t.contiguous(memory_format=fmt)
 
 
+@launcher("resnet_fused::triton_bn_stats")
 def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each."""
     fmt = _memory_format(input)
@@ -282,6 +344,7 @@ def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+@launcher("resnet_fused::triton_bn_act_apply", like=("residual",), per_channel=("scale", "shift"))
 def bn_act_apply(
     input: torch.Tensor,
     scale: torch.Tensor,
@@ -303,13 +366,14 @@ def bn_act_apply(
     return out
 
 
+@launcher("resnet_fused::triton_bn_act_backward_reduce", like=("input", "output"), per_channel=("mean",))
 def bn_act_backward_reduce(
     grad_out: torch.Tensor,
     input: torch.Tensor,
     mean: torch.Tensor,
     output: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out masked by (output > 0)."""
+    """(sum dy, sum dy * (x - mean)) per channel, fp32, where dy = grad_out, 0 where output <= 0."""
     fmt = _memory_format(input)
     x, g, y = _dense(input, fmt), _dense(grad_out, fmt), _dense(output, fmt)
     C = x.shape[1]
@@ -326,6 +390,12 @@ def bn_act_backward_reduce(
     return partials[0].sum(0), partials[1].sum(0)
 
 
+@launcher(
+    "resnet_fused::triton_bn_act_backward_elemt",
+    like=("output", "input"),
+    per_channel=("mean", "dy_scale", "x_scale", "shift"),
+    together=("input", "mean", "x_scale", "shift"),
+)
 def bn_act_backward_elemt(
     grad_out: torch.Tensor,
     output: torch.Tensor | None,
