@@ -83,7 +83,9 @@ def test_quick_run_writes_results(tmp_path, capsys):
     with open(tmp_path / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and csv_rows[0]["device"] == env["device"]
-    assert {r["provider"] for r in rows if r["suite"] == "convs"} == {"conv only", "eager", "fused-cpu"}
+    assert {r["provider"] for r in rows if r["suite"] == "convs"} == {"conv only", "eager", "fused-cpu", "tuned"}
+    tuned = [r for r in rows if r["provider"] == "tuned"]
+    assert {r["suite"] for r in tuned} == {"convs", "blocks", "models"} and all(r["tuning_s"] > 0 for r in tuned)
     for suite in ("ops", "convs", "blocks", "models"):
         png = (tmp_path / f"{suite}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000

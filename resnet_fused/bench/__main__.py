@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    # the "tuned" provider tunes afresh in every run (its tuning time is reported), unless told otherwise
+    os.environ.setdefault("RESNET_FUSED_TUNING_CACHE", "off")
     if args.cuda_graphs and args.compile:
         raise SystemExit("--cuda-graphs with --compile: torch.compile makes its own CUDA graphs (mode='max-autotune'), "
                          "which cannot be captured inside ours; run them separately")

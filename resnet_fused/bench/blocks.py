@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import resnet_fused
-from resnet_fused.bench.timing import copies_exceeding_l2, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
+from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 # (name, block class name, inplanes, planes, H): the identity blocks of each stage
 RESNET18_STAGES = [("resnet18.layer1", "BasicBlock", 64, 64, 56), ("resnet18.layer2", "BasicBlock", 128, 128, 28),
@@ -20,15 +20,17 @@ RESNET50_STAGES = [("resnet50.layer1", "Bottleneck", 256, 64, 56), ("resnet50.la
 def providers(device: torch.device, compile_modes: list[str]) -> list[str]:
     avail = resnet_fused.backends.available()
     fused = [f"fused-{b}" for b in (["cpu"] if device.type == "cpu" else ["cuda", "triton"]) if avail[b]]
-    return ["eager", *[f"compile-{m}" for m in compile_modes], *fused]
+    return ["eager", *[f"compile-{m}" for m in compile_modes], *fused, *(["tuned"] if fused else [])]
 
 
 def prepare(module: torch.nn.Module, provider: str, device, dtype) -> torch.nn.Module:
     """The eager module moved to device / dtype / channels_last, then as `provider` runs it: as it is
-    ("eager"), fused in place ("fused-<backend>"), or compiled ("compile-<mode>")."""
+    ("eager"), fused in place ("fused-<backend>", or "tuned": backend "tune"), or compiled ("compile-<mode>")."""
     module = module.to(device, dtype, memory_format=torch.channels_last)
     if provider.startswith("fused-"):
         resnet_fused.fuse_(module, backend=provider.removeprefix("fused-"))
+    elif provider == "tuned":
+        resnet_fused.fuse_(module, backend="tune")
     elif provider.startswith("compile-"):
         mode = provider.removeprefix("compile-")
         module = torch.compile(module, mode=None if mode == "default" else mode)
@@ -68,6 +70,7 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                 names = providers(device, compile_modes)
                 fresh_compile_cache()
                 blocks_ = {p: _block(kind, inplanes, planes, p, device, dtype).train(training) for p in names}
+                tuning_s = {p: first_call_s(make(b), device) for p, b in blocks_.items() if p == "tuned"}
                 if device.type == "cuda":
                     copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
                     timings, mem = {}, {}
@@ -83,7 +86,8 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                     rows.append(dict(suite="blocks", case=name, block=kind, shape="x".join(map(str, shape)),
                                      dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
                                      provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                     peak_mem_mb=mem[p], speedup_vs_eager=eager_ms / t.median_ms))
+                                     peak_mem_mb=mem[p], speedup_vs_eager=eager_ms / t.median_ms,
+                                     **({"tuning_s": tuning_s[p]} if p in tuning_s else {})))
                     progress()
     return rows
 

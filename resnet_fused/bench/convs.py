@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from resnet_fused.bench.timing import copies_exceeding_l2, fresh_compile_cache, time_cpu_interleaved, time_cuda
-from resnet_fused.nn.conv_bn import conv_bn_act
+from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, time_cpu_interleaved, time_cuda
+from resnet_fused.nn.conv_bn import FusedConvBNReLU, conv_bn_act
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -96,6 +96,11 @@ def _forward(shape: ConvShape, provider: str, training: bool, device, dtype) -> 
     if provider.startswith("fused-"):
         backend, cache = provider.removeprefix("fused-"), FoldCache()
         return lambda x, r: conv_bn_act(conv, bn, x, r, shape.relu, backend, cache, "conv")
+    if provider == "tuned":
+        layer = FusedConvBNReLU(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, relu=shape.relu,
+                                backend="tune").to(device, dtype, memory_format=torch.channels_last).train(training)
+        layer.conv, layer.bn = conv, bn
+        return layer
 
     def eager(x, r):
         y = bn(conv(x))
@@ -149,6 +154,8 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
             for mode in modes:
                 fresh_compile_cache()
                 forwards = {p: _forward(shape, p, mode != "inference", device, dtype) for p in names}
+                tuning_s = {p: first_call_s(_call(shape, f, mode, batch, device, dtype), device)
+                            for p, f in forwards.items() if p == "tuned"}
                 if device.type == "cuda":  # inputs rotated past L2
                     timings = {p: time_cuda([_call(shape, f, mode, batch, device, dtype) for _ in range(copies)])
                                for p, f in forwards.items()}
@@ -166,7 +173,7 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
                         suite="convs", case=shape.name, shape=shape.label(batch), dtype=str(dtype).removeprefix("torch."),
                         mode=mode, provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                         flops=flops, tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
-                        speedup_vs_eager=eager_ms / t.median_ms,
+                        speedup_vs_eager=eager_ms / t.median_ms, **({"tuning_s": tuning_s[p]} if p in tuning_s else {}),
                     ))
                     progress()
     return rows

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from resnet_fused.bench.blocks import prepare, providers
-from resnet_fused.bench.timing import fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
+from resnet_fused.bench.timing import first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 
 def _model(name: str, provider: str, device, dtype):
@@ -46,6 +46,7 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                     names_ = providers(device, compile_modes)
                     fresh_compile_cache()
                     steps = {p: _step(_model(name, p, device, dtype), x, labels, training) for p in names_}
+                    tuning_s = {p: first_call_s(s, device) for p, s in steps.items() if p == "tuned"}
                     if device.type == "cuda":
                         timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}
                         mem = {p: peak_memory(s, device) for p, s in steps.items()}
@@ -58,7 +59,8 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                                          dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
                                          provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                                          images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem[p],
-                                         speedup_vs_eager=eager_ms / t.median_ms))
+                                         speedup_vs_eager=eager_ms / t.median_ms,
+                                         **({"tuning_s": tuning_s[p]} if p in tuning_s else {})))
                         progress()
     return rows
 

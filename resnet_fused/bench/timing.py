@@ -102,6 +102,18 @@ def time_cuda(fns: Sequence[Callable[[], object]], warmup: int = 10, reps: int =
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of fn's first call, device work included: for the "tuned" provider, the tuner's own
+    measurements (the bench runs with the tuning cache off, so every run tunes afresh)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def fresh_compile_cache() -> None:
     """Forget every torch.compile result before a new case. Each case compiles the same forward code
     object (a module class's or a closure's) for new shapes and modules; kept, the entries pile up,
