@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build, test, sanitize, benchmark; everything lands in OUTDIR.
 #
-#   benchmarks/gpu_check.sh [all|build|test|sanitize|bench|quick|verify] OUTDIR [pytest arguments]
+#   benchmarks/gpu_check.sh STAGE OUTDIR [pytest arguments]
 #
-# Each stage also runs alone, so the whole check fits in a few commands of at most 10 minutes each
-# (all = build test sanitize bench; quick = build, the tests, then a --quick benchmark). `test` takes
-# pytest arguments after OUTDIR to run one part (e.g. tests/test_cuda.py). `verify` (no GPU needed)
-# only checks that OUTDIR fits what a remote machine sends back; every other stage ends with it.
-# OUTDIR receives at most 8 files, each under 16 MB (a remote machine sends back no more):
-#   summary.txt  build.log  test.log  junit.xml  sanitize.log  bench.log  results.csv  results.json
-# Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage),
-# PYTEST_WORKERS (default 8; the GPU is shared between them), BENCH_ARGS (extra bench arguments).
+# STAGE: build | test | sanitize | bench | bench-kernels | bench-blocks | bench-models | bench-graphs
+#        | quick | all | verify
+#   test            the tests (all, or the files / -k given after OUTDIR), 8 xdist workers
+#   sanitize        compute-sanitizer memcheck and racecheck over the small GPU tests
+#   bench-kernels   ops + convs suites, bf16, batch 256 (the bandwidth and conv-epilogue targets)
+#   bench-blocks    blocks suite, bf16, batch 256, with torch.compile
+#   bench-models    resnet18/50, bf16, batch 1 and 256, torch.compile default and max-autotune
+#   bench-graphs    the models at batch 1 as CUDA-graph replays
+#   bench           the four parts above, then the targets table (benchmarks/targets.py)
+#   quick           build, test, then a --quick benchmark;  all: build test sanitize bench
+#   verify          (no GPU needed) checks that OUTDIR fits what a remote machine sends back
+# Each stage fits in a command of at most 10 minutes (all and bench do not: run their parts).
+# OUTDIR receives at most 8 files, each under 16 MB: summary.txt (the short story), gpu_check.log (every
+# log, appended), junit.xml, results-<part>.json.
+# Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage or part),
+# PYTEST_WORKERS (default 8), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
 
 MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
-usage() { echo "usage: $0 [all|build|test|sanitize|bench|quick|verify] OUTDIR [pytest arguments]" >&2; exit 2; }
+STAGES="all|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|quick|verify"
+usage() { echo "usage: $0 [$STAGES] OUTDIR [pytest arguments]" >&2; exit 2; }
 [[ $# -eq 1 ]] && set -- all "$1"
 [[ $# -ge 2 ]] || usage
 stage=$1 out=$2
 shift 2
-case $stage in all|build|test|sanitize|bench|quick|verify) ;; *) usage ;; esac
+[[ "|$STAGES|" == *"|$stage|"* ]] || usage
 [[ $# -eq 0 || $stage == test ]] || usage
 
 # OUTDIR must come back whole: at most MAX_FILES plain files, no folders, none over MAX_BYTES
@@ -50,64 +59,83 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     exit 3
 fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1
-summary="$out/summary.txt"
+summary="$out/summary.txt" log="$out/gpu_check.log"
 note() { echo "$*" | tee -a "$summary"; }
+section() { note "== $* $(date -u +%FT%TZ)"; echo "==== $* $(date -u +%FT%TZ)" >>"$log"; }
 
 run_build() {
-    note "== build $(date -u +%FT%TZ)"
+    section build
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$summary"
     $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' | tee -a "$summary"
     nvcc --version | tail -1 | tee -a "$summary"
-    # the visible GPU's architecture only; all cores
-    local arch
+    local arch t0=$SECONDS
     arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-    local t0=$SECONDS
-    TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . >"$out/build.log" 2>&1
+    # the visible GPU's architecture only; all cores
+    TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$log" 2>&1
     local rc=$?
     note "build (arch $arch): rc=$rc in $((SECONDS - t0)) s"
-    grep -E "ptxas info|spill|error" "$out/build.log" | sort | uniq -c | sort -rn | head -20 | tee -a "$summary"
     $PY -c 'from resnet_fused import backends; print("backends:", backends.available(), "extension has CUDA:", backends.extension_has_cuda())' 2>&1 | tee -a "$summary"
     return $rc
 }
 
 run_tests() {
-    note "== test $(date -u +%FT%TZ)"
-    local t0=$SECONDS
+    section "test $*"
+    local t0=$SECONDS tlog
+    tlog=$(mktemp)
     # one line per test (-v), so a run cut short still says what passed; at the time limit pytest gets
     # SIGINT first, which still prints the failure summary and writes junit.xml
-    timeout -s INT -k 60 "${TEST_TIMEOUT:-330}" $PY -m pytest -v -rfE -n "${PYTEST_WORKERS:-8}" --timeout=240 \
-        -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$out/junit.xml" "$@" >"$out/test.log" 2>&1
+    timeout -s INT -k 60 "${TEST_TIMEOUT:-480}" $PY -m pytest -v -rfE -n "${PYTEST_WORKERS:-8}" --timeout=240 \
+        -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$out/junit.xml" "$@" >"$tlog" 2>&1
     local rc=$?
+    cat "$tlog" >>"$log"
     note "tests ($*): rc=$rc in $((SECONDS - t0)) s"
-    grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error)|Timeout|Fatal Python error|node down" "$out/test.log" | tail -60 | tee -a "$summary"
+    grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error)|Timeout|Fatal Python error|node down" "$tlog" | tail -80 | tee -a "$summary"
+    rm -f "$tlog"
     return $rc
 }
 
 run_sanitize() {
-    note "== sanitize $(date -u +%FT%TZ)"
-    local rc=0 tool
-    : >"$out/sanitize.log"
+    section sanitize
+    local rc=0 tool r
     for tool in memcheck racecheck; do
         timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-            $PY -m pytest -q -p no:cacheprovider -k "small or opcheck" tests/test_cuda.py >>"$out/sanitize.log" 2>&1
-        local r=$?; rc=$((rc | r))
+            $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_ops.py -k "small or opcheck" >>"$log" 2>&1
+        r=$?; rc=$((rc | r))
         note "sanitize $tool: rc=$r"
     done
-    grep -E "ERROR SUMMARY|Invalid|Race" "$out/sanitize.log" | sort | uniq -c | head -20 | tee -a "$summary"
+    grep -E "ERROR SUMMARY" "$log" | tail -4 | tee -a "$summary"
     return $rc
 }
 
-run_bench() {
-    note "== bench $(date -u +%FT%TZ) $*"
-    local t0=$SECONDS dir
+bench_args() {
+    case $1 in
+        kernels) echo "--suite ops --suite convs --dtype bf16 --batch 256" ;;
+        blocks) echo "--suite blocks --dtype bf16 --batch 256 --compile default" ;;
+        models) echo "--suite models --dtype bf16 --batch 1 --batch 256 --compile default --compile max-autotune" ;;
+        graphs) echo "--suite models --dtype bf16 --batch 1 --cuda-graphs" ;;
+        quick) echo "--quick --compile default" ;;
+    esac
+}
+
+run_bench() {  # one part
+    local part=$1 t0=$SECONDS dir
+    section "bench $part: $(bench_args "$part") ${BENCH_ARGS:-}"
     dir=$(mktemp -d)
-    timeout "${BENCH_TIMEOUT:-400}" $PY -m resnet_fused.bench --out "$dir" "$@" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
-    local rc=$?
-    note "bench: rc=$rc in $((SECONDS - t0)) s"
-    cp "$dir"/results.csv "$dir"/results.json "$out"/ 2>/dev/null
-    grep -vE "it/s\]|s/it\]" "$out/bench.log" | tail -80 | tee -a "$summary" >/dev/null
+    # shellcheck disable=SC2046
+    timeout "${BENCH_TIMEOUT:-540}" $PY -m resnet_fused.bench --out "$dir" $(bench_args "$part") ${BENCH_ARGS:-} 2>&1 \
+        | grep -vE "it/s\]|s/it\]" >>"$log"
+    local rc=${PIPESTATUS[0]}
+    note "bench $part: rc=$rc in $((SECONDS - t0)) s"
+    cp "$dir/results.json" "$out/results-$part.json" 2>/dev/null
     return $rc
+}
+
+run_targets() {
+    section targets
+    $PY benchmarks/targets.py --kernels "$out/results-kernels.json" --models "$out/results-models.json" \
+        --graphs "$out/results-graphs.json" 2>&1 | tee -a "$summary"
 }
 
 rc=0
@@ -115,11 +143,12 @@ case $stage in
     build) run_build || rc=1 ;;
     test) run_tests "$@" || rc=1 ;;
     sanitize) run_sanitize || rc=1 ;;
-    bench) run_bench --compile default --compile max-autotune || rc=1 ;;
-    quick) { run_build && run_tests; } || rc=1; run_bench --quick --compile default || rc=1 ;;
-    all) { run_build && run_tests; } || rc=1; run_sanitize || rc=1; run_bench --compile default --compile max-autotune || rc=1 ;;
+    bench-*) run_bench "${stage#bench-}" || rc=1 ;;
+    bench) for part in kernels blocks models graphs; do run_bench $part || rc=1; done; run_targets ;;
+    quick) { run_build && run_tests; } || rc=1; run_bench quick || rc=1 ;;
+    all) { run_build && run_tests; } || rc=1; run_sanitize || rc=1
+         for part in kernels blocks models graphs; do run_bench $part || rc=1; done; run_targets ;;
 esac
 verify_out "$out" || rc=1
 note "gpu_check $stage: rc=$rc"
-[[ $stage == build ]] || grep -vE "it/s\]|s/it\]" "$out/bench.log" 2>/dev/null | tail -60
 exit $rc

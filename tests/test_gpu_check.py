@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh: the parts that need no GPU (arguments, the no-GPU message, the output limits)."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -20,14 +21,15 @@ def _has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("args", [(), ("bogus", "out"), ("build", "out", "extra"), ("bench", "out", "-k", "x")])
+@pytest.mark.parametrize("args", [(), ("bogus", "out"), ("bench-", "out"), ("build", "out", "extra"), ("bench", "out", "-k", "x")])
 def test_bad_arguments_print_usage(args):
     r = _run(*args)
     assert r.returncode == 2 and "usage:" in r.stderr, (r.returncode, r.stderr)
 
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the no-GPU message does not apply")
-@pytest.mark.parametrize("stage", ["all", "build", "test", "sanitize", "bench", "quick"])
+@pytest.mark.parametrize("stage", ["all", "build", "test", "sanitize", "bench", "bench-kernels", "bench-blocks",
+                                   "bench-models", "bench-graphs", "quick"])
 def test_without_gpu_says_so_in_one_line(stage, tmp_path):
     r = _run(stage, tmp_path / "out")
     assert r.returncode == 3, r
@@ -63,3 +65,44 @@ def test_verify_keeps_the_tail_of_an_oversized_log(tmp_path):
     assert r.returncode == 0 and "truncated" in r.stderr, r.stderr
     data = log.read_bytes()
     assert len(data) == MAX_BYTES and data == tail
+
+
+def _row(suite, provider, ms, **kw):
+    return dict(suite=suite, provider=provider, median_ms=ms, dtype="bfloat16", **kw)
+
+
+def test_targets_table_reads_every_target_from_the_files(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import targets
+
+    conv = dict(case="layer1.0.conv1", shape="256x64x56x56>64 k1s1", mode="inference")
+    kernels = [_row("ops", "cuda", 1.0, op="add_relu", shape="s", layout="NHWC", pct_of_copy=95.0),
+               _row("ops", "triton", 1.0, op="bn_act eval", shape="s", layout="NHWC", pct_of_copy=80.0),
+               _row("ops", "eager", 1.0, op="add_relu", shape="s", layout="NHWC", pct_of_copy=50.0),
+               _row("convs", "conv only", 1.0, **conv), _row("convs", "fused-cuda", 1.2, **conv),
+               _row("convs", "tuned", 1.04, **conv), _row("convs", "eager", 2.0, **conv)]
+    m = dict(case="resnet50", shape="256x3x224x224")
+    models = [_row("models", p, ms, mode="inference", **m) for p, ms in
+              (("eager", 30.0), ("compile-max-autotune", 21.0), ("fused-cuda", 20.0), ("tuned", 19.0))]
+    models += [_row("models", p, ms, mode="training", peak_mem_mb=mem, **m) for p, ms, mem in
+               (("eager", 100.0, 1000.0), ("compile-default", 80.0, 900.0), ("fused-triton", 70.0, 700.0))]
+    models.append(_row("models", "eager", 4.0, mode="inference", case="resnet50", shape="1x3x224x224"))
+    graphs = [_row("models", "fused-cuda", 1.5, mode="inference", case="resnet50", shape="1x3x224x224"),
+              _row("models", "eager", 3.0, mode="inference", case="resnet50", shape="1x3x224x224")]
+    for name, rows in (("k", kernels), ("m", models), ("g", graphs)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"environment": {}, "results": rows}))
+    got = {(t[0].split(":")[0] + ":" + t[0].split(":")[1], t[1]): t[2:] for t in targets.targets(kernels, models, graphs)}
+    assert got[("ops add_relu s: % of copy bandwidth", "cuda")] == (95.0, ">= 90", True)
+    assert got[("ops bn_act eval s: % of copy bandwidth", "triton")] == (80.0, ">= 90", False)
+    assert got[("convs layer1.0.conv1 256x64x56x56>64 k1s1 eval: time / cuDNN conv alone", "tuned")][2] is True
+    assert got[("resnet50 inference b256: speedup vs eager", "tuned")] == (30.0 / 19.0, ">= 1.5", True)
+    assert got[("resnet50 inference b256: speedup vs compile-max-autotune", "tuned")][2] is True  # 21/19 = 1.105
+    assert got[("resnet50 training b256: speedup vs eager", "fused-triton")] == (100.0 / 70.0, ">= 1.3", True)
+    assert got[("resnet50 training b256: speedup vs compile-default", "fused-triton")][2] is True  # 80/70 = 1.14
+    assert got[("resnet50 training b256: peak memory / eager's", "fused-triton")] == (0.7, "<= 0.8", True)
+    assert got[("resnet50 inference b1: CUDA-graph fused vs eager", "fused-cuda")] == (4.0 / 1.5, ">= 2", True)
+    targets.main(["--kernels", str(tmp_path / "k.json"), "--models", str(tmp_path / "missing.json")])
+    printed = capsys.readouterr().out
+    assert "MISSED" in printed and "not measured" in printed and "met" in printed
