@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
 from resnet_fused import functional, reference
 
+# fp32 results are compared with eager fp32 (cuDNN) under the eager-error rule: both in IEEE fp32, TF32
+# off (conftest.no_tf32); the Triton conv's TF32 path has its own bound in test_gpu_tf32.py
+pytestmark = pytest.mark.usefixtures("no_tf32")
+
 # (N, Cin, H, Cout, kernel, stride, padding, dilation)
 GEOMETRIES = [
     (2, 8, 9, 16, 3, 1, 1, 1),   # BasicBlock 3x3

@@ -15,6 +15,9 @@ from helpers import FORMATS, activation, assert_within_eager_error, backend_para
 from resnet_fused import functional, reference
 
 OPS = torch.ops.resnet_fused
+# fp32 results are compared with eager fp32 (cuDNN) under the eager-error rule: both in IEEE fp32, TF32
+# off (conftest.no_tf32); the Triton conv's TF32 path has its own bound in test_gpu_tf32.py
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 # chains of (Cout, kernel, stride, padding, groups); the last conv adds the residual and applies ReLU
 BASIC = [(6, 3, 2, 1, 1), (6, 3, 1, 1, 1)]  # BasicBlock, stride 2, odd channels

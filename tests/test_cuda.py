@@ -20,6 +20,10 @@ STAGE_SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bn_act_stage_shapes(backend, dtype, fmt, training, poisoned):
+    """Forward, every gradient and the running statistics against eager in the same dtype and float64,
+    in the 2-norm over each tensor (relative Frobenius error within 2x eager's own): over millions of
+    elements a handful of ReLU masks flip where |z| < 1e-6, in eager and fused alike, and the max norm
+    would measure those coin tosses instead of the arithmetic."""
     for shape in STAGE_SHAPES:
         C = shape[1]
         x = activation(shape, dtype, fmt, "cuda", scale=2.0, offset=0.5)
@@ -37,7 +41,7 @@ def test_bn_act_stage_shapes(backend, dtype, fmt, training, poisoned):
         fused, eager = run(functional.bn_act, backend=backend), run(reference.bn_act)
         exact = run(reference.bn_act, cast=torch.float64)
         for i, (f, e, x64) in enumerate(zip(fused, eager, exact)):
-            assert_within_eager_error(f, e, x64, f"{backend} {shape} {dtype} [{i}]")
+            assert_within_eager_error(f, e, x64, f"{backend} {shape} {dtype} [{i}]", norm="fro")
 
 
 def test_opcheck_cuda_kernel_ops():

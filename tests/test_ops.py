@@ -1,9 +1,12 @@
-"""Every op through torch.library.opcheck, gradcheck in float64, and torch.compile(fullgraph=True)."""
+"""Every op through torch.library.opcheck, gradcheck in float64, and torch.compile(fullgraph=True).
+
+Every input is built on its backend's device (helpers.device_of): CUDA for cuda and triton on a GPU
+machine (where TRITON_INTERPRET is unset and the compiled kernels need CUDA pointers), CPU otherwise."""
 
 import pytest
 import torch
 
-from helpers import CL, NCHW, activation, backend_params, interpreted_triton
+from helpers import CL, NCHW, activation, backend_params, device_of
 from resnet_fused import backends, functional
 
 pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
@@ -12,26 +15,29 @@ OPS = torch.ops.resnet_fused
 SHAPE = (2, 5, 3, 4)
 
 
-def _vec(C=SHAPE[1], positive=False):
-    v = torch.randn(C)
+def _vec(device, C=SHAPE[1], positive=False):
+    v = torch.randn(C, device=device)
     return v.abs() + 0.5 if positive else v
 
 
-def _kernel_op_cases(prefix):
+def _kernel_op_cases(prefix, device):
     """(op, args) for each kernel op, in both layouts, with and without its optional tensors."""
     def op(name):
         return getattr(OPS, prefix + name)
 
+    def vec():
+        return _vec(device)
+
     for fmt in (NCHW, CL):
-        x, r, g, y = (activation(SHAPE, torch.float32, fmt) for _ in range(4))
+        x, r, g, y = (activation(SHAPE, torch.float32, fmt, device) for _ in range(4))
         yield op("add_relu_forward"), (x, r)
         yield op("bn_stats"), (x,)
-        yield op("bn_act_apply"), (x, _vec(), _vec(), r, True)
-        yield op("bn_act_apply"), (x, _vec(), _vec(), None, False)
-        yield op("bn_act_backward_reduce"), (g, x, _vec(), y)
-        yield op("bn_act_backward_reduce"), (g, x, _vec(), None)
-        yield op("bn_act_backward_elemt"), (g, y, x, _vec(), _vec(), _vec(), _vec(), True)
-        yield op("bn_act_backward_elemt"), (g, None, None, None, _vec(), None, None, False)
+        yield op("bn_act_apply"), (x, vec(), vec(), r, True)
+        yield op("bn_act_apply"), (x, vec(), vec(), None, False)
+        yield op("bn_act_backward_reduce"), (g, x, vec(), y)
+        yield op("bn_act_backward_reduce"), (g, x, vec(), None)
+        yield op("bn_act_backward_elemt"), (g, y, x, vec(), vec(), vec(), vec(), True)
+        yield op("bn_act_backward_elemt"), (g, None, None, None, vec(), None, None, False)
 
 
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))
@@ -39,28 +45,33 @@ def test_opcheck_kernel_ops(backend):
     """The C++ kernel ops (CPU here, CUDA in test_cuda.py) and the Triton ones (ops named triton_*)."""
     if backend in ("cuda", "torch"):
         pytest.skip("cuda: covered by tests/test_cuda.py; torch: plain functions, not ops")
-    for op, args in _kernel_op_cases("triton_" if backend == "triton" else ""):
+    device = device_of(backend)
+    for op, args in _kernel_op_cases("triton_" if backend == "triton" else "", device):
+        assert all(a.device.type == device for a in args if isinstance(a, torch.Tensor))
         torch.library.opcheck(op, args)
 
 
 def _autograd_op_cases(backend):
+    device = device_of(backend)
     for fmt in (NCHW, CL):
         def act():
-            return activation(SHAPE, torch.float32, fmt).requires_grad_()
+            return activation(SHAPE, torch.float32, fmt, device).requires_grad_()
 
-        w, b = _vec().requires_grad_(), _vec().requires_grad_()
+        w, b = _vec(device).requires_grad_(), _vec(device).requires_grad_()
+        rm, rv = _vec(device), _vec(device, positive=True)
         yield OPS.add_relu, (act(), act(), backend)
         yield OPS.bn_act_train, (act(), w, b, act(), 1e-5, True, backend)
         yield OPS.bn_act_train, (act(), None, None, None, 1e-3, False, backend)
-        yield OPS.bn_act_eval, (act(), _vec(), _vec(positive=True), w, b, act(), 1e-5, True, backend)
-        yield OPS.bn_act_eval, (act(), _vec(), _vec(positive=True), None, None, None, 1e-5, False, backend)
+        yield OPS.bn_act_eval, (act(), rm, rv, w, b, act(), 1e-5, True, backend)
+        yield OPS.bn_act_eval, (act(), rm.clone(), rv.clone(), None, None, None, 1e-5, False, backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))
 def test_opcheck_autograd_ops(backend):
-    if backend == "cuda":
-        pytest.skip("covered by tests/test_cuda.py on a GPU")
+    """add_relu, bn_act_train, bn_act_eval on each backend, inputs on its device (fp16 / bf16 and
+    conv2d_stats on both GPU backends: tests/test_gpu_ops.py)."""
     for op, args in _autograd_op_cases(backend):
+        assert all(a.device.type == device_of(backend) for a in args if isinstance(a, torch.Tensor))
         torch.library.opcheck(op, args)
 
 
