@@ -391,9 +391,10 @@ def _update_running_stats(running_mean, running_var, mean, var, count: int | Ten
     1 / num_batches_tracked); count: an int, or a 0-dim tensor (all ranks' count, never read on the host)."""
     if running_mean is None or (isinstance(count, int) and count == 0):
         return
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
-        running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype) * momentum)
+    with torch.no_grad():  # one lerp per buffer: running + momentum (batch - running)
+        w = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
+        running_mean.lerp_(mean.to(running_mean.dtype), w)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), w)
 
 
 # ---- conv + bn_act ----

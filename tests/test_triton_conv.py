@@ -3,7 +3,9 @@
 Runs under TRITON_INTERPRET=1 on CPU (one fixed 32x16x16 tile, fp32 in IEEE), or on a GPU.
 """
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ pytest.importorskip("triton")
 
 from helpers import assert_within_eager_error  # noqa: E402
 
+from resnet_fused import reference  # noqa: E402
 from resnet_fused.triton import conv  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -147,8 +150,10 @@ def test_padding_stays_zero(gen, in_relu):
 
 @pytest.mark.parametrize("tile", [(16, 32, 32), (64, 64, 32)], ids=["16x32x32", "64x64x32"])
 def test_other_tiles(gen, tile, monkeypatch):
-    """Other tile shapes: several stats row tiles per config, gathered K blocks spanning taps."""
+    """Other tile shapes: several stats row tiles per config (merged over a tree of 2-row programs),
+    gathered K blocks spanning taps."""
     monkeypatch.setattr(conv._conv, "configs", [conv._config(*tile, 4, 2)])
+    monkeypatch.setattr(conv, "_MERGE_ROWS", 2)
     for name in ("3x3s2p1", "7x7s2p3", "3x3d2p2"):
         _check(_args(gen, GEOMETRIES[name], FUSIONS["all"], torch.float32, CL))
 
@@ -179,3 +184,126 @@ def test_empty(stats):
 @pytest.mark.parametrize("geo", GEOMETRIES.values(), ids=GEOMETRIES.keys())
 def test_conv_bf16(gen, geo):
     _check(_args(gen, geo, FUSIONS["all"], torch.bfloat16, CL))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("where", ["prologue", "epilogue"])
+def test_relu_keeps_nan_and_inf(gen, where):
+    """relu is torch.relu: NaN stays NaN (tl.maximum would return 0), +Inf stays, -Inf becomes 0; in the
+    prologue (NaN / Inf in x) and in the epilogue (in the residual). Against resnet_fused.reference."""
+    a = _args(gen, GEOMETRIES["3x3s1p1"], FUSIONS["plain"], torch.float32, CL)
+    N, Cin, H, W = a["input"].shape
+    Cout = a["weight"].shape[0]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], device=DEVICE)
+    if where == "prologue":
+        a.update(in_scale=_rand(gen, (Cin,)).abs() + 0.5, in_shift=_rand(gen, (Cin,)), in_relu=True)
+        a["input"][0, [1, 5, 9], [0, 3, 6], [2, 4, 7]] = special  # three pixels, far enough apart
+        x = reference.bn_act_apply(a["input"], a["in_scale"], a["in_shift"], None, True)
+        acc = F.conv2d(x.double(), a["weight"].double(), None, 1, 1)
+        exact = acc
+    else:
+        a.update(out_scale=_rand(gen, (Cout,)), out_shift=_rand(gen, (Cout,)), relu=True,
+                 residual=_rand(gen, (N, Cout, H, W), fmt=CL))
+        a["residual"][0, [1, 2, 3], [0, 3, 6], [2, 4, 7]] = special
+        acc = F.conv2d(a["input"].double(), a["weight"].double(), None, 1, 1)
+        exact = reference.bn_act_apply(acc, a["out_scale"], a["out_shift"], a["residual"], True)
+    out, _, _ = conv.conv_bn_act(**a)
+    assert exact.isnan().any() and exact.isinf().any()  # the test has both to get right
+    finite = exact[exact.isfinite()]
+    tol = FP32_REL_TOL * max(finite.abs().max().item(), 1.0)
+    torch.testing.assert_close(out.double(), exact, rtol=FP32_REL_TOL, atol=tol, equal_nan=True)
+
+
+def _b_matrix(w):
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def test_weight_matrix_is_cached_per_weight_and_version(gen):
+    """B is made once per weight, and again after an in-place update or a re-pointed .data."""
+    w = torch.nn.Parameter(_rand(gen, (8, 16, 3, 3)))
+    b = conv._weight_matrix(w)
+    assert conv._weight_matrix(w) is b and torch.equal(b, _b_matrix(w)) and not b.requires_grad
+    with torch.no_grad():
+        w.mul_(2)  # a new _version
+    b2 = conv._weight_matrix(w)
+    assert b2 is not b and torch.equal(b2, _b_matrix(w))
+    w.data = w.data * 3  # a new storage, the version counter untouched
+    b3 = conv._weight_matrix(w)
+    assert b3 is not b2 and torch.equal(b3, _b_matrix(w))
+    other = w.detach().clone()  # equal values, another tensor: its own entry
+    assert conv._weight_matrix(other) is not b3 and conv._weight_matrix(w) is b3
+
+
+def test_weight_cache_entries_die_with_their_weights(gen):
+    w = torch.nn.Parameter(_rand(gen, (8, 16, 3, 3)))
+    conv._weight_matrix(w)
+    n, ref = len(conv._B_CACHE), weakref.ref(w)
+    del w
+    gc.collect()
+    assert ref() is None and len(conv._B_CACHE) == n - 1
+
+
+def test_weight_cache_skipped_under_tracing(gen, monkeypatch):
+    """No entries for fake tensors, inference tensors (no version counter), or under torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = _rand(gen, (8, 16, 3, 3))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(w)
+    with torch.inference_mode():
+        frozen = w.clone()
+    assert not conv._cacheable(fake) and not conv._cacheable(frozen) and conv._cacheable(w)
+    n = len(conv._B_CACHE)
+    assert torch.equal(conv._weight_matrix(frozen), _b_matrix(w)) and len(conv._B_CACHE) == n
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not conv._cacheable(w)
+
+
+def test_conv_follows_in_place_weight_updates(gen):
+    """An optimizer step (in place, under no_grad) between two calls: the second uses the new weight."""
+    a = _args(gen, GEOMETRIES["3x3s2p1"], FUSIONS["epilogue+stats"], torch.float32, NCHW)
+    a["weight"] = torch.nn.Parameter(a["weight"])
+    _check(a)
+    with torch.no_grad():
+        a["weight"].sub_(0.3 * torch.sign(a["weight"]))
+    _check(a)
+
+
+@pytest.mark.parametrize("rows", [None, 8], ids=["default", "tree"])
+def test_merge_stats(gen, rows, monkeypatch):
+    """The statistics merge against float64 Chan: 1000 partial rows of ragged counts, |mean| >> std,
+    40 channels (a ragged channel block); with 8 rows per program a 4-level tree (1000, 125, 16, 2)."""
+    if rows is not None:
+        monkeypatch.setattr(conv, "_MERGE_ROWS", rows)
+    R, C = 1000, 40
+    count = torch.randint(1, 129, (R, C), generator=gen).double()
+    mean = 100 + torch.randn((R, C), generator=gen, dtype=torch.float64)
+    m2 = torch.rand((R, C), generator=gen, dtype=torch.float64) * count
+    partials = torch.stack([count, mean, m2]).float()
+    pad = torch.full((3, 5, C), float("nan"))  # rows past R are never read
+    got_mean, got_var = conv._merge_stats(torch.cat([partials, pad], 1).to(DEVICE), R)
+    count, mean, m2 = partials.double()
+    n = count.sum(0)
+    exact_mean = (count * mean).sum(0) / n
+    exact_var = (m2 + count * (mean - exact_mean) ** 2).sum(0) / n
+    assert got_mean.untyped_storage().data_ptr() != got_var.untyped_storage().data_ptr()  # op outputs: no aliases
+    torch.testing.assert_close(got_mean.double().cpu(), exact_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_var.double().cpu(), exact_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times configs on a GPU only")
+def test_autotune_key_buckets_m(gen):
+    """M = 147 and 245 share the bucket 256: the second call reuses the first's config (no tuning)."""
+    before = len(conv._conv.cache)
+    for n in (3, 5):
+        _check(_args(gen, (n, 16, 8, 7, 7, 3, 1, 1, 1), FUSIONS["plain"], torch.float16, CL))
+    assert len(conv._conv.cache) == before + 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_input_device(gen):
+    """Triton launches on the current device: the launcher makes it the input's."""
+    a = _args(gen, GEOMETRIES["3x3s1p1"], FUSIONS["all"], torch.float16, CL)
+    a = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    with torch.cuda.device(0):
+        _check(a)

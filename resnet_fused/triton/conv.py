@@ -5,16 +5,23 @@ channels_last, the convolution is out (M, Cout) = A (M, K) @ B (K, Cout), where
 
     M = N*Ho*Wo  rows m = (n, ho, wo),          K = KH*KW*Cin  columns k = (kh*KW + kw)*Cin + ci,
     A[m, k] = x'[n, ho*sh - ph + kh*dh, wo*sw - pw + kw*dw, ci]   (zero outside the image: padding),
-    B[k, co] = w[co, ci, kh, kw]                                     (reordered once per call, Cout-fastest).
+    B[k, co] = w[co, ci, kh, kw]                                     (Cout-fastest, cached per weight).
 
 A is never materialized: each program gathers its (BLOCK_M, BLOCK_K) slices of A from x on the fly.
+NCHW inputs and residuals are copied to channels_last first. Read in place, their tiles would have no
+contiguous axis Triton can prove (ci is H*W apart; w runs only to the end of a row of a flat m tile),
+so every element is its own 2-byte load, too small for cp.async: the pipeline then holds in-flight A
+tiles in registers. Compiled for sm_90 (fp16, a 3x3 conv with a residual), that spilled in 4 of 8
+configs, up to 2.8 KB per thread, where channels_last spilled in 2 of 6 (0.7 KB; configs since fixed,
+tests/test_triton_static.py). One copy (read + write of x) costs less.
 
 Prologue (on load, fp32 math, in-bounds elements only, so padding stays exactly zero):
     x' = act(x * in_scale[ci] + in_shift[ci]),  act = relu or identity; then cast back to x's dtype.
 Epilogue (on the fp32 accumulator acc = A @ B):
     out = act(acc * out_scale[co] + out_shift[co] (+ residual)), cast to x's dtype, one store.
+relu is torch.relu: NaN stays NaN (tl.maximum would return 0), -0 stays -0.
 Statistics (training): per-channel count, mean and M2 = sum (acc - mean)^2 of acc (before the
-epilogue) for each BLOCK_M row tile, merged per channel by bn_act's Chan combine kernel.
+epilogue) for each BLOCK_M row tile, merged per channel by a tree of Chan combines (_merge_stats).
 
 Precision. MMAs take x's dtype and accumulate in fp32. fp32 inputs on a GPU use TF32 MMAs (10-bit
 mantissa, ~1e-3 relative error, as cuDNN's convolutions) unless torch.backends.cudnn.allow_tf32 is
@@ -25,35 +32,51 @@ Indices: pixel indices (of x and out) are int32 (asserted < 2^31), element offse
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
-
-from .bn_act import _bn_stats_combine_kernel
+from torch.utils.weak import WeakTensorKeyDictionary
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GATHER_MAX_CIN = 16  # Cin below this: K blocks span (kh, kw) taps (the 7x7 stem, Cin = 3)
-_COMBINE_BLOCK_R = 64
-_COMBINE_MAX_BLOCK_C = 32
+_SMEM_BYTES = 227 * 1024  # shared memory per block on H100 / H200 (and the most on any GPU today)
+_MERGE_BLOCK_R = 64  # statistics merge: partial rows per step,
+_MERGE_ROWS = 4 * _MERGE_BLOCK_R  # rows per program (a tree of fan-in 256),
+_MERGE_MAX_BLOCK_C = 32  # and channels per program
 
 
 def _config(bm, bn, bk, warps, stages):
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
 
 
-# At most 6 configs: each is compiled and timed on the first call of every key. fp16/bf16 smem per
-# stage is (BM + BN) * BK * 2 bytes; configs that do not fit (e.g. fp32 128x256x64 x3) are skipped.
+# Each config is compiled and timed on the first call of every key. Pipelined smem is about
+# num_stages * (BM + BN) * BK * itemsize; configs over _SMEM_BYTES in x's dtype are pruned (fp32:
+# 64x256x64 x3). None spills registers on sm_90 (tests/test_triton_static.py): per thread the fp32
+# accumulator alone is BM * BN / (32 * num_warps) registers, so 128-row tiles take 8 warps (two
+# warpgroups); 128x256 spilled with a residual epilogue even at 8 warps.
 _CONFIGS = [
     _config(128, 128, 64, 8, 3),  # Hopper / Ampere, large M and Cout
-    _config(128, 256, 64, 8, 3),  # Hopper, Cout >= 256 (1x1 expansions)
-    _config(128, 128, 32, 4, 4),  # Ampere
-    _config(128, 64, 64, 4, 4),  # Cout = 64 layers
+    _config(64, 256, 64, 8, 3),  # Cout >= 256 (1x1 expansions)
+    _config(128, 128, 32, 8, 4),  # Ampere
+    _config(128, 64, 64, 8, 4),  # Cout = 64 layers
     _config(64, 128, 64, 4, 4),  # small M (late stages: 14x14, 7x7 maps)
     _config(64, 64, 64, 4, 4),  # small M and Cout
+    _config(128, 64, 64, 8, 2),  # 1x1 with Cin = 64: one K step (two at BK 32), nothing to pipeline;
+    _config(128, 128, 32, 8, 2),  # Cout = 64 and 256 (128x128x64 x2 spilled on the stem, Triton 3.6)
 ]
+# fp32 without TF32 (IEEE) has no tensor-core MMA: tl.dot runs on FMA units, each thread holding its
+# slices of A and B as well; the tiles above spilled there, these do not.
+_FMA_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3), _config(64, 128, 32, 8, 3)]
 _INTERPRET_CONFIGS = [_config(32, 16, 16, 4, 1)]  # the interpreter is slow: one small tile, no tuning
+
+
+@triton.jit
+def _relu(x):
+    # torch.relu: x < 0 -> 0; NaN (x < 0 is false) and -0 pass through
+    return tl.where(x < 0, 0.0, x)
 
 
 @triton.jit
@@ -82,14 +105,14 @@ def _a_coords(i, h0, w0, Cin, num_c, dil_h, dil_w,
     return k, ci, k_ok, h, w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_kernel(
     x_ptr, w_ptr, out_ptr,  # x (N, H, W, Cin), w (K, Cout), out (M, Cout) = (N, Ho, Wo, Cout), dense
     in_scale_ptr, in_shift_ptr,  # prologue, fp32 (Cin,); each None when absent
     out_scale_ptr, out_shift_ptr,  # epilogue, fp32 (Cout,); each None when absent
     res_ptr,  # residual (M, Cout), or None
     count_ptr, mean_ptr, m2_ptr,  # stats partials, fp32 (>= num_m_tiles, Cout) each; None: no stats
-    M, Cin, H, W, Cout, Ho, Wo,
+    M, M_BUCKET, Cin, H, W, Cout, Ho, Wo,  # M_BUCKET = next_power_of_2(M): the autotune key, unused here
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     IN_RELU: tl.constexpr, RELU: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -112,8 +135,9 @@ def _conv_kernel(
     w0 = wo * stride_w - pad_w
 
     # K loop: one flat loop (so it software-pipelines) over the K blocks of A and B.
+    K = KH * KW * Cin
     num_c = tl.cdiv(Cin, BLOCK_K)  # blocked: ci blocks per tap
-    num_k = tl.cdiv(KH * KW * Cin, BLOCK_K) if GATHER_K else KH * KW * num_c
+    num_k = tl.cdiv(K, BLOCK_K) if GATHER_K else KH * KW * num_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(num_k):
         k, ci, k_ok, h, w = _a_coords(i, h0, w0, Cin, num_c, dil_h, dil_w, KH, KW, GATHER_K, BLOCK_K)
@@ -127,7 +151,7 @@ def _conv_kernel(
             if in_shift_ptr is not None:
                 xf += tl.load(in_shift_ptr + ci, mask=k_ok, other=0.0)[None, :]
             if IN_RELU:
-                xf = tl.maximum(xf, 0.0)
+                xf = _relu(xf)
             a = tl.where(a_ok, xf, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0, not act(shift)
         b = tl.load(w_ptr + k[:, None] * Cout + co[None, :], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
@@ -153,13 +177,72 @@ def _conv_kernel(
     if res_ptr is not None:
         y += tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = _relu(y)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+@triton.jit
+def _stats_merge_kernel(
+    in_ptr, in_plane,  # planes (count, mean, M2) of (R, C) partials, fp32, in_plane elements apart
+    out_count_ptr, out_mean_ptr, out_m2_ptr,  # fp32 (cdiv(R, ROWS), C) each; out_count_ptr None: the last level
+    R, C, ROWS,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (j, channel block) merges partial rows [j*ROWS, (j+1)*ROWS) per channel, BLOCK_R rows at
+    # a time in a fixed order (deterministic). A block of rows i is first reduced on its own,
+    #   n_t = sum n_i,  mean_t = sum n_i mean_i / n_t,  M2_t = sum M2_i + n_i (mean_i - mean_t)^2,
+    # then merged into the running stats with Chan's formula, d = mean_t - mean:
+    #   n' = n + n_t,  mean' = mean + d * n_t / n',  M2' = M2 + M2_t + d^2 * n * n_t / n'.
+    # Writes row j of (count, mean, M2); the last level (one row, out_count_ptr None) writes mean and,
+    # to out_m2_ptr, var = M2 / n (biased). Lanes past C keep n = 0 (max(., 1) avoids 0 / 0).
+    j = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_end = tl.minimum(j * ROWS + ROWS, R)
+    n = tl.zeros((BLOCK_C,), tl.float32)
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(j * ROWS, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < r_end)[:, None] & (c < C)[None, :]
+        offs = r[:, None].to(tl.int64) * C + c[None, :]
+        n_i = tl.load(in_ptr + offs, mask=mask, other=0.0)
+        mean_i = tl.load(in_ptr + in_plane + offs, mask=mask, other=0.0)
+        m2_i = tl.load(in_ptr + 2 * in_plane + offs, mask=mask, other=0.0)
+        n_t = tl.sum(n_i, axis=0)
+        mean_t = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_t, 1.0)
+        d_i = mean_i - mean_t[None, :]
+        m2_t = tl.sum(m2_i + n_i * d_i * d_i, axis=0)
+        n_new = tl.maximum(n + n_t, 1.0)
+        delta = mean_t - mean
+        mean += delta * (n_t / n_new)
+        m2 += m2_t + delta * delta * (n * n_t / n_new)
+        n += n_t
+    offs = j.to(tl.int64) * C + c
+    tl.store(out_mean_ptr + offs, mean, mask=c < C)
+    if out_count_ptr is None:
+        tl.store(out_m2_ptr + offs, m2 / tl.maximum(n, 1.0), mask=c < C)
+    else:
+        tl.store(out_count_ptr + offs, n, mask=c < C)
+        tl.store(out_m2_ptr + offs, m2, mask=c < C)
+
+
+def _prune(configs, nargs, **kwargs):
+    # autotune prune: of the configs, the FMA ones for IEEE fp32 on a GPU, the tensor-core ones
+    # otherwise, whose pipelined A and B tiles fit in shared memory in x's dtype; all of them when that
+    # leaves none (a list a test restricted, the interpreter's)
+    fma = not _INTERPRET and nargs["x_ptr"].dtype == torch.float32 and kwargs["DOT_PRECISION"] == "ieee"
+    size = nargs["x_ptr"].element_size()
+    kept = [c for c in configs if (c in _FMA_CONFIGS) == fma
+            and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size <= _SMEM_BYTES]
+    return kept or configs
+
+
 _conv = triton.autotune(
-    configs=_INTERPRET_CONFIGS if _INTERPRET else _CONFIGS,
-    key=["M", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION"],  # + dtypes, implicitly
+    configs=_INTERPRET_CONFIGS if _INTERPRET else _CONFIGS + _FMA_CONFIGS,
+    # M bucketed: a new batch or image size reuses its bucket's choice (no re-tuning, no sync inside
+    # a CUDA-graph capture); dtypes join the key implicitly
+    key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION"],
+    prune_configs_by=dict(early_config_prune=_prune),
 )(_conv_kernel)
 
 
@@ -171,6 +254,55 @@ def _dot_precision(x: torch.Tensor) -> str:
     if x.dtype == torch.float32 and not _INTERPRET and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"  # fp16/bf16 ignore it; fp32 without TF32
+
+
+# weight -> ((version, data_ptr, shape, stride, dtype), B): one entry per live weight (weak keys),
+# replaced when the weight changes in place (a new _version) or is re-pointed. B is a detached copy:
+# it never references the weight, so an entry dies with its weight.
+_B_CACHE = WeakTensorKeyDictionary()
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    # Not under tracing (fake / functional tensors, torch.compile), not for inference tensors (no
+    # version counter), not inside a CUDA-graph capture (the graph must re-read the weight on replay,
+    # and a copy made there holds no values until replay).
+    return (type(weight) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+            and not weight.is_inference()
+            and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """B (K, Cout) dense, B[(kh*KW + kw)*Cin + ci, co] = weight[co, ci, kh, kw]: a B tile is BLOCK_K
+    rows of contiguous Cout (coalesced loads). Made once per weight and version (_B_CACHE)."""
+    Cout = weight.shape[0]
+    if not _cacheable(weight):
+        return weight.permute(2, 3, 1, 0).contiguous().view(-1, Cout)
+    key = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype)
+    hit = _B_CACHE.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():  # no autograd edge back to the weight: the entry must not keep it alive
+        b = weight.permute(2, 3, 1, 0).contiguous().view(-1, Cout)
+    _B_CACHE[weight] = (key, b)
+    return b
+
+
+def _merge_stats(partials: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased var), fp32 (C,) each, of rows [0, R) of partials (3, >= R, C): planes
+    (count, mean, M2). A tree of merges, fan-in _MERGE_ROWS rows per program, each level one 2-D grid
+    (row chunks x channel blocks); the last level (one chunk) writes mean and var."""
+    C = partials.shape[2]
+    block_c = min(triton.next_power_of_2(C), _MERGE_MAX_BLOCK_C)
+    while True:
+        chunks = triton.cdiv(R, _MERGE_ROWS)
+        # the last level's mean and var: two allocations (an op's outputs must not alias each other)
+        merged = partials.new_empty((3, chunks, C)) if chunks > 1 else (None, partials.new_empty(C), partials.new_empty(C))
+        _stats_merge_kernel[(chunks, triton.cdiv(C, block_c))](
+            partials, partials.stride(0), *merged, R, C, _MERGE_ROWS, BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=block_c,
+        )
+        if chunks == 1:
+            return merged[1], merged[2]
+        partials, R = merged, chunks
 
 
 def conv_bn_act(
@@ -207,8 +339,6 @@ def conv_bn_act(
         return out, x.new_zeros(stat_shape, dtype=torch.float32), x.new_zeros(stat_shape, dtype=torch.float32)
     assert weight.dtype == x.dtype and N * H * W < 2**31 and M < 2**31 and KH * KW * Cin * Cout < 2**31
 
-    # B (K, Cout), K = (kh, kw, ci): a B tile is BLOCK_K rows of contiguous Cout (coalesced loads).
-    w = weight.permute(2, 3, 1, 0).contiguous().view(KH * KW * Cin, Cout)
     partials = None
     if stats:  # rows for the smallest BLOCK_M; the launched config fills the first cdiv(M, BLOCK_M)
         min_block_m = min(c.kwargs["BLOCK_M"] for c in _conv.configs)
@@ -217,26 +347,20 @@ def conv_bn_act(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
 
-    _conv[grid](
-        x, w, out,
-        _dense(in_scale), _dense(in_shift), _dense(out_scale), _dense(out_shift),
-        _dense(residual, torch.channels_last),
-        *((partials[0], partials[1], partials[2]) if stats else (None, None, None)),
-        M, Cin, H, W, Cout, Ho, Wo, sh, sw, ph, pw, dh, dw,
-        KH=KH, KW=KW, IN_RELU=in_relu, RELU=relu, GATHER_K=Cin < _GATHER_MAX_CIN,
-        DOT_PRECISION=_dot_precision(x),
-    )
-    if not stats:
-        empty = x.new_empty((0,), dtype=torch.float32)
-        return out, empty, empty.clone()
-
-    # Second level: merge the cdiv(M, BLOCK_M) row-tile partials per channel (Chan, fixed order).
-    num_tiles = triton.cdiv(M, _conv.best_config.kwargs["BLOCK_M"])
-    mean = torch.empty(Cout, dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
-    block_c = min(triton.next_power_of_2(Cout), _COMBINE_MAX_BLOCK_C)
-    _bn_stats_combine_kernel[(triton.cdiv(Cout, block_c),)](
-        partials[0], partials[1], partials[2], mean, var, num_tiles, Cout,
-        BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c,
-    )
+    # Triton launches on the current CUDA device: make it x's
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _conv[grid](
+            x, _weight_matrix(weight), out,
+            _dense(in_scale), _dense(in_shift), _dense(out_scale), _dense(out_shift),
+            _dense(residual, torch.channels_last),
+            *((partials[0], partials[1], partials[2]) if stats else (None, None, None)),
+            M, triton.next_power_of_2(M), Cin, H, W, Cout, Ho, Wo,
+            sh, sw, ph, pw, dh, dw,
+            KH=KH, KW=KW, IN_RELU=in_relu, RELU=relu, GATHER_K=Cin < _GATHER_MAX_CIN,
+            DOT_PRECISION=_dot_precision(x),
+        )
+        if not stats:
+            empty = x.new_empty((0,), dtype=torch.float32)
+            return out, empty, empty.clone()
+        mean, var = _merge_stats(partials, triton.cdiv(M, _conv.best_config.kwargs["BLOCK_M"]))
     return out, mean, var
