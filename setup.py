@@ -65,7 +65,11 @@ def _wheel_cuda_includes() -> list[str]:
     return sorted({d for root in roots for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d)})
 
 
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+# Hidden visibility: the three modules compile the same inline functions (csrc/checks.h, the kernel
+# wrappers of torch/library.h) for different targets (nvcc's host pass, generic, AVX2); each keeps its own,
+# and exports nothing but PyInit_*, so that no module can bind to another's copy however it is loaded.
+VISIBILITY_FLAGS = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", *VISIBILITY_FLAGS]
 # The CPU kernels build once per instruction set: at::vec picks its vector width at compile time.
 CPU_CAPABILITY_FLAGS = {"default": []}
 if platform.machine() in ("x86_64", "AMD64"):
@@ -82,7 +86,10 @@ ext_modules = [
     for capability, flags in CPU_CAPABILITY_FLAGS.items()
 ]
 if with_cuda:
-    nvcc_flags = ["-O3", "-lineinfo"] + [f"-Xcompiler=-idirafter,{d}" for d in _wheel_cuda_includes()]
+    # -Xptxas=-v: ptxas prints each kernel's registers, stack, spill stores / loads and shared memory
+    # into the build log (tests/test_build.py checks the built kernels for spills with cuobjdump)
+    nvcc_flags = ["-O3", "-lineinfo", "-Xptxas=-v", f"-Xcompiler={','.join(VISIBILITY_FLAGS)}"] + [
+        f"-Xcompiler=-idirafter,{d}" for d in _wheel_cuda_includes()]
     ext_modules.append(
         cpp_extension.CUDAExtension(
             name="resnet_fused._C",

@@ -38,10 +38,13 @@ inline void check_channel_vector(const at::Tensor& v, const at::Tensor& ref, con
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// The layout every kernel runs in: channels_last (N, H, W, C) or contiguous (N, C, H, W).
+// The layout every kernel runs in and allocates its outputs in: channels_last (N, H, W, C) when `t` is
+// dense channels_last and not also dense NCHW, else contiguous (N, C, H, W). So C = 1 or H = W = 1
+// (dense in both) is NCHW, and a non-dense input is copied to NCHW. The fakes' rule, word for word
+// (resnet_fused/reference.py `_memory_format`): fake and real outputs get the same strides.
 inline at::MemoryFormat layout_of(const at::Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous;
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
 }
 
 // x laid out densely in fmt (a no-op when it already is); an undefined optional stays undefined.

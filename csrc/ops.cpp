@@ -14,7 +14,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
   // act(input * scale[c] + shift[c] (+ residual)), act = relu if relu else identity
   m.def("bn_act_apply(Tensor input, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
-  // (sum dy, sum dy * (input - mean)) per channel, dy = grad_out * (output > 0) (output=None: no relu)
+  // (sum dy, sum dy * (input - mean)) per channel, dy = grad_out, 0 where output <= 0 (output=None: no relu)
   m.def("bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor? output) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   // grad_input = dy * dy_scale[c] (+ (input - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy if need_grad_residual
   m.def("bn_act_backward_elemt(Tensor grad_out, Tensor? output, Tensor? input, Tensor? mean, Tensor dy_scale, Tensor? x_scale, Tensor? shift, bool need_grad_residual) -> (Tensor grad_input, Tensor grad_residual)");

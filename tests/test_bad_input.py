@@ -1,5 +1,11 @@
 """Bad input raises an error that names the problem, at the public functions and at the C++ ops."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -45,20 +51,69 @@ def test_public_functions_reject_bad_input(call, error, message):
         call()
 
 
+# (call, the error it must raise), evaluated with OPS, torch and _x in scope: as source text, so that a
+# child process can run the same calls
+CPP_BAD_CALLS = [
+    ("OPS.bn_stats(torch.randn(4, 3))", r"bn_stats: expected `input` to be a 4-D \(N, C, H, W\) tensor, got shape \[4, 3\]"),
+    ("OPS.bn_stats(_x(dtype=torch.float64))", r"float32, float16 or bfloat16, got Double"),
+    ("OPS.add_relu_forward(_x(), _x(2, 4, 3, 2))",
+     r"add_relu_forward: `residual` has shape \[2, 4, 3, 2\] but `input` has shape \[2, 4, 3, 3\]"),
+    ("OPS.bn_act_apply(_x(), torch.ones(3), torch.ones(4), None, True)", r"`scale` of shape \[4\].*got shape \[3\]"),
+    ("OPS.bn_act_apply(_x(), torch.ones(4, dtype=torch.float16), torch.ones(4), None, True)", r"`scale` to be float32, got Half"),
+    ("OPS.bn_act_apply(_x(), torch.ones(4), torch.ones(4), _x(dtype=torch.bfloat16), True)",
+     r"`residual` is BFloat16 but `input` is Float"),
+    ("OPS.bn_act_backward_reduce(_x(), _x(), torch.ones(4), _x(1, 4, 3, 3))", r"`output` has shape \[1, 4, 3, 3\]"),
+    ("OPS.bn_act_backward_elemt(_x(), None, _x(), None, torch.ones(4), None, None, False)", r"given together"),
+]
+
+
 @needs_extension
-@pytest.mark.parametrize(
-    "call,message",
-    [
-        (lambda: OPS.bn_stats(torch.randn(4, 3)), r"bn_stats: expected `input` to be a 4-D \(N, C, H, W\) tensor, got shape \[4, 3\]"),
-        (lambda: OPS.bn_stats(_x(dtype=torch.float64)), r"float32, float16 or bfloat16, got Double"),
-        (lambda: OPS.add_relu_forward(_x(), _x(2, 4, 3, 2)), r"add_relu_forward: `residual` has shape \[2, 4, 3, 2\] but `input` has shape \[2, 4, 3, 3\]"),
-        (lambda: OPS.bn_act_apply(_x(), torch.ones(3), torch.ones(4), None, True), r"`scale` of shape \[4\].*got shape \[3\]"),
-        (lambda: OPS.bn_act_apply(_x(), torch.ones(4, dtype=torch.float16), torch.ones(4), None, True), r"`scale` to be float32, got Half"),
-        (lambda: OPS.bn_act_apply(_x(), torch.ones(4), torch.ones(4), _x(dtype=torch.bfloat16), True), r"`residual` is BFloat16 but `input` is Float"),
-        (lambda: OPS.bn_act_backward_reduce(_x(), _x(), torch.ones(4), _x(1, 4, 3, 3)), r"`output` has shape \[1, 4, 3, 3\]"),
-        (lambda: OPS.bn_act_backward_elemt(_x(), None, _x(), None, torch.ones(4), None, None, False), r"given together"),
-    ],
-)
+@pytest.mark.parametrize("call,message", CPP_BAD_CALLS, ids=[f"{i}-{call.split('(')[0][4:]}" for i, (call, _) in
+                                                            enumerate(CPP_BAD_CALLS)])
 def test_cpp_ops_reject_bad_input(call, message):
     with pytest.raises(RuntimeError, match=message):
-        call()
+        eval(call, {"OPS": OPS, "torch": torch, "_x": _x})
+
+
+_CHILD = """
+import re, torch
+import resnet_fused
+OPS = torch.ops.resnet_fused
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(shape or (2, 4, 3, 3)).to(dtype)
+torch.set_num_threads(16)
+# first an aten error (its C++ exception unwinds through torch's frames only), then ours
+for call, message in [("torch.zeros(2) + torch.zeros(3)", "must match")] + %r:
+    print(call, flush=True)
+    try:
+        eval(call)
+    except RuntimeError as e:
+        assert re.search(message, str(e)), (call, str(e))
+    else:
+        raise AssertionError(call + " raised nothing")
+print("ok")
+"""
+
+
+@needs_extension
+def test_cpp_op_errors_in_a_fresh_process():
+    """The C++ errors again, in a child process with 16 threads. The first GPU run (H200, 16 threads,
+    pytest-xdist) lost two workers to a segmentation fault in test_cpp_ops_reject_bad_input, each (by
+    xdist's scheduling) at the first case it ran, i.e. at the first C++ exception thrown through this
+    extension's frames in that process. In a child, such a crash fails this test with its signal, the
+    call it died in, its Python stack and (where gdb is installed) its native stack."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout's resnet_fused first
+    env = {**os.environ, "OMP_NUM_THREADS": "16"}
+    cmd = [sys.executable, "-X", "faulthandler", "-c", _CHILD % (CPP_BAD_CALLS,)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    if result.returncode == 0 and result.stdout.strip().endswith("ok"):
+        return
+    report = f"exit {result.returncode}"
+    if result.returncode < 0:
+        report = f"killed by {signal.Signals(-result.returncode).name}"
+        if shutil.which("gdb"):
+            gdb_cmd = ["gdb", "-q", "-nx", "-batch", "-iex", "set auto-load off", "-ex", "run", "-ex", "bt 40", "--args",
+                       *cmd]
+            gdb = subprocess.run(gdb_cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+            report += "\n--- gdb ---\n" + gdb.stdout[-12000:]
+    pytest.fail(f"{report}\n--- calls ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")

@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
     at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
       Scratch<2> s(C);
       for (int64_t k = begin; k < end; ++k) {
-        // terms (dy, dy * (x - mean)); dy = grad * (out > 0) with a ReLU, else grad
+        // terms (dy, dy * (x - mean)); dy = (out <= 0 ? 0 : grad) with a ReLU, else grad
         if (y.defined()) {
           chunk_sums<3, 1, 2>(ch, k, std::array{gp, xp, y.const_data_ptr<scalar_t>()}, params, s.ptrs(),
                               [](auto v, auto p) {
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_
     T* gi = grad_input.mutable_data_ptr<T>();
     T* gr = need_grad_residual ? grad_residual.mutable_data_ptr<T>() : nullptr;
     // The four variants: with / without ReLU mask (output), training (input, mean, x_scale, shift) or eval.
-    // dy = grad * (out > 0) or grad; grad_input = dy * a (+ (x - mean) * b + c); grad_residual = dy.
+    // dy = (out <= 0 ? 0 : grad) or grad; grad_input = dy * a (+ (x - mean) * b + c); grad_residual = dy.
     auto run = [&](auto inputs, auto params, auto math) {
       if (gr != nullptr) {
         channel_map(g, inputs, params, std::array<T*, 2>{gi, gr}, math);

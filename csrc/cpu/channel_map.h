@@ -51,17 +51,22 @@ inline dVec load_d(const T* p) {
 }
 
 // ---- the same math on a scalar and on a vector ----
+// relu(x) = x < 0 ? 0 : x: NaN stays NaN, as torch.relu (a max(x, 0) may drop it)
 template <typename S>
-inline S relu(S x) { return x > S(0) ? x : S(0); }
+inline S relu(S x) { return x < S(0) ? S(0) : x; }
 template <typename S>
-inline at::vec::Vectorized<S> relu(at::vec::Vectorized<S> x) { return at::vec::clamp_min(x, at::vec::Vectorized<S>(S(0))); }
-// dy = grad * (out > 0): d relu(z)/dz read off the saved output
+inline at::vec::Vectorized<S> relu(at::vec::Vectorized<S> x) {
+  using V = at::vec::Vectorized<S>;
+  return V::blendv(x, V(S(0)), x < V(S(0)));
+}
+// dy = out <= 0 ? 0 : grad: d relu(z)/dz read off the saved output, as aten threshold_backward (a
+// NaN output passes the gradient; a masked-off element gets 0 even where grad is inf / NaN)
 template <typename S>
-inline S relu_mask(S grad, S out) { return out > S(0) ? grad : S(0); }
+inline S relu_mask(S grad, S out) { return out <= S(0) ? S(0) : grad; }
 template <typename S>
 inline at::vec::Vectorized<S> relu_mask(at::vec::Vectorized<S> grad, at::vec::Vectorized<S> out) {
   using V = at::vec::Vectorized<S>;
-  return V::blendv(V(S(0)), grad, out > V(S(0)));
+  return V::blendv(grad, V(S(0)), out <= V(S(0)));
 }
 
 // Geometry of one activation: its layout and how its elements split into runs.

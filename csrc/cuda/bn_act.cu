@@ -93,7 +93,7 @@ struct ApplyOp {
   }
 };
 
-// dy = grad_out (* (output > 0)); grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);
+// dy = grad_out (0 where output <= 0); grad_input = dy * dy_scale[c] (+ (x - mean[c]) * x_scale[c] + shift[c]);
 // grad_residual = dy. x is centred before scaling: no cancellation when |mean| >> std.
 template <typename T>
 struct BackwardElemtOp {
@@ -272,7 +272,7 @@ struct StatsReducer {
   }
 };
 
-// (sum dy, sum dy * (x - mean[c])), dy = grad_out (* (output > 0)). State: the two fp32 sums of the
+// (sum dy, sum dy * (x - mean[c])), dy = grad_out (0 where output <= 0). State: the two fp32 sums of the
 // lane; each thread sums its own share, threads and blocks are merged by trees.
 template <typename T>
 struct BackwardReducer {

@@ -4,10 +4,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
+#include <shared_mutex>
+#include <tuple>
 
 namespace resnet_fused::gpu {
 
@@ -49,12 +54,13 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 
 // ---- activation math (fp32) ----
 
-// max(v, 0), NaN propagating like torch.relu.
+// v < 0 ? 0 : v: NaN stays NaN, as torch.relu (fmaxf(v, 0) would drop it).
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
-// dy = grad * (output > 0): the ReLU gradient read off the saved output (relu(z) > 0 <=> z > 0).
-// A select, like aten threshold_backward: a masked-off element gets 0 even where grad is inf / NaN.
-__device__ __forceinline__ float relu_grad(float grad, float output) { return output > 0.f ? grad : 0.f; }
+// dy = output <= 0 ? 0 : grad: the ReLU gradient read off the saved output (relu(z) > 0 <=> z > 0).
+// A select, as aten threshold_backward: a NaN output passes the gradient, and a masked-off element
+// gets 0 even where grad is inf / NaN.
+__device__ __forceinline__ float relu_grad(float grad, float output) { return output <= 0.f ? 0.f : grad; }
 
 // Chan et al.: merge the Welford state (mean_b, m2_b, n_b) of one set into (mean, m2, n) of another,
 //   n' = n + n_b,  mean' = mean + d * n_b / n',  m2' = m2 + m2_b + d^2 * n * n_b / n',  d = mean_b - mean.
@@ -119,12 +125,25 @@ inline dim3 tile_block(int64_t inner, int max_x = kThreads) {
 }
 
 // Blocks of `threads` threads of `kernel` resident at once on the current device (at least one per
-// SM): the grid of the grid-stride kernels, so that every block is in flight from the start.
+// SM): the grid of the grid-stride kernels, so that every block is in flight from the start. The
+// occupancy query runs once per (device, kernel, block size); later launches read a cache that any
+// thread may fill or read.
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, int threads) {
+  using Key = std::tuple<c10::DeviceIndex, const void*, int>;
+  static std::shared_mutex mutex;
+  static std::map<Key, int64_t> cache;
+  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), threads};
+  {
+    const std::shared_lock<std::shared_mutex> read(mutex);
+    if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  }
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  return int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * std::max(per_sm, 1);
+  const int64_t blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * std::max(per_sm, 1);
+  const std::unique_lock<std::shared_mutex> write(mutex);
+  cache.emplace(key, blocks);  // a racing thread computed the same value: either copy is right
+  return blocks;
 }
 
 constexpr int64_t kMaxGridY = 65535;
