@@ -70,6 +70,7 @@ run_build() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$summary"
     $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' | tee -a "$summary"
     nvcc --version | tail -1 | tee -a "$summary"
+    { c++ --version | head -1; env | grep -E "^(TORCH|CUDA|NCCL|OMP)_" ; } 2>&1 | tee -a "$summary"
     local arch t0=$SECONDS
     arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     # the visible GPU's architecture only; all cores
@@ -82,6 +83,10 @@ run_build() {
 
 run_tests() {
     section "test $*"
+    # first, alone: the C++ ops' error path in a fresh process (a native backtrace if it crashes, as the
+    # first H200 run's xdist workers did)
+    $PY -m pytest -q -p no:cacheprovider tests/test_bad_input.py -k fresh_process >>"$log" 2>&1
+    note "bad-input errors in a fresh process: rc=$?"
     local t0=$SECONDS tlog
     tlog=$(mktemp)
     # one line per test (-v), so a run cut short still says what passed; at the time limit pytest gets
