@@ -99,4 +99,35 @@ inline void check_bn_act_backward_elemt(const at::Tensor& grad_out, const std::o
   }
 }
 
+// A per-channel statistic or parameter read by the coefficient ops: a 1-D float32 / float64 / float16 /
+// bfloat16 vector with as many elements as `ref` (the op's first vector) and on its device.
+inline void check_coeff_vector(const at::Tensor& v, const at::Tensor& ref, const char* op, const char* name,
+                               const char* ref_name) {
+  const auto t = v.scalar_type();
+  RF_CHECK(v.dim() == 1, op, "expected `", name, "` to be a 1-D per-channel vector, got shape ", v.sizes());
+  RF_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, "expected `", name,
+           "` to be float32, float64, float16 or bfloat16, got ", t);
+  RF_CHECK(v.numel() == ref.numel(), op, "`", name, "` has shape ", v.sizes(), " but `", ref_name, "` has shape ",
+           ref.sizes());
+  RF_CHECK(v.device() == ref.device(), op, "`", name, "` is on ", v.device(), " but `", ref_name, "` is on ", ref.device());
+}
+
+inline void check_bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  const char* op = "bn_scale_shift";
+  check_coeff_vector(mean, mean, op, "mean", "mean");
+  check_coeff_vector(var, mean, op, "var", "mean");
+  if (weight.has_value()) check_coeff_vector(*weight, mean, op, "weight", "mean");
+  if (bias.has_value()) check_coeff_vector(*bias, mean, op, "bias", "mean");
+}
+
+inline void check_bn_backward_coeffs(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var,
+                                     const std::optional<at::Tensor>& weight) {
+  const char* op = "bn_backward_coeffs";
+  check_coeff_vector(sum_dy, sum_dy, op, "sum_dy", "sum_dy");
+  check_coeff_vector(sum_dy_xmu, sum_dy, op, "sum_dy_xmu", "sum_dy");
+  check_coeff_vector(var, sum_dy, op, "var", "sum_dy");
+  if (weight.has_value()) check_coeff_vector(*weight, sum_dy, op, "weight", "sum_dy");
+}
+
 }  // namespace resnet_fused

@@ -18,4 +18,8 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor? output) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   // grad_input = dy * dy_scale[c] (+ (input - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy if need_grad_residual
   m.def("bn_act_backward_elemt(Tensor grad_out, Tensor? output, Tensor? input, Tensor? mean, Tensor dy_scale, Tensor? x_scale, Tensor? shift, bool need_grad_residual) -> (Tensor grad_input, Tensor grad_residual)");
+  // scale = weight / sqrt(var + eps), shift = bias - mean * scale per channel (weight None: 1, bias None: 0); fp64 math, fp32 out
+  m.def("bn_scale_shift(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor scale, Tensor shift)");
+  // a = weight * invstd, b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count (eval: b = c = 0), grad_weight = sum_dy_xmu * invstd
+  m.def("bn_backward_coeffs(Tensor sum_dy, Tensor sum_dy_xmu, Tensor var, Tensor? weight, float eps, float count, bool training) -> (Tensor a, Tensor b, Tensor c, Tensor grad_weight)");
 }

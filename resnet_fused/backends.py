@@ -32,7 +32,8 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "tune", "cuda", "triton", "cpu", "torch")
-KERNELS = ("add_relu_forward", "bn_stats", "bn_act_apply", "bn_act_backward_reduce", "bn_act_backward_elemt")
+KERNELS = ("add_relu_forward", "bn_stats", "bn_act_apply", "bn_act_backward_reduce", "bn_act_backward_elemt",
+           "bn_scale_shift", "bn_backward_coeffs")
 
 _global_backend = "auto"
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("resnet_fused_backend", default=None)
@@ -210,7 +211,7 @@ def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
 
 @functools.cache
 def kernels(name: str) -> types.SimpleNamespace:
-    """The five kernel-level functions of a concrete backend, by the names in KERNELS."""
+    """The kernel-level functions of a concrete backend, by the names in KERNELS."""
     if name in ("cpu", "cuda"):
         return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, k) for k in KERNELS})
     if name == "triton":  # ops registered around triton_launchers() by resnet_fused.functional

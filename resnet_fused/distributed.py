@@ -35,7 +35,7 @@ class SyncBnAct(torch.autograd.Function):
         k = backends.kernels(backend)
         mean, var = k.bn_stats(input)
         mean, var, count = _global_stats(mean, var, input.numel() // input.shape[1], group)
-        scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype)
+        scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype, backend)
         out = k.bn_act_apply(input, scale, shift, residual, relu)
         ctx.save_for_backward(input, weight, out if relu else None, mean, var)
         ctx.eps, ctx.relu, ctx.backend, ctx.group, ctx.count = eps, relu, backend, group, count

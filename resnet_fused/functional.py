@@ -4,7 +4,9 @@ Two levels of ops live in the ``resnet_fused`` namespace:
 
 * kernel ops (schemas in csrc/ops.cpp, C++ CPU and CUDA kernels; Triton and plain-PyTorch twins in
   resnet_fused/triton and resnet_fused/reference.py): ``add_relu_forward``, ``bn_stats``,
-  ``bn_act_apply``, ``bn_act_backward_reduce``, ``bn_act_backward_elemt``. Their fakes are here.
+  ``bn_act_apply``, ``bn_act_backward_reduce``, ``bn_act_backward_elemt``, and the per-channel
+  coefficient ops ``bn_scale_shift``, ``bn_backward_coeffs`` (one launch for what was a dozen tiny
+  (C,) ops each). Their fakes are here.
 * autograd ops (``torch.library.custom_op``, defined here): ``add_relu``, ``bn_act_train``,
   ``bn_act_eval``. Each takes the concrete backend as its last argument, runs that backend's
   kernel ops, and has one backward that runs two passes: one reduction, one elementwise.
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
+from resnet_fused import reference as _reference
 from resnet_fused.reference import _memory_format, _stat_dtype  # the layout and statistics dtype rules, defined once
 
 __all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn", "onednn_inference",
@@ -57,12 +60,22 @@ def _bn_act_backward_elemt_fake(grad_out, output, input, mean, dy_scale, x_scale
     return grad_input, grad_residual
 
 
+def _bn_scale_shift_fake(mean, var, weight, bias, eps):
+    return mean.new_empty(mean.shape, dtype=torch.float32), mean.new_empty(mean.shape, dtype=torch.float32)
+
+
+def _bn_backward_coeffs_fake(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
+    return tuple(sum_dy.new_empty(sum_dy.shape, dtype=torch.float32) for _ in range(4))
+
+
 _KERNEL_FAKES = {
     "add_relu_forward": _add_relu_forward_fake,
     "bn_stats": _bn_stats_fake,
     "bn_act_apply": _bn_act_apply_fake,
     "bn_act_backward_reduce": _bn_act_backward_reduce_fake,
     "bn_act_backward_elemt": _bn_act_backward_elemt_fake,
+    "bn_scale_shift": _bn_scale_shift_fake,
+    "bn_backward_coeffs": _bn_backward_coeffs_fake,
 }
 assert set(_KERNEL_FAKES) == set(backends.KERNELS)
 
@@ -132,12 +145,13 @@ _add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
 
 
 def _scale_shift(
-    mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+    mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype, backend: str
 ) -> tuple[Tensor, Tensor]:
-    # batch_norm(x) = (x - mean) * invstd * weight + bias = x * scale + shift; (C,) math in fp64, cheap
-    invstd = torch.rsqrt(var.double() + eps)
-    scale = invstd if weight is None else invstd * weight.double()
-    shift = -mean.double() * scale if bias is None else bias.double() - mean.double() * scale
+    # batch_norm(x) = (x - mean) * invstd * weight + bias = x * scale + shift; (C,) math in fp64.
+    # fp32 (every kernel backend): one bn_scale_shift launch; fp64 (gradcheck, the torch backend): the same math here
+    if dtype == torch.float32:
+        return backends.kernels(backend).bn_scale_shift(mean, var, weight, bias, eps)
+    scale, shift = _reference._scale_shift_fp64(mean, var, weight, bias, eps)
     return scale.to(dtype), shift.to(dtype)
 
 
@@ -164,7 +178,7 @@ def _bn_act_train(
         mean, var = k.bn_stats(input)
     else:
         mean, var = batch_mean.clone(), batch_var.clone()  # an op's outputs may not alias its inputs
-    scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype)
+    scale, shift = _scale_shift(mean, var, eps, weight, bias, mean.dtype, backend)
     return k.bn_act_apply(input, scale, shift, residual, relu), mean, var
 
 
@@ -187,7 +201,7 @@ def _bn_act_eval(
     backend: str,
 ) -> Tensor:
     """act(batch_norm(input) with running statistics + residual)"""
-    scale, shift = _scale_shift(running_mean, running_var, eps, weight, bias, _stat_dtype(input))
+    scale, shift = _scale_shift(running_mean, running_var, eps, weight, bias, _stat_dtype(input), backend)
     return backends.kernels(backend).bn_act_apply(input, scale, shift, residual, relu)
 
 
@@ -230,25 +244,27 @@ def _bn_act_grads(
     k = backends.kernels(backend)
     acc = _stat_dtype(x)
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))  # one layout for both passes
-    # per-channel (C,) coefficients in fp64 (cheap), handed to the kernels in fp32
-    invstd = torch.rsqrt(var.double() + eps)
-    a = invstd if weight is None else invstd * weight.double()
 
-    sum_dy = sum_dy_xmu = None
+    # per-channel (C,) coefficients: fp64 math, handed to the kernels in acc (fp32; fp64 on the torch backend)
+    a = b = c = grad_weight = sum_dy = None
     if (training and needs_x) or needs_w or needs_b:
-        sum_dy, sum_dy_xmu = (s.double() for s in k.bn_act_backward_reduce(grad_out, x, mean.to(acc), out))
+        sum_dy, sum_dy_xmu = k.bn_act_backward_reduce(grad_out, x, mean.to(acc), out)
+        count = x.numel() // x.shape[1]
+        if acc == torch.float32:  # one launch
+            a, b, c, grad_weight = k.bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training)
+        else:
+            a, b, c, grad_weight = (t.to(acc) for t in _reference._backward_coeffs_fp64(
+                sum_dy, sum_dy_xmu, var, weight, eps, count, training))
+    elif needs_x:  # eval, only grad_input = dy * a: a = weight * invstd is bn_scale_shift's scale
+        a = _scale_shift(mean, var, eps, weight, None, acc, backend)[0]
 
     grad_input = grad_residual = None
     need_masked_residual = needs_r and relu
     if needs_x:
         if training:
-            count = x.numel() // x.shape[1]
-            b = -a * invstd.square() * sum_dy_xmu / count
-            c = -a * sum_dy / count
-            coef = (mean.to(acc), a.to(acc), b.to(acc), c.to(acc))
-            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, *coef, need_masked_residual)
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, x, mean.to(acc), a, b, c, need_masked_residual)
         else:
-            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, None, a.to(acc), None, None, need_masked_residual)
+            grad_input, masked = k.bn_act_backward_elemt(grad_out, out, None, None, a, None, None, need_masked_residual)
         if need_masked_residual:
             grad_residual = masked
     elif need_masked_residual:
@@ -256,7 +272,7 @@ def _bn_act_grads(
     if needs_r and not relu:
         grad_residual = grad_out
 
-    grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs_w else None
+    grad_weight = grad_weight.to(weight.dtype) if needs_w else None
     grad_bias = sum_dy.to(bias_dtype) if needs_b else None
     return grad_input, grad_weight, grad_bias, grad_residual
 
@@ -425,7 +441,8 @@ def _conv2d_stats(
     """
     prologue = input_mean is not None
     if prologue:
-        in_scale, in_shift = _scale_shift(input_mean, input_var, input_eps, input_weight, input_bias, input_mean.dtype)
+        in_scale, in_shift = _scale_shift(input_mean, input_var, input_eps, input_weight, input_bias, input_mean.dtype,
+                                          backend)
     if backend == "triton" and groups == 1:
         scale_shift = (in_scale, in_shift, True) if prologue else (None, None, False)
         return torch.ops.resnet_fused.triton_conv_bn_act(input, weight, stride, padding, dilation, *scale_shift,
@@ -466,7 +483,7 @@ def _conv2d_stats_backward(ctx, grad_out, _mean, _var):
     needs_input, needs_weight, *_, needs_in_w, needs_in_b, _ = (*ctx.needs_input_grad, *[False] * 12)[:12]
     a = input
     if prologue:  # a = relu(input * scale + shift), recomputed: one elementwise pass instead of a saved tensor
-        in_scale, in_shift = _scale_shift(in_mean, in_var, ctx.in_eps, in_weight, in_bias, in_mean.dtype)
+        in_scale, in_shift = _scale_shift(in_mean, in_var, ctx.in_eps, in_weight, in_bias, in_mean.dtype, ctx.backend)
         a = backends.kernels(ctx.backend).bn_act_apply(input, in_scale, in_shift, None, True)
     needs_a = needs_input or (prologue and (needs_in_w or needs_in_b))
     grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -670,7 +687,7 @@ def conv_bn_act(
     if triton_conv and not use_batch_stats and not needs_grad:  # BN, residual and ReLU in the epilogue
         # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
         scale, shift = _scale_shift(running_mean - (conv_bias if conv_bias is not None else 0), running_var, eps,
-                                    bn_weight, bn_bias, _stat_dtype(input))
+                                    bn_weight, bn_bias, _stat_dtype(input), name)
         _check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
         return torch.ops.resnet_fused.triton_conv_bn_act(input, conv_weight, list(stride), list(padding), list(dilation),
                                                          None, None, False, scale, shift, residual, relu, False)[0]

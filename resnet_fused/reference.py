@@ -17,6 +17,8 @@ __all__ = [
     "bn_act_apply",
     "bn_act_backward_reduce",
     "bn_act_backward_elemt",
+    "bn_scale_shift",
+    "bn_backward_coeffs",
     "bn_act",
     "conv2d_stats",
     "conv_bn_act",
@@ -126,6 +128,61 @@ def bn_act_backward_elemt(
     else:
         grad_residual = grad_out.new_empty(0)
     return grad_input, grad_residual
+
+
+def _scale_shift_fp64(mean, var, weight, bias, eps):
+    # invstd = 1 / sqrt(var + eps); scale = weight * invstd; shift = bias - mean * scale (weight None: 1, bias None: 0)
+    invstd = torch.rsqrt(var.double() + eps)
+    scale = invstd if weight is None else invstd * weight.double()
+    shift = -mean.double() * scale if bias is None else bias.double() - mean.double() * scale
+    return scale, shift
+
+
+def bn_scale_shift(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_norm(x) = x * scale[c] + shift[c]: scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+
+    Per channel, math in fp64 whatever the inputs' floating dtypes, outputs fp32 (C,) each.
+    weight None means 1, bias None means 0.
+    """
+    return tuple(t.float() for t in _scale_shift_fp64(mean, var, weight, bias, eps))
+
+
+def _backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
+    invstd = torch.rsqrt(var.double() + eps)
+    a = invstd if weight is None else invstd * weight.double()
+    if training:
+        b = -a * invstd.square() * sum_dy_xmu.double() / count
+        c = -a * sum_dy.double() / count
+    else:
+        b = c = torch.zeros_like(a)
+    return a, b, c, sum_dy_xmu.double() * invstd
+
+
+def bn_backward_coeffs(
+    sum_dy: torch.Tensor,
+    sum_dy_xmu: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    count: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-channel coefficients of the batch-norm backward, from bn_act_backward_reduce's sums:
+
+    grad_input = dy * a + (x - mean) * b + c, invstd = 1 / sqrt(var + eps), over `count` values per channel:
+      a = weight * invstd (weight None: 1)
+      training: b = -a * invstd^2 * sum_dy_xmu / count,  c = -a * sum_dy / count
+      eval (statistics are constants): b = c = 0
+    grad_weight = sum_dy_xmu * invstd.
+    Math in fp64 whatever the inputs' floating dtypes, outputs fp32 (C,) each.
+    """
+    return tuple(t.float() for t in _backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training))
 
 
 def bn_act(

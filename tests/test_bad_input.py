@@ -64,6 +64,20 @@ CPP_BAD_CALLS = [
      r"`residual` is BFloat16 but `input` is Float"),
     ("OPS.bn_act_backward_reduce(_x(), _x(), torch.ones(4), _x(1, 4, 3, 3))", r"`output` has shape \[1, 4, 3, 3\]"),
     ("OPS.bn_act_backward_elemt(_x(), None, _x(), None, torch.ones(4), None, None, False)", r"given together"),
+    ("OPS.bn_scale_shift(torch.zeros(4), torch.ones(3), None, None, 1e-5)",
+     r"bn_scale_shift: `var` has shape \[3\] but `mean` has shape \[4\]"),
+    ("OPS.bn_scale_shift(torch.zeros(2, 2), torch.ones(4), None, None, 1e-5)",
+     r"bn_scale_shift: expected `mean` to be a 1-D per-channel vector, got shape \[2, 2\]"),
+    ("OPS.bn_scale_shift(torch.zeros(4), torch.ones(4), torch.ones(4, dtype=torch.int32), None, 1e-5)",
+     r"bn_scale_shift: expected `weight` to be float32, float64, float16 or bfloat16, got Int"),
+    ("OPS.bn_scale_shift(torch.zeros(4), torch.ones(4), None, torch.ones(5), 1e-5)",
+     r"bn_scale_shift: `bias` has shape \[5\] but `mean` has shape \[4\]"),
+    ("OPS.bn_backward_coeffs(torch.zeros(4), torch.zeros(5), torch.ones(4), None, 1e-5, 8.0, True)",
+     r"bn_backward_coeffs: `sum_dy_xmu` has shape \[5\] but `sum_dy` has shape \[4\]"),
+    ("OPS.bn_backward_coeffs(torch.zeros(4), torch.zeros(4), torch.ones(4), torch.ones(4, 1), 1e-5, 8.0, True)",
+     r"bn_backward_coeffs: expected `weight` to be a 1-D per-channel vector, got shape \[4, 1\]"),
+    ("OPS.bn_backward_coeffs(torch.zeros(4, dtype=torch.int64), torch.zeros(4), torch.ones(4), None, 1e-5, 8.0, True)",
+     r"bn_backward_coeffs: expected `sum_dy` to be float32, float64, float16 or bfloat16, got Long"),
 ]
 
 

@@ -58,6 +58,10 @@ def test_opcheck_cuda_kernel_ops():
             (ops.bn_act_backward_reduce, (g, x, v(), y)),
             (ops.bn_act_backward_elemt, (g, y, x, v(), v(), v(), v(), True)),
             (ops.bn_act_backward_elemt, (g, None, None, None, v(), None, None, False)),
+            (ops.bn_scale_shift, (v(), v().abs() + 0.5, v(), v(), 1e-5)),
+            (ops.bn_scale_shift, (v().double(), v().abs().half() + 0.5, None, None, 1e-3)),
+            (ops.bn_backward_coeffs, (v(), v(), v().abs() + 0.5, v(), 1e-5, 60.0, True)),
+            (ops.bn_backward_coeffs, (v().double(), v().double(), v().abs() + 0.5, None, 1e-5, 60.0, False)),
         ]:
             torch.library.opcheck(op, args)
 

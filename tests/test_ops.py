@@ -38,6 +38,14 @@ def _kernel_op_cases(prefix, device):
         yield op("bn_act_backward_reduce"), (g, x, vec(), None)
         yield op("bn_act_backward_elemt"), (g, y, x, vec(), vec(), vec(), vec(), True)
         yield op("bn_act_backward_elemt"), (g, None, None, None, vec(), None, None, False)
+    # the per-channel coefficient ops: (C,) vectors of any floating dtype in, fp32 out
+    pos = _vec(device, positive=True)
+    yield op("bn_scale_shift"), (vec(), pos, vec(), vec(), 1e-5)
+    yield op("bn_scale_shift"), (vec().double(), pos.half(), None, None, 1e-3)
+    yield op("bn_scale_shift"), (vec(), pos, vec().bfloat16(), None, 1e-5)
+    yield op("bn_backward_coeffs"), (vec(), vec(), pos, vec(), 1e-5, 24.0, True)
+    yield op("bn_backward_coeffs"), (vec().double(), vec().double(), pos, None, 1e-5, 24.0, True)
+    yield op("bn_backward_coeffs"), (vec(), vec(), pos.half(), vec().half(), 1e-3, 24.0, False)
 
 
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))

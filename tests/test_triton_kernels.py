@@ -249,6 +249,17 @@ OPS = torch.ops.resnet_fused
         (lambda: OPS.triton_bn_act_backward_reduce(_x(), _x(), _c(), _x(1, 4, 3, 3)), r"`output` is .* of shape \[1, 4, 3, 3\]"),
         (lambda: OPS.triton_bn_act_backward_elemt(_x(), None, _x(), None, _c(), None, None, False),
          r"triton_bn_act_backward_elemt: `input`, `mean`, `x_scale`, `shift` are given together or not at all"),
+        (lambda: OPS.triton_bn_scale_shift(_c(4), _c(3), None, None, 1e-5),
+         r"triton_bn_scale_shift: `var` has shape \[3\] but `mean` has shape \[4\]"),
+        (lambda: OPS.triton_bn_scale_shift(_c(4), _c(4), _x(), None, 1e-5),
+         r"triton_bn_scale_shift: expected `weight` to be a 1-D float32, float64, float16 or bfloat16 per-channel vector, "
+         r"got torch.float32 of shape \[2, 4, 3, 3\]"),
+        (lambda: bn_act.bn_scale_shift(_c(4), _c(4), None, _c(device="meta"), 1e-5),
+         r"triton_bn_scale_shift: expected all tensors on one device, got .*`bias` on meta"),
+        (lambda: OPS.triton_bn_backward_coeffs(_c(4), _c(4), _c(4, dtype=torch.int32), None, 1e-5, 8.0, True),
+         r"triton_bn_backward_coeffs: expected `var` to be .* got torch.int32"),
+        (lambda: OPS.triton_bn_backward_coeffs(_c(4), _c(5), _c(4), None, 1e-5, 8.0, True),
+         r"triton_bn_backward_coeffs: `sum_dy_xmu` has shape \[5\] but `sum_dy` has shape \[4\]"),
     ],
 )
 def test_bad_arguments_raise(call, message):
@@ -268,6 +279,8 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         ("bn_act_apply", (x, c, c, None, True)),
         ("bn_act_backward_reduce", (x, x, c, x)),
         ("bn_act_backward_elemt", (x, x, x, c, c, c, c, True)),
+        ("bn_scale_shift", (c, c, c, c, 1e-5)),
+        ("bn_backward_coeffs", (c, c, c, c, 1e-5, 8.0, True)),
     ]:
         with pytest.raises(RuntimeError, match=rf"resnet_fused::triton_{op}: got tensors on cpu; it takes CUDA tensors "
                                                rf"\(CPU tensors only when TRITON_INTERPRET=1"):

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import inspect
 import os
+import struct
 from typing import NamedTuple
 
 import torch
@@ -226,6 +227,63 @@ def _bn_act_backward_reduce_kernel(
     tl.store(sum_dy_xmu_ptr + ws, acc_dy_xmu, mask=p < P)
 
 
+@triton.jit
+def _f64(hi, lo):
+    # a host fp64 scalar passed as two fp32 arguments (Triton types Python floats as fp32), rejoined
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def _bn_scale_shift_kernel(
+    mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,  # w_ptr / b_ptr: None = 1 / 0
+    C, eps_hi, eps_lo,
+    BLOCK: tl.constexpr,
+):
+    # per channel, in fp64 (IEEE sqrt and division): scale = w / sqrt(var + eps), shift = b - mean * scale; stored as fp32
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < C
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=m, other=1.0).to(tl.float64) + _f64(eps_hi, eps_lo))
+    scale = invstd
+    if w_ptr is not None:
+        scale = invstd * tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float64)
+    ms = tl.load(mean_ptr + c, mask=m, other=0.0).to(tl.float64) * scale
+    shift = -ms
+    if b_ptr is not None:
+        shift = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float64) - ms
+    tl.store(scale_ptr + c, scale.to(tl.float32), mask=m)
+    tl.store(shift_ptr + c, shift.to(tl.float32), mask=m)
+
+
+@triton.jit
+def _bn_backward_coeffs_kernel(
+    sum_dy_ptr, sum_dy_xmu_ptr, var_ptr, w_ptr,  # w_ptr: None = 1
+    a_ptr, b_ptr, c_ptr, grad_w_ptr,
+    C, eps_hi, eps_lo, count_hi, count_lo,
+    TRAINING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # per channel, in fp64: a = w invstd; training: b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count;
+    # eval: b = c = 0; grad_w = sum_dy_xmu invstd; stored as fp32
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < C
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + i, mask=m, other=1.0).to(tl.float64) + _f64(eps_hi, eps_lo))
+    a = invstd
+    if w_ptr is not None:
+        a = invstd * tl.load(w_ptr + i, mask=m, other=1.0).to(tl.float64)
+    sxmu = tl.load(sum_dy_xmu_ptr + i, mask=m, other=0.0).to(tl.float64)
+    tl.store(a_ptr + i, a.to(tl.float32), mask=m)
+    if TRAINING:
+        count = _f64(count_hi, count_lo)
+        b = -a * (invstd * invstd) * sxmu / count  # fp64 division: IEEE round to nearest
+        c = -a * tl.load(sum_dy_ptr + i, mask=m, other=0.0).to(tl.float64) / count
+        tl.store(b_ptr + i, b.to(tl.float32), mask=m)
+        tl.store(c_ptr + i, c.to(tl.float32), mask=m)
+    else:
+        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        tl.store(b_ptr + i, zero, mask=m)
+        tl.store(c_ptr + i, zero, mask=m)
+    tl.store(grad_w_ptr + i, (sxmu * invstd).to(tl.float32), mask=m)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -420,3 +478,91 @@ def bn_act_backward_elemt(
         CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
     )
     return grad_input, grad_residual
+
+
+# ---- the per-channel coefficient ops: (C,) vectors in, fp32 (C,) vectors out ----
+
+_COEFF_BLOCK = 128  # channels per program
+_COEFF_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def vector_launcher(op: str):
+    """Decorates the launcher of a per-channel op whose tensor arguments are all (C,) vectors (None
+    where optional), C = the first one's length. Checks them before any kernel runs and raises
+    RuntimeError naming the op: 1-D, float32 / float64 / float16 / bfloat16, C elements each, on one
+    device Triton runs on here (CUDA; CPU only under TRITON_INTERPRET=1). Then launches on that device."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            tensors = {k: t for k, t in signature.bind(*args, **kwargs).arguments.items() if isinstance(t, torch.Tensor)}
+            (name, first), device = next(iter(tensors.items())), None
+            if len({t.device for t in tensors.values()}) > 1:
+                raise RuntimeError(f"{op}: expected all tensors on one device, got "
+                                   + ", ".join(f"`{k}` on {t.device}" for k, t in tensors.items()))
+            device = first.device
+            if not (device.type == "cuda" or (device.type == "cpu" and _INTERPRET)):
+                raise RuntimeError(
+                    f"{op}: got tensors on {device}; it takes CUDA tensors "
+                    f"(CPU tensors only when TRITON_INTERPRET=1 was set before resnet_fused was imported)"
+                )
+            for k, t in tensors.items():
+                if t.dim() != 1 or t.dtype not in _COEFF_DTYPES:
+                    raise RuntimeError(f"{op}: expected `{k}` to be a 1-D float32, float64, float16 or bfloat16 per-channel "
+                                       f"vector, got {t.dtype} of shape {list(t.shape)}")
+                if t.numel() != first.numel():
+                    raise RuntimeError(f"{op}: `{k}` has shape {list(t.shape)} but `{name}` has shape {list(first.shape)}")
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def _split_f64(x: float) -> tuple[float, float]:
+    """x as hi + lo, both fp32 values (their fp64 sum is x to 48 bits; exact for integers below 2^48)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
+@vector_launcher("resnet_fused::triton_bn_scale_shift")
+def bn_scale_shift(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale = weight / sqrt(var + eps), shift = bias - mean * scale per channel; fp64 math, fp32 (C,) outputs."""
+    C = mean.numel()
+    scale = torch.empty(C, dtype=torch.float32, device=mean.device)
+    shift = torch.empty_like(scale)
+    if C:
+        _bn_scale_shift_kernel[(triton.cdiv(C, _COEFF_BLOCK),)](
+            _dense(mean), _dense(var), _dense(weight), _dense(bias), scale, shift, C, *_split_f64(eps), BLOCK=_COEFF_BLOCK
+        )
+    return scale, shift
+
+
+@vector_launcher("resnet_fused::triton_bn_backward_coeffs")
+def bn_backward_coeffs(
+    sum_dy: torch.Tensor,
+    sum_dy_xmu: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    count: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, c, grad_weight) of the batch-norm backward (see reference.bn_backward_coeffs); fp64 math, fp32 (C,) outputs."""
+    C = sum_dy.numel()
+    a, b, c, grad_weight = (torch.empty(C, dtype=torch.float32, device=sum_dy.device) for _ in range(4))
+    if C:
+        _bn_backward_coeffs_kernel[(triton.cdiv(C, _COEFF_BLOCK),)](
+            _dense(sum_dy), _dense(sum_dy_xmu), _dense(var), _dense(weight), a, b, c, grad_weight,
+            C, *_split_f64(eps), *_split_f64(count), TRAINING=training, BLOCK=_COEFF_BLOCK,
+        )
+    return a, b, c, grad_weight

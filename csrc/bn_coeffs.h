@@ -1,0 +1,102 @@
+// The per-channel math of bn_scale_shift and bn_backward_coeffs, written once for the CPU loop
+// (cpu/bn_coeffs.cpp) and the CUDA kernel (cuda/bn_coeffs.cu): one channel per call, fp64 math on
+// inputs of any floating dtype, fp32 outputs. resnet_fused/reference.py is the specification.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <optional>
+
+#include "checks.h"
+
+namespace resnet_fused::coeffs {
+
+// A (C,) vector of float32 / float64 / float16 / bfloat16 read as fp64; an absent one (nullptr) reads `absent`.
+struct In {
+  const void* p = nullptr;
+  at::ScalarType type = at::kFloat;
+  double absent = 0.0;
+
+  C10_HOST_DEVICE double operator[](int64_t i) const {
+    if (p == nullptr) return absent;
+    switch (type) {
+      case at::kDouble: return static_cast<const double*>(p)[i];
+      case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+      case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+      default: return static_cast<const float*>(p)[i];
+    }
+  }
+};
+
+// `t` (densely laid out: a strided vector is copied once, a dense one is used as is), or `absent` when undefined.
+inline In in(const at::Tensor& t, double absent = 0.0) {
+  return t.defined() ? In{t.const_data_ptr(), t.scalar_type(), absent} : In{nullptr, at::kFloat, absent};
+}
+inline at::Tensor dense_vector(const at::Tensor& t) { return t.contiguous(); }
+inline at::Tensor dense_vector(const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
+
+struct ScaleShift {
+  In mean, var, weight, bias;  // weight absent: 1, bias absent: 0
+  double eps;
+  float *scale, *shift;
+
+  // scale = weight / sqrt(var + eps), shift = bias - mean * scale (no bias: -(mean * scale))
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    const double invstd = 1.0 / ::sqrt(var[c] + eps);
+    const double s = weight.p == nullptr ? invstd : invstd * weight[c];
+    const double ms = mean[c] * s;
+    scale[c] = static_cast<float>(s);
+    shift[c] = static_cast<float>(bias.p == nullptr ? -ms : bias[c] - ms);
+  }
+};
+
+struct BackwardCoeffs {
+  In sum_dy, sum_dy_xmu, var, weight;  // weight absent: 1
+  double eps, count;
+  bool training;
+  float *a, *b, *c, *grad_weight;
+
+  // a = weight invstd; training: b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count; eval: b = c = 0;
+  // grad_weight = sum_dy_xmu invstd
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const double invstd = 1.0 / ::sqrt(var[i] + eps);
+    const double ai = weight.p == nullptr ? invstd : invstd * weight[i];
+    const double sxmu = sum_dy_xmu[i];
+    a[i] = static_cast<float>(ai);
+    b[i] = training ? static_cast<float>(-ai * (invstd * invstd) * sxmu / count) : 0.f;
+    c[i] = training ? static_cast<float>(-ai * sum_dy[i] / count) : 0.f;
+    grad_weight[i] = static_cast<float>(sxmu * invstd);
+  }
+};
+
+// Lays the (checked: check_<op> in checks.h, called first by every backend) inputs out densely and
+// allocates the fp32 outputs; `run(f, C)` applies f to every channel.
+template <class Run>
+std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& mean, const at::Tensor& var,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  const std::optional<at::Tensor>& bias, double eps, Run run) {
+  const at::Tensor m = dense_vector(mean), v = dense_vector(var), w = dense_vector(weight), b = dense_vector(bias);
+  at::Tensor scale = at::empty({m.numel()}, m.options().dtype(at::kFloat));
+  at::Tensor shift = at::empty_like(scale);
+  run(ScaleShift{in(m), in(v), in(w, 1.0), in(b), eps, scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()},
+      m.numel());
+  return {scale, shift};
+}
+
+template <class Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    double eps, double count, bool training, Run run) {
+  const at::Tensor s = dense_vector(sum_dy), sx = dense_vector(sum_dy_xmu), v = dense_vector(var), w = dense_vector(weight);
+  at::Tensor a = at::empty({s.numel()}, s.options().dtype(at::kFloat));
+  at::Tensor b = at::empty_like(a), c = at::empty_like(a), grad_weight = at::empty_like(a);
+  run(BackwardCoeffs{in(s), in(sx), in(v), in(w, 1.0), eps, count, training, a.mutable_data_ptr<float>(),
+                     b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>()},
+      s.numel());
+  return {a, b, c, grad_weight};
+}
+
+}  // namespace resnet_fused::coeffs

@@ -1,0 +1,38 @@
+// The per-channel coefficient ops on the CPU: bn_scale_shift (forward) and bn_backward_coeffs
+// (backward), one plain loop over the channels each (C is small: a few thousand at most).
+#include <torch/library.h>
+
+#include "bn_coeffs.h"
+
+namespace resnet_fused::cpu {
+namespace {
+
+template <class F>
+void for_each_channel(const F& f, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) f(c);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& mean, const at::Tensor& var,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  const std::optional<at::Tensor>& bias, double eps) {
+  check_bn_scale_shift(mean, var, weight, bias);
+  return coeffs::bn_scale_shift(mean, var, weight, bias, eps,
+                                [](const coeffs::ScaleShift& f, int64_t C) { for_each_channel(f, C); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    double eps, double count, bool training) {
+  check_bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight);
+  return coeffs::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training,
+                                    [](const coeffs::BackwardCoeffs& f, int64_t C) { for_each_channel(f, C); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("bn_scale_shift", &bn_scale_shift);
+  m.impl("bn_backward_coeffs", &bn_backward_coeffs);
+}
+
+}  // namespace resnet_fused::cpu
