@@ -21,6 +21,8 @@ Environment:
   RESNET_FUSED_TUNING_CACHE   the JSON file (default $XDG_CACHE_HOME/resnet_fused/tuning.json, or
                               ~/.cache/resnet_fused/tuning.json); "off" keeps choices in memory only
   RESNET_FUSED_TUNING_BUDGET  seconds of timing per signature (default 1.0; at least MIN_ROUNDS rounds)
+  RESNET_FUSED_TUNING_MARGIN  how much faster than eager a fused candidate must be to be chosen
+                              (default 0.05: 5 %, about the run-to-run spread of a busy 2-core machine)
 """
 
 from __future__ import annotations
@@ -247,6 +249,10 @@ def _tune(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, key:
                 logger.warning("resnet_fused tuning: %s cannot run %s: %s", c.name, key, e)
         ms = time_candidates(calls, x.device, budget)
     choice = min(ms, key=ms.get)
+    # a fused candidate must beat eager by the margin: on a busy machine medians move by several
+    # percent between runs, and a coin-flip win would risk a layer slower than eager
+    if EAGER.name in ms and ms[choice] > ms[EAGER.name] * (1 - float(os.environ.get("RESNET_FUSED_TUNING_MARGIN", "0.05"))):
+        choice = EAGER.name
     entry = {"choice": choice, "ms": ms, "tuning_s": time.perf_counter() - start}
     store.put(key, entry)
     logger.info("resnet_fused tuning: %s for %s (%s; %.2f s)", choice, key,

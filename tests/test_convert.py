@@ -57,7 +57,10 @@ def test_timm_resnets(name):
 def test_timm_blocks_with_extras_are_left_alone():
     report = _check_converted_model(lambda: timm.create_model("seresnet18", num_classes=8, pretrained=False),
                                     torch.randn(2, 3, 64, 64), expect_skipped=("se is",))
-    assert not [s for s in report.swapped if s.startswith("layer")], report
+    # the blocks stay whole (se runs between bn2 and the add), their conv -> BN (-> ReLU) pairs are fused
+    assert not [s for s in report.swapped if s.startswith("layer") and "+" not in s], report
+    assert "layer1.0.conv1+bn1+act1" in report.swapped and "layer1.0.conv2+bn2" in report.swapped, report
+    assert not report.bn_left, report
 
 
 def test_hooks_keep_a_block_unfused(caplog):

@@ -237,3 +237,14 @@ def test_candidates_per_device_and_mode():
             assert {"cuda-cudnn-fused", "cuda"} <= set(inference) and "cuda" in training
         if backends.available()["triton"]:
             assert "triton" in inference and {"triton", "triton-defer"} <= set(training)
+
+
+@pytest.mark.parametrize("fused_ms,expected", [(9.7, "eager"), (9.0, "cpu-onednn")])
+def test_fused_must_beat_eager_by_the_margin(monkeypatch, fused_ms, expected):
+    """Eager 10 ms: a fused candidate 3 % faster is within noise (eager stays), 10 % faster wins."""
+    monkeypatch.setattr(tuning, "time_candidates",
+                        lambda calls, device, budget: {n: {"eager": 10.0, "cpu-onednn": fused_ms}.get(n, 20.0) for n in calls})
+    m, x = _block("convbnrelu", "cpu").eval(), _input("convbnrelu", "cpu")
+    with backends.use("tune"), torch.no_grad():
+        m(x)
+    assert [c.name for c in m._tuned_choices.values()] == [expected]

@@ -14,12 +14,12 @@ import os
 
 import torch
 
-from resnet_fused.bench import blocks, convs, environment, models, ops, plots, timing
+from resnet_fused.bench import blocks, convs, coverage, environment, models, ops, plots, timing
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("ops", "convs", "blocks", "models")
+SUITES = ("ops", "convs", "blocks", "models", "coverage")  # coverage: only when asked for (--suite coverage)
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     timing.use_cuda_graphs(args.cuda_graphs and device.type == "cuda")
     gpu = device.type == "cuda"
-    suites = args.suite or list(SUITES)
+    suites = args.suite or [s for s in SUITES if s != "coverage"]
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if gpu else ["fp32"]))]
     few = args.quick or not gpu
     plan = {}
@@ -71,10 +71,12 @@ def main(argv=None) -> None:
         convs.count(plan["convs"]["shapes"], dtypes, plan["convs"]["modes"], device, args.compile) if "convs" in plan else 0,
         blocks.count(plan["blocks"]["stages"], dtypes, device, args.compile) if "blocks" in plan else 0,
         models.count(plan["models"]["names"], plan["models"]["batches"], dtypes, device, args.compile) if "models" in plan else 0,
+        coverage.count(args.quick) if "coverage" in suites else 0,
     ])
 
     env = environment.describe(device)
-    print(f"resnet_fused bench on {env['device']}: torch {env['torch']}, triton {env['triton']}; suites {', '.join(plan)}")
+    print(f"resnet_fused bench on {env['device']}: torch {env['torch']}, triton {env['triton']}; "
+          f"suites {', '.join([*plan, *(['coverage'] if 'coverage' in suites else [])])}")
     rows = []
     with tqdm(total=total, unit="case") as bar:
         if "ops" in plan:
@@ -90,6 +92,13 @@ def main(argv=None) -> None:
             p = plan["models"]
             rows += models.run(p["names"], p["batches"], p["resolution"], dtypes, device, args.compile, args.quick,
                                progress=bar.update)
+        if "coverage" in suites:  # CPU, fp32: its own table and files (coverage.json / .csv / .png)
+            cov_rows, cov_summary = coverage.run(args.quick, progress=bar.update)
+            cov_written = coverage.write(cov_rows, cov_summary, env, args.out)
+            print(coverage.format_table(cov_rows, cov_summary))
+            print("\nwrote " + ", ".join(cov_written))
+    if not rows:
+        return
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

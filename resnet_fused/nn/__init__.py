@@ -4,6 +4,7 @@ the ResNet paper, and the InstanceNorm residual block."""
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
 from resnet_fused.nn.conv_bn import FusedConvBNReLU
 from resnet_fused.nn.instance_norm import FusedInstanceNormResBlock
+from resnet_fused.nn.norms import FusedFrozenBNBasicBlock, FusedFrozenBNBottleneck
 from resnet_fused.nn.shortcut import ShortcutA, make_shortcut
 
-__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedConvBNReLU", "FusedInstanceNormResBlock", "ShortcutA", "make_shortcut"]
+__all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedFrozenBNBasicBlock", "FusedFrozenBNBottleneck", "FusedConvBNReLU", "FusedInstanceNormResBlock", "ShortcutA", "make_shortcut"]
