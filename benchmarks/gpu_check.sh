@@ -91,6 +91,9 @@ run_tests() {
     tlog=$(mktemp)
     # one line per test (-v), so a run cut short still says what passed; at the time limit pytest gets
     # SIGINT first, which still prints the failure summary and writes junit.xml
+    # the Triton conv autotunes over one config (numerics, not speed; a compile per config on a cold
+    # cache); RESNET_FUSED_TRITON_AUTOTUNE=1 in the environment keeps full tuning
+    RESNET_FUSED_TRITON_AUTOTUNE=${RESNET_FUSED_TRITON_AUTOTUNE:-0} \
     timeout -s INT -k 60 "${TEST_TIMEOUT:-480}" $PY -m pytest -v -rfE -n "${PYTEST_WORKERS:-8}" --timeout=240 \
         -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$out/junit.xml" "$@" >"$tlog" 2>&1
     local rc=$?

@@ -307,3 +307,14 @@ def test_runs_on_the_input_device(gen):
     a = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in a.items()}
     with torch.cuda.device(0):
         _check(a)
+
+
+def test_autotune_off_keeps_one_config(monkeypatch):
+    """RESNET_FUSED_TRITON_AUTOTUNE=0 (the GPU test runs): the first fitting config only, no timing."""
+    from resnet_fused.triton import conv
+
+    nargs = {"x_ptr": torch.empty(1, dtype=torch.float16)}
+    all_fitting = conv._prune(conv._CONFIGS + conv._FMA_CONFIGS, nargs, DOT_PRECISION="tf32")
+    assert len(all_fitting) > 1
+    monkeypatch.setenv("RESNET_FUSED_TRITON_AUTOTUNE", "0")
+    assert conv._prune(conv._CONFIGS + conv._FMA_CONFIGS, nargs, DOT_PRECISION="tf32") == all_fitting[:1]
