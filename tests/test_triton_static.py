@@ -77,6 +77,13 @@ def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
         reduce(y, y, c, y)
         elemt(y, y, y, c, c, c, c, True)
         add(y, y)
+    # the per-channel coefficient launchers: fp32 (C,) vectors whatever the activation dtype
+    scale_shift, coeffs = (getattr(f, "__wrapped__", f) for f in (bn_act.bn_scale_shift, bn_act.bn_backward_coeffs))
+    c = vec(256)
+    case[1] = "per-channel"
+    scale_shift(c, c, c, c, 1e-5)
+    for training in (True, False):
+        coeffs(c, c, c, c, 1e-5, 802816.0, training)
 
 
 @contextlib.contextmanager
