@@ -214,6 +214,7 @@ def _bn_act_train_setup(ctx, inputs, output):
     input, weight, bias, residual, eps, relu, backend, _, _ = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var (two launches each step)
     ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(input, weight, out if relu else None, mean, var)
@@ -277,7 +278,9 @@ def _bn_act_grads(
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
-def _bn_act_backward(ctx, grad_out: Tensor, training: bool):
+def _bn_act_backward(ctx, grad_out: Tensor | None, training: bool):
+    if grad_out is None:  # out took no gradient (set_materialize_grads(False) in training)
+        return (None,) * 9
     x, weight, out, mean, var = ctx.saved_tensors
     # training inputs: (input, weight, bias, residual, ...); eval: (input, running_mean, running_var, weight, bias, residual, ...)
     needs = tuple(ctx.needs_input_grad[i] for i in ((0, 1, 2, 3) if training else (0, 3, 4, 5)))
@@ -467,6 +470,7 @@ def _(input, weight, stride, padding, dilation, groups, backend, input_mean=None
 def _conv2d_stats_setup(ctx, inputs, output):
     input, weight, stride, padding, dilation, groups, backend, in_mean, in_var, in_weight, in_bias, in_eps = inputs
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
     ctx.conv = (stride, padding, dilation, groups)
     ctx.backend, ctx.in_eps = backend, in_eps
     ctx.in_bias_dtype = in_bias.dtype if in_bias is not None else None
@@ -476,6 +480,8 @@ def _conv2d_stats_setup(ctx, inputs, output):
 def _conv2d_stats_backward(ctx, grad_out, _mean, _var):
     # the statistics' dependence on y is the next BN backward's business (bn_act_train, or this op's
     # prologue backward in the next convolution)
+    if grad_out is None:  # y took no gradient (set_materialize_grads(False))
+        return (None,) * 12
     input, weight, in_mean, in_var, in_weight, in_bias = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     prologue = in_mean is not None
