@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..reference import _memory_format
+from .welford import chan_merge, reduce_partials
 
 _TILE = 2048  # elements per (BLOCK_P, BLOCK_S) tile
 _MAX_BLOCK_C = 64  # channels_last: at most this many channels per tile
@@ -143,12 +144,7 @@ def _bn_stats_partial_kernel(
         n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)  # same for every plane of the tile
         mean_t = tl.sum(x, axis=1) / n_t
         d = tl.where(mask, x - mean_t[:, None], 0.0)
-        m2_t = tl.sum(d * d, axis=1)
-        n_new = n + n_t
-        delta = mean_t - mean
-        mean += delta * (n_t / n_new)
-        m2 += m2_t + delta * delta * (n * n_t / n_new)
-        n = n_new
+        n, mean, m2 = chan_merge(n, mean, m2, n_t, mean_t, tl.sum(d * d, axis=1))
 
     ws = ((p // C) * tl.cdiv(S, CHUNK_S) + k) * C + p % C  # partial (row, channel)
     tl.store(count_ptr + ws, tl.zeros((BLOCK_P,), tl.float32) + n, mask=p < P)
@@ -178,15 +174,7 @@ def _bn_stats_combine_kernel(
         n_i = tl.load(count_ptr + offs, mask=mask, other=0.0)
         mean_i = tl.load(mean_ptr + offs, mask=mask, other=0.0)
         m2_i = tl.load(m2_ptr + offs, mask=mask, other=0.0)
-        n_t = tl.sum(n_i, axis=0)
-        mean_t = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_t, 1.0)  # max(): lanes past C have n = 0
-        d_i = mean_i - mean_t[None, :]
-        m2_t = tl.sum(m2_i + n_i * d_i * d_i, axis=0)
-        n_new = tl.maximum(n + n_t, 1.0)
-        delta = mean_t - mean
-        mean += delta * (n_t / n_new)
-        m2 += m2_t + delta * delta * (n * n_t / n_new)
-        n += n_t
+        n, mean, m2 = chan_merge(n, mean, m2, *reduce_partials(n_i, mean_i, m2_i))
     tl.store(out_mean_ptr + c, mean, mask=c < C)
     tl.store(out_var_ptr + c, m2 / tl.maximum(n, 1.0), mask=c < C)
 
@@ -234,6 +222,16 @@ def _f64(hi, lo):
 
 
 @triton.jit
+def _invstd_and_scale(var_ptr, w_ptr, c, m, eps):
+    # per channel, in fp64 (IEEE sqrt and division): invstd = 1 / sqrt(var + eps), and w * invstd (w_ptr None: 1)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=m, other=1.0).to(tl.float64) + eps)
+    scale = invstd
+    if w_ptr is not None:
+        scale = invstd * tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float64)
+    return invstd, scale
+
+
+@triton.jit
 def _bn_scale_shift_kernel(
     mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,  # w_ptr / b_ptr: None = 1 / 0
     C, eps_hi, eps_lo,
@@ -242,10 +240,7 @@ def _bn_scale_shift_kernel(
     # per channel, in fp64 (IEEE sqrt and division): scale = w / sqrt(var + eps), shift = b - mean * scale; stored as fp32
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = c < C
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=m, other=1.0).to(tl.float64) + _f64(eps_hi, eps_lo))
-    scale = invstd
-    if w_ptr is not None:
-        scale = invstd * tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float64)
+    _, scale = _invstd_and_scale(var_ptr, w_ptr, c, m, _f64(eps_hi, eps_lo))
     ms = tl.load(mean_ptr + c, mask=m, other=0.0).to(tl.float64) * scale
     shift = -ms
     if b_ptr is not None:
@@ -265,10 +260,7 @@ def _bn_backward_coeffs_kernel(
     # eval: b = c = 0; grad_w = sum_dy_xmu invstd; stored as fp32
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < C
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + i, mask=m, other=1.0).to(tl.float64) + _f64(eps_hi, eps_lo))
-    a = invstd
-    if w_ptr is not None:
-        a = invstd * tl.load(w_ptr + i, mask=m, other=1.0).to(tl.float64)
+    invstd, a = _invstd_and_scale(var_ptr, w_ptr, i, m, _f64(eps_hi, eps_lo))
     sxmu = tl.load(sum_dy_xmu_ptr + i, mask=m, other=0.0).to(tl.float64)
     tl.store(a_ptr + i, a.to(tl.float32), mask=m)
     if TRAINING:

@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .welford import chan_merge, reduce_partials
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _GATHER_MAX_CIN = 16  # Cin below this: K blocks span (kh, kw) taps (the 7x7 stem, Cin = 3)
 _SMEM_BYTES = 227 * 1024  # shared memory per block on H100 / H200 (and the most on any GPU today)
@@ -208,15 +210,7 @@ def _stats_merge_kernel(
         n_i = tl.load(in_ptr + offs, mask=mask, other=0.0)
         mean_i = tl.load(in_ptr + in_plane + offs, mask=mask, other=0.0)
         m2_i = tl.load(in_ptr + 2 * in_plane + offs, mask=mask, other=0.0)
-        n_t = tl.sum(n_i, axis=0)
-        mean_t = tl.sum(n_i * mean_i, axis=0) / tl.maximum(n_t, 1.0)
-        d_i = mean_i - mean_t[None, :]
-        m2_t = tl.sum(m2_i + n_i * d_i * d_i, axis=0)
-        n_new = tl.maximum(n + n_t, 1.0)
-        delta = mean_t - mean
-        mean += delta * (n_t / n_new)
-        m2 += m2_t + delta * delta * (n * n_t / n_new)
-        n += n_t
+        n, mean, m2 = chan_merge(n, mean, m2, *reduce_partials(n_i, mean_i, m2_i))
     offs = j.to(tl.int64) * C + c
     tl.store(out_mean_ptr + offs, mean, mask=c < C)
     if out_count_ptr is None:
