@@ -45,6 +45,19 @@ def no_tf32():
 
 
 @pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's deterministic algorithms, no benchmark search, restored after: its weight-gradient
+    algorithms may reorder their sums between runs (atomics), which opcheck's twice-run comparison and
+    the bitwise determinism tests would see."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.fixture
 def one_conv_config(monkeypatch):
     """The Triton conv's autotuner restricted to one config (with a cache of its own, so no choice leaks to
     other tests), for numerics tests on a GPU: every config of every kernel specialization is compiled on

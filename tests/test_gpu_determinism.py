@@ -74,16 +74,6 @@ def test_ops_are_bitwise_deterministic(device, backend, dtype):
             assert_bitwise_equal(a.detach(), b2.detach(), f"{backend} {dtype} {fmt} {name}")
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
 @pytest.mark.parametrize("device,backend", device_backend_params(cpu_variants=("cpu", "triton")))
 def test_conv_chain_is_bitwise_deterministic(device, backend, deterministic_cudnn):
     """conv_bn_defer -> conv_bn_act(input_bn=) in training (Triton: statistics in the conv epilogue, the

@@ -27,18 +27,6 @@ def _skip_unsupported(device, backend, dtype):
         pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md); bf16 Triton runs on a GPU")
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """opcheck runs the op twice and compares: cuDNN's weight-gradient algorithms may reorder their sums
-    between runs (atomics), which in fp16 / bf16 can exceed assert_close's tolerance. Restored after."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
 def _vec(C, device, positive=False):
     v = torch.randn(C, device=device)
     return v.abs() + 0.5 if positive else v

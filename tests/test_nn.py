@@ -10,26 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import CL, NCHW, FORMATS, assert_within_eager_error
+from helpers import CL, NCHW, FORMATS, assert_within_eager_error, randomize_bn
 from resnet_fused import functional, models
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, FusedInstanceNormResBlock, ShortcutA, make_shortcut
 
 TV = torchvision.models.resnet
-
-
-def randomize_bn(model: nn.Module, gain=(0.5, 1.5)) -> nn.Module:
-    """Non-default BN parameters and buffers, so that eval mode tests something. Deep networks take a
-    smaller gain, so that activations and gradients keep their scale through the blocks."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.uniform_(*gain)
-                    m.bias.uniform_(-0.3, 0.3)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.3, 0.3)
-                    m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def run(model, x, grad, training):
