@@ -152,12 +152,20 @@ class _Store:
             warnings.warn(f"resnet_fused: ignoring the tuning cache {path} ({e}); layers will be tuned again", stacklevel=4)
             return {}
 
+    def _load(self) -> None:  # under self.lock
+        if not self.loaded:
+            self.entries = {**self.read_file(), **self.entries}
+            self.loaded = True
+
     def get(self, key: str) -> dict | None:
         with self.lock:
-            if not self.loaded:
-                self.entries = {**self.read_file(), **self.entries}
-                self.loaded = True
+            self._load()
             return self.entries.get(key)
+
+    def all(self) -> dict[str, dict]:
+        with self.lock:
+            self._load()
+            return dict(self.entries)
 
     def put(self, key: str, entry: dict) -> None:
         with self.lock:
@@ -187,9 +195,8 @@ store = _Store()
 
 def report() -> str:
     """One line per signature seen by this process or found in the cache file: the choice and the times."""
-    store.get("")  # load the file
     lines = []
-    for key, e in sorted(store.entries.items()):
+    for key, e in sorted(store.all().items()):
         times = ", ".join(f"{n} {ms:.3f} ms" for n, ms in sorted(e.get("ms", {}).items(), key=lambda kv: kv[1]))
         lines.append(f"{e['choice']:<18} {key}  [{times}; tuned in {e.get('tuning_s', 0):.2f} s]")
     return "\n".join(lines) or "no tuned layers yet"
