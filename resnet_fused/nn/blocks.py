@@ -21,6 +21,7 @@ class _FusedBlock(nn.Module):
     """What both blocks share: the shortcut, the fold cache, the backend. Class-level defaults let
     resnet_fused.fuse_ turn a torchvision or timm block into a fused one in place."""
 
+    num_convs: int  # conv{i} -> bn{i} stages, i = 1..num_convs: 2 (BasicBlock) or 3 (Bottleneck)
     backend: str | None = None
     shortcut: bool = True  # False: the paper's plain network (no identity, no projection)
     process_group = None  # a torch.distributed group: BN statistics over all its ranks (nn.SyncBatchNorm)
@@ -35,7 +36,7 @@ class _FusedBlock(nn.Module):
         return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, backend, self._folds,
                            f"conv{i}", self.process_group, input_bn)
 
-    def _defers(self, x: torch.Tensor, num_convs: int, backend: str | None) -> bool:
+    def _defers(self, x: torch.Tensor, backend: str | None) -> bool:
         """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
         (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN;
         a tuner's Variant may turn it off."""
@@ -43,42 +44,36 @@ class _FusedBlock(nn.Module):
             self.process_group is None
             and backends.variant().defer is not False
             and backends.resolve(backend, x) == "triton"
-            and all(can_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, num_convs))
-            and is_fusable_conv(getattr(self, f"conv{num_convs}"))
-            and is_plain_batchnorm(getattr(self, f"bn{num_convs}"))
+            and all(can_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs))
+            and is_fusable_conv(getattr(self, f"conv{self.num_convs}"))
+            and is_plain_batchnorm(getattr(self, f"bn{self.num_convs}"))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if backends.tuned(self.backend, x):
             return tuning.run(self, x)
-        return self._conv_chain(x, self.num_convs, self.backend)
+        return self._run_fused(x, self.backend)
 
     # the tuner's two ways to run this block: fused on a backend (a Variant in force), or eager
-    def _run_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return self._conv_chain(x, self.num_convs, backend)
-
-    def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
-        return self._eager_chain(x, self.num_convs)
-
-    def _conv_chain(self, x: torch.Tensor, num_convs: int, backend: str | None) -> torch.Tensor:
+    def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
         BN + ReLU to the next conv's loads where _defers says so."""
         identity = self._identity(x, backend)
-        defer = self._defers(x, num_convs, backend)
+        defer = self._defers(x, backend)
         out, deferred = x, None
-        for i in range(1, num_convs):
+        for i in range(1, self.num_convs):
             if defer:
                 out, deferred = conv_bn_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out, backend, deferred)
             else:
                 out = self._conv_bn(i, out, backend)
-        return self._conv_bn(num_convs, out, backend, residual=identity, input_bn=deferred)
+        return self._conv_bn(self.num_convs, out, backend, residual=identity, input_bn=deferred)
 
-    def _eager_chain(self, x: torch.Tensor, num_convs: int) -> torch.Tensor:
+    def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The same block as torchvision runs it, module by module (the tuner's "eager" candidate)."""
         out = x
-        for i in range(1, num_convs + 1):
+        for i in range(1, self.num_convs + 1):
             out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            out = torch.relu(out) if i < num_convs else out
+            out = torch.relu(out) if i < self.num_convs else out
         if self.shortcut:
             out = out + (x if self.downsample is None else self.downsample(x))
         return torch.relu(out)
