@@ -22,6 +22,7 @@ __all__ = [
     "bn_act",
     "conv2d_stats",
     "conv_bn_act",
+    "cudnn_conv_act",
 ]
 
 _CHANNEL = (0, 2, 3)  # reduce over N, H, W
@@ -251,3 +252,19 @@ def conv_bn_act(
     """act(batch_norm(conv2d(input, ...)) + residual) in eager PyTorch: what the fused convolution replaces."""
     y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual, relu)
+
+
+def cudnn_conv_act(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> torch.Tensor:
+    """relu(conv2d(input, weight, bias) (+ residual)): what the op resnet_fused::cudnn_conv_act computes in
+    one cuDNN call (the `cuda` backend's inference, on BN-folded weights)."""
+    y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return torch.relu(y + residual if residual is not None else y)

@@ -131,3 +131,11 @@ def test_cpp_op_errors_in_a_fresh_process():
             gdb = subprocess.run(gdb_cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
             report += "\n--- gdb ---\n" + gdb.stdout[-12000:]
     pytest.fail(f"{report}\n--- calls ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")
+
+
+def test_cudnn_conv_act_rejects_cpu_tensors():
+    """resnet_fused::cudnn_conv_act is CUDA-only (conv_act never routes other tensors to it): a CPU call
+    says which op and which backend."""
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    with pytest.raises(NotImplementedError, match=r"resnet_fused::cudnn_conv_act.*'CPU' backend"):
+        torch.ops.resnet_fused.cudnn_conv_act(x, w, None, None, [1, 1], [1, 1], [1, 1], 1)

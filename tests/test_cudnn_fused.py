@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_fused import backends, functional
+from resnet_fused import backends, functional, reference
 from resnet_fused.nn import FusedConvBNReLU
-from tests.helpers import CL, NCHW, activation, assert_within_eager_error
+from helpers import CL, NCHW, activation, assert_within_eager_error
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and backends.available()["cuda"]),
                                 reason="needs a CUDA GPU and the extension built with CUDA")
@@ -32,11 +32,6 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
 
 
-def _eager(x, w, b, r, stride, padding, dilation, groups):
-    y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
-    return torch.relu(y + r if r is not None else y)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
@@ -54,8 +49,8 @@ def test_conv_act_runs_cudnn_fused(shape, dtype, fmt, ieee_fp32, poisoned, monke
     with torch.no_grad():
         out = functional.conv_act(x, w, b, s, p, d, g, r, True, backend="cuda")
     assert calls, "conv_act did not take cuDNN's fused path"
-    eager = _eager(x, w, b, r, (s, s), (p, p), (d, d), g)
-    exact = _eager(*(t.double() if t is not None else None for t in (x, w, b, r)), (s, s), (p, p), (d, d), g)
+    eager = reference.cudnn_conv_act(x, w, b, r, s, p, d, g)
+    exact = reference.cudnn_conv_act(*(t.double() if t is not None else None for t in (x, w, b, r)), s, p, d, g)
     assert out.stride() == eager.stride(), f"strides {out.stride()} differ from eager's {eager.stride()}"
     assert_within_eager_error(out, eager, exact, f"cudnn_conv_act {shape} {dtype}", norm="fro")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from resnet_fused import backends, tuning
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
-from tests.helpers import CL, activation
+from helpers import CL, activation
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not backends.available()["cpu"], reason="resnet_fused._C is not built")),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
