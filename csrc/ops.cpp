@@ -1,6 +1,7 @@
-// Every resnet_fused schema, in one place. Kernels live in cpu/*.cpp and cuda/*.cu; fake (meta)
-// kernels and autograd formulas are registered in Python (resnet_fused/functional.py); the math of
-// each op is written out in plain PyTorch in resnet_fused/reference.py.
+// Every resnet_fused kernel-op schema, in one place. Kernels live in cpu/*.cpp and cuda/*.cu; fake
+// (meta) kernels in resnet_fused/_kernel_fakes.py (set_python_module below); the differentiable ops
+// built on these are in resnet_fused/ops/; the math of each op is written out in plain PyTorch in
+// resnet_fused/reference.py.
 #include <torch/library.h>
 
 #include "python_module.h"
@@ -8,6 +9,7 @@
 RF_PYTHON_MODULE()  // resnet_fused._C: these schemas, and the CUDA kernels when built with them
 
 TORCH_LIBRARY(resnet_fused, m) {
+  m.set_python_module("resnet_fused._kernel_fakes");
   // relu(input + residual)
   m.def("add_relu_forward(Tensor input, Tensor residual) -> Tensor");
   // per-channel (mean, biased variance) over N, H, W, fp32

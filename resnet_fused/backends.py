@@ -14,7 +14,7 @@ says why.
 
 ``"tune"`` is ``"auto"`` for single ops; the fused blocks and FusedConvBNReLU instead time every
 implementation that can run them here, eager PyTorch included, the first time they see a new input
-signature, and keep the fastest (:mod:`resnet_fused.tuning`; ``tuning_report()`` lists the choices).
+signature, and keep the fastest (:mod:`resnet_fused.tuning`; ``resnet_fused.tuning_report()`` lists the choices).
 """
 
 from __future__ import annotations
@@ -22,18 +22,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import os
-import types
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "tune", "cuda", "triton", "cpu", "torch")
-KERNELS = ("add_relu_forward", "bn_stats", "bn_act_apply", "bn_act_backward_reduce", "bn_act_backward_elemt",
-           "bn_scale_shift", "bn_backward_coeffs")
 
 _global_backend = "auto"
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("resnet_fused_backend", default=None)
@@ -118,6 +114,9 @@ def _load_extension() -> str | None:
     except ImportError as e:
         warnings.warn(f"resnet_fused: the compiled extension is unavailable ({e}); using Triton or plain PyTorch.", stacklevel=2)
         return str(e)
+    from resnet_fused import _kernel_fakes  # the schemas' fake kernels (csrc/ops.cpp: set_python_module)
+
+    _kernel_fakes.register()
     return None
 
 
@@ -126,6 +125,8 @@ _EXTENSION_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel
     "resnet_fused::bn_stats", "CUDA"
 )
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton reads TRITON_INTERPRET when a kernel is defined: this is the one place resnet_fused reads it
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def extension_error() -> str | None:
@@ -147,8 +148,8 @@ def has_triton() -> bool:
 
 
 def triton_interpreted() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET=1 when resnet_fused was imported: Triton kernels run on CPU tensors (tests only)."""
+    return _TRITON_INTERPRETED
 
 
 def available() -> dict[str, bool]:
@@ -159,13 +160,6 @@ def available() -> dict[str, bool]:
         "triton": has_triton() and (torch.cuda.is_available() or triton_interpreted()),
         "torch": True,
     }
-
-
-def triton_launchers() -> dict:
-    """The Triton implementations of the kernel ops, by the names in KERNELS (imports triton)."""
-    from resnet_fused.triton import add_relu, bn_act
-
-    return {"add_relu_forward": add_relu.add_relu, **{k: getattr(bn_act, k) for k in KERNELS if k != "add_relu_forward"}}
 
 
 # ---- choosing one for a call ----
@@ -207,26 +201,3 @@ def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     if why is not None:
         raise RuntimeError(f"resnet_fused: backend {name!r} cannot run this call: {why}")
     return name
-
-
-@functools.cache
-def kernels(name: str) -> types.SimpleNamespace:
-    """The kernel-level functions of a concrete backend, by the names in KERNELS."""
-    if name in ("cpu", "cuda"):
-        return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, k) for k in KERNELS})
-    if name == "triton":  # ops registered around triton_launchers() by resnet_fused.functional
-        return types.SimpleNamespace(**{k: getattr(torch.ops.resnet_fused, f"triton_{k}") for k in KERNELS})
-    if name == "torch":
-        from resnet_fused import reference
-
-        return types.SimpleNamespace(
-            add_relu_forward=reference.add_relu, **{k: getattr(reference, k) for k in KERNELS if k != "add_relu_forward"}
-        )
-    raise ValueError(f"resnet_fused: {name!r} is not a concrete backend; resolve it first")
-
-
-def tuning_report() -> str:
-    """The tuner's choices so far (this process and the persistent cache), one line per signature."""
-    from resnet_fused import tuning
-
-    return tuning.report()

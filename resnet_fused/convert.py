@@ -32,50 +32,12 @@ from torch import nn
 
 from resnet_fused import backends, tuning
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
-from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
-from resnet_fused.nn.conv_bn import fused_conv_bn_act, is_fusable_conv
+from resnet_fused.nn.conv_bn import fused_conv_bn_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
-from resnet_fused.nn.norms import (FusedFrozenBNBasicBlock, FusedFrozenBNBottleneck, internal_relu,
-                                   is_batchnorm_like, is_frozen_bn, norm_problem, norm_view)
+from resnet_fused.nn.norms import internal_relu, is_batchnorm_like, is_frozen_bn, norm_problem, norm_view
+from resnet_fused.nn.recognized import ACTIVATION_MODULES, CHAINS, KNOWN_BLOCKS, KNOWN_STEMS, PREACT_BLOCKS
 
 log = logging.getLogger("resnet_fused")
-
-# (module path, class name) of the blocks we know -> the fused class, its FrozenBN twin, its number of conv-bn stages
-_KNOWN_BLOCKS = {
-    ("torchvision.models.resnet", "BasicBlock"): (FusedBasicBlock, FusedFrozenBNBasicBlock, 2),
-    ("torchvision.models.resnet", "Bottleneck"): (FusedBottleneck, FusedFrozenBNBottleneck, 3),
-    ("timm.models.resnet", "BasicBlock"): (FusedBasicBlock, FusedFrozenBNBasicBlock, 2),
-    ("timm.models.resnet", "Bottleneck"): (FusedBottleneck, FusedFrozenBNBottleneck, 3),
-}
-
-# modules whose forward runs these (conv, norm, modules between, act) in this order, the conv's output
-# going straight into the norm, and the norm's (through `between`, when all Identity) into act; act None:
-# the norm's output goes elsewhere (a ReLU shared with other calls, an add, attention)
-_CHAINS = {
-    ("torchvision.models.resnet", "BasicBlock"): [("conv1", "bn1", (), None), ("conv2", "bn2", (), None)],
-    ("torchvision.models.resnet", "Bottleneck"): [("conv1", "bn1", (), None), ("conv2", "bn2", (), None),
-                                                  ("conv3", "bn3", (), None)],
-    ("timm.models.resnet", "BasicBlock"): [("conv1", "bn1", ("drop_block",), "act1"), ("conv2", "bn2", (), None)],
-    ("timm.models.resnet", "Bottleneck"): [("conv1", "bn1", (), "act1"), ("conv2", "bn2", ("drop_block",), "act2"),
-                                           ("conv3", "bn3", (), None)],
-    ("timm.models.resnetv2", "PreActBasic"): [("conv1", "norm2", (), None)],
-    ("timm.models.resnetv2", "PreActBottleneck"): [("conv1", "norm2", (), None), ("conv2", "norm3", (), None)],
-    ("timm.models.resnetv2", "DownsampleConv"): [("conv", "norm", (), None)],
-    ("timm.layers.conv_bn_act", "ConvNormAct"): [("conv", "bn", (), None)],
-    ("timm.layers.selective_kernel", "SelectiveKernelAttn"): [("fc_reduce", "bn", (), "act")],
-}
-
-# stems: children run conv -> bn -> act in this order (a conv that is an nn.Sequential is flattened)
-_KNOWN_STEMS = {
-    ("torchvision.models.resnet", "ResNet"): ("conv1", "bn1", "relu"),
-    ("timm.models.resnet", "ResNet"): ("conv1", "bn1", "act1"),
-}
-
-_PREACT_BLOCKS = {("timm.models.resnetv2", "PreActBasic"), ("timm.models.resnetv2", "PreActBottleneck")}
-
-# where activation modules live: one of these after a norm, other than ReLU, leaves the unit alone
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me",
-                       "timm.layers.create_act")
 
 
 @dataclass
@@ -125,7 +87,7 @@ def _key(m: nn.Module) -> tuple[str, str]:
 
 
 def _is_activation(m) -> bool:
-    return m is not None and type(m).__module__ in _ACTIVATION_MODULES and type(m) is not nn.Identity
+    return m is not None and type(m).__module__ in ACTIVATION_MODULES and type(m) is not nn.Identity
 
 
 def _runs_sequentially(m: nn.Module) -> bool:
@@ -181,9 +143,9 @@ class _FusedConvBNReLUHead(nn.Conv2d):
 
     def _run_fused(self, x, backend):
         bn = self._resnet_fused_bn
-        return fused_conv_bn_act(self, norm_view(bn), x, relu=self._resnet_fused_relu, backend=backend,
-                                 cache=self._resnet_fused_folds, name="conv",
-                                 process_group=None if is_frozen_bn(bn) else self._resnet_fused_group)
+        return fused_conv_bn_forward(self, norm_view(bn), x, relu=self._resnet_fused_relu, backend=backend,
+                                     cache=self._resnet_fused_folds, name="conv",
+                                     process_group=None if is_frozen_bn(bn) else self._resnet_fused_group)
 
     def _run_eager(self, x):
         bn, act = self._resnet_fused_bn, self._resnet_fused_act
@@ -373,25 +335,25 @@ def fuse_(model: nn.Module, backend: str | None = "auto", *, sync_bn: bool = Fal
     # whole blocks first: their convs (and a conv -> BN downsample) are theirs
     left_blocks = []
     for name, m in named:
-        spec = _KNOWN_BLOCKS.get(_key(m))
+        spec = KNOWN_BLOCKS.get(_key(m))
         if spec is not None and not plan.block(name, m, spec):
             left_blocks.append(name)
     for name, m in named:
         prefix = f"{name}." if name else ""
         key = _key(m)
-        stem = _KNOWN_STEMS.get(key)
+        stem = KNOWN_STEMS.get(key)
         if stem is not None and all(isinstance(getattr(m, a, None), nn.Module) for a in stem):
             conv, bn, act = stem
             plan.sequence(prefix, [*_flatten(conv, getattr(m, conv)), (bn, getattr(m, bn)), (act, getattr(m, act))])
         if key == ("torchvision.models._utils", "IntermediateLayerGetter"):
             plan.sequence(prefix, list(m._modules.items()), keep=frozenset(getattr(m, "return_layers", {})))
-        for conv, bn, between, act in _CHAINS.get(key, ()):
+        for conv, bn, between, act in CHAINS.get(key, ()):
             if not (isinstance(getattr(m, conv, None), nn.Module) and isinstance(getattr(m, bn, None), nn.Module)):
                 continue
             between_ok = all(_is_identity(getattr(m, b, None)) for b in between)
             plan.chain(prefix, conv, getattr(m, conv), bn, getattr(m, bn), act, getattr(m, act, None) if act else None,
                        between_ok)
-        if key in _PREACT_BLOCKS:
+        if key in PREACT_BLOCKS:
             plan.why(getattr(m, "norm1", None), "pre-activation norm of the block's input (it follows the previous "
                      "block's residual sum, not a conv: nothing to fold it into)", override=False)
         if _runs_sequentially(m):

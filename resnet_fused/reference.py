@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from resnet_fused._layout import memory_format, stat_dtype
+
 __all__ = [
     "add_relu",
     "bn_stats",
@@ -19,6 +21,8 @@ __all__ = [
     "bn_act_backward_elemt",
     "bn_scale_shift",
     "bn_backward_coeffs",
+    "scale_shift_fp64",
+    "backward_coeffs_fp64",
     "bn_act",
     "conv2d_stats",
     "conv_bn_act",
@@ -28,18 +32,9 @@ __all__ = [
 _CHANNEL = (0, 2, 3)  # reduce over N, H, W
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    # statistics are fp32, except for fp64 activations (gradcheck), which keep fp64
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     # (C,) -> (1, C, 1, 1) for broadcasting against (N, C, H, W)
     return v.view(1, -1, 1, 1)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
 def _relu_mask(grad_out: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
@@ -50,8 +45,8 @@ def _relu_mask(grad_out: torch.Tensor, output: torch.Tensor | None) -> torch.Ten
 
 def add_relu(input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """relu(input + residual), in input's dtype and memory format."""
-    acc = _stat_dtype(input)
-    return torch.relu(input.to(acc) + residual.to(acc)).to(input.dtype).contiguous(memory_format=_memory_format(input))
+    acc = stat_dtype(input)
+    return torch.relu(input.to(acc) + residual.to(acc)).to(input.dtype).contiguous(memory_format=memory_format(input))
 
 
 def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +55,12 @@ def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     An empty input (N = 0 or H * W = 0) gives zeros.
     """
     if input.numel() == 0:
-        zeros = input.new_zeros(input.shape[1], dtype=_stat_dtype(input))
+        zeros = input.new_zeros(input.shape[1], dtype=stat_dtype(input))
         return zeros, zeros.clone()
     x = input.double()
     mean = x.mean(_CHANNEL)
     var = (x - _per_channel(mean)).square().mean(_CHANNEL)
-    return mean.to(_stat_dtype(input)), var.to(_stat_dtype(input))
+    return mean.to(stat_dtype(input)), var.to(stat_dtype(input))
 
 
 def bn_act_apply(
@@ -76,13 +71,13 @@ def bn_act_apply(
     relu: bool,
 ) -> torch.Tensor:
     """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format."""
-    acc = _stat_dtype(input)
+    acc = stat_dtype(input)
     y = input.to(acc) * _per_channel(scale) + _per_channel(shift)
     if residual is not None:
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
-    return y.to(input.dtype).contiguous(memory_format=_memory_format(input))
+    return y.to(input.dtype).contiguous(memory_format=memory_format(input))
 
 
 def bn_act_backward_reduce(
@@ -97,7 +92,7 @@ def bn_act_backward_reduce(
     """
     dy = _relu_mask(grad_out.double(), output)
     xmu = input.double() - _per_channel(mean.double())
-    return dy.sum(_CHANNEL).to(_stat_dtype(input)), (dy * xmu).sum(_CHANNEL).to(_stat_dtype(input))
+    return dy.sum(_CHANNEL).to(stat_dtype(input)), (dy * xmu).sum(_CHANNEL).to(stat_dtype(input))
 
 
 def bn_act_backward_elemt(
@@ -117,12 +112,12 @@ def bn_act_backward_elemt(
     grad_input has grad_out's dtype and input's memory format (grad_out's when input is omitted);
     grad_residual is dy in grad_out's dtype, or an empty tensor when not needed.
     """
-    acc = _stat_dtype(grad_out)
+    acc = stat_dtype(grad_out)
     dy = _relu_mask(grad_out.to(acc), output)
     gi = dy * _per_channel(dy_scale)
     if input is not None:
         gi = gi + (input.to(acc) - _per_channel(mean)) * _per_channel(x_scale) + _per_channel(shift)
-    fmt = _memory_format(input if input is not None else grad_out)
+    fmt = memory_format(input if input is not None else grad_out)
     grad_input = gi.to(grad_out.dtype).contiguous(memory_format=fmt)
     if need_grad_residual:
         grad_residual = dy.to(grad_out.dtype).contiguous(memory_format=fmt)
@@ -131,8 +126,10 @@ def bn_act_backward_elemt(
     return grad_input, grad_residual
 
 
-def _scale_shift_fp64(mean, var, weight, bias, eps):
-    # invstd = 1 / sqrt(var + eps); scale = weight * invstd; shift = bias - mean * scale (weight None: 1, bias None: 0)
+def scale_shift_fp64(mean, var, weight, bias, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn_scale_shift's math, kept in fp64: batch_norm(x) = x * scale + shift per channel, with
+    invstd = 1 / sqrt(var + eps), scale = weight * invstd, shift = bias - mean * scale (weight None: 1,
+    bias None: 0). The one copy of this formula: the kernels, fold_bn and the fp64 path use it."""
     invstd = torch.rsqrt(var.double() + eps)
     scale = invstd if weight is None else invstd * weight.double()
     shift = -mean.double() * scale if bias is None else bias.double() - mean.double() * scale
@@ -151,10 +148,11 @@ def bn_scale_shift(
     Per channel, math in fp64 whatever the inputs' floating dtypes, outputs fp32 (C,) each.
     weight None means 1, bias None means 0.
     """
-    return tuple(t.float() for t in _scale_shift_fp64(mean, var, weight, bias, eps))
+    return tuple(t.float() for t in scale_shift_fp64(mean, var, weight, bias, eps))
 
 
-def _backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
+def backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
+    """bn_backward_coeffs's math, kept in fp64 (see there); count may be a 0-dim tensor (sync BN)."""
     invstd = torch.rsqrt(var.double() + eps)
     a = invstd if weight is None else invstd * weight.double()
     if training:
@@ -183,7 +181,7 @@ def bn_backward_coeffs(
     grad_weight = sum_dy_xmu * invstd.
     Math in fp64 whatever the inputs' floating dtypes, outputs fp32 (C,) each.
     """
-    return tuple(t.float() for t in _backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training))
+    return tuple(t.float() for t in backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training))
 
 
 def bn_act(
@@ -221,12 +219,9 @@ def conv2d_stats(
     """(y, mean, biased var of y per channel), y = conv2d(a, weight): a = input, or with input_mean /
     input_var a = relu(batch_norm(input)) normalized by those (batch) statistics."""
     a = input
-    if input_mean is not None:  # batch_norm(x) = x * scale + shift, per channel, in the statistics' dtype
-        scale = torch.rsqrt(input_var + input_eps)
-        scale = scale * input_weight.to(scale.dtype) if input_weight is not None else scale
-        shift = -input_mean * scale
-        shift = shift + input_bias.to(shift.dtype) if input_bias is not None else shift
-        a = bn_act_apply(input, scale, shift, None, True)
+    if input_mean is not None:  # batch_norm(x) = x * scale + shift, per channel
+        scale, shift = scale_shift_fp64(input_mean, input_var, input_weight, input_bias, input_eps)
+        a = bn_act_apply(input, scale.to(input_mean.dtype), shift.to(input_mean.dtype), None, True)
     y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
     return (y, *bn_stats(y))
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from resnet_fused import backends
 from resnet_fused.backends import RULES, Variant
-from resnet_fused.reference import _memory_format
+from resnet_fused._layout import memory_format
 
 logger = logging.getLogger("resnet_fused")
 
@@ -116,7 +116,7 @@ def _layer_config(layer: nn.Module) -> list:
 def signature(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, training: bool, backward: bool) -> str:
     mode = ("train" if training else "eval") + ("+backward" if backward else "")
     autocast = str(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else None
-    tensors = [[list(t.shape), str(t.dtype).removeprefix("torch."), str(_memory_format(t)).removeprefix("torch.")]
+    tensors = [[list(t.shape), str(t.dtype).removeprefix("torch."), str(memory_format(t)).removeprefix("torch.")]
                for t in (x, residual) if t is not None]
     return json.dumps([_device_name(x.device), _versions(), mode, autocast, tensors, _layer_config(layer)])
 

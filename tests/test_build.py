@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from resnet_fused.ops.kernels import KERNELS, kernels
 from resnet_fused import backends
 
 
@@ -28,7 +29,7 @@ def test_extension_has_cuda_kernels_when_a_toolkit_is_present():
 
 def test_cpu_kernels_for_this_cpu_are_loaded():
     assert backends.has_extension(), backends.extension_error()
-    for op in backends.KERNELS:
+    for op in KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op}", "CPU"), op
 
 

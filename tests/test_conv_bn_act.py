@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from resnet_fused.ops import onednn
 from resnet_fused import functional, reference
 
 # fp32 results are compared with eager fp32 (cuDNN) under the eager-error rule: both in IEEE fp32, TF32
@@ -28,7 +29,7 @@ GEOMETRIES = [
 def onednn_at_every_size(monkeypatch):
     """The CPU inference path under test is oneDNN's fused convolution, which production uses only
     above a size (its fixed cost per call); these tests' shapes are small."""
-    monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)
+    monkeypatch.setattr(onednn, "MIN_OUTPUT", 0)
 
 
 def eager(x, w, cb, rm, rv, bw, bb, stride, padding, dilation, training, residual, relu):
@@ -147,7 +148,7 @@ def test_onednn_never_drops_gradients(monkeypatch):
 
 def test_prepacked_weight_runs_below_the_size_threshold(monkeypatch):
     """A weight someone prepacked is used at any size (the threshold decides only whether to prepack)."""
-    monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 1 << 13)
+    monkeypatch.setattr(onednn, "MIN_OUTPUT", 1 << 13)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("needs oneDNN")
     x, w, b = activation((1, 8, 4, 4), torch.float32, torch.channels_last), torch.randn(8, 8, 3, 3) / 8, torch.randn(8)
@@ -157,14 +158,14 @@ def test_prepacked_weight_runs_below_the_size_threshold(monkeypatch):
 
 
 def test_small_convs_skip_onednn(monkeypatch):
-    """Below _ONEDNN_MIN_OUTPUT outputs the aten conv + fused add-ReLU runs (oneDNN's fused call has a
+    """Below onednn.MIN_OUTPUT outputs the aten conv + fused add-ReLU runs (oneDNN's fused call has a
     fixed cost that dominates there); same values either way."""
     x, w, b = activation((1, 8, 4, 4), torch.float32, torch.channels_last), torch.randn(8, 8, 3, 3) / 8, torch.randn(8)
     r = activation((1, 8, 4, 4), torch.float32, torch.channels_last)
     with torch.no_grad():
-        monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 1 << 13)
+        monkeypatch.setattr(onednn, "MIN_OUTPUT", 1 << 13)
         assert not functional.onednn_inference(x, w, b, r)
         small = functional.conv_act(x, w, b, 1, 1, 1, 1, r)
-        monkeypatch.setattr(functional, "_ONEDNN_MIN_OUTPUT", 0)
+        monkeypatch.setattr(onednn, "MIN_OUTPUT", 0)
         assert functional.onednn_inference(x, w, b, r) == torch.backends.mkldnn.is_available()
         torch.testing.assert_close(small, functional.conv_act(x, w, b, 1, 1, 1, 1, r), rtol=1e-5, atol=1e-5)

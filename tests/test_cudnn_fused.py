@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from resnet_fused.ops.conv_bn_act import cudnn_conv_act as cudnn_conv_act_op
 from resnet_fused import backends, functional, reference
+from resnet_fused.ops import conv_bn_act as conv_bn_act_module
 from resnet_fused.nn import FusedConvBNReLU
 from helpers import CL, NCHW, activation, assert_within_eager_error
 
@@ -44,8 +46,8 @@ def test_conv_act_runs_cudnn_fused(shape, dtype, fmt, ieee_fp32, poisoned, monke
     r = activation((N, Cout, Ho, Wo), dtype, fmt, "cuda") if with_residual else None
 
     calls = []
-    real = functional._cudnn_conv_act
-    monkeypatch.setattr(functional, "_cudnn_conv_act", lambda *a: calls.append(1) or real(*a))
+    real = conv_bn_act_module.cudnn_conv_act
+    monkeypatch.setattr(conv_bn_act_module, "cudnn_conv_act", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         out = functional.conv_act(x, w, b, s, p, d, g, r, True, backend="cuda")
     assert calls, "conv_act did not take cuDNN's fused path"
@@ -58,8 +60,8 @@ def test_conv_act_runs_cudnn_fused(shape, dtype, fmt, ieee_fp32, poisoned, monke
 def test_conv_act_leaves_cudnn_fused_path_when_it_cannot_apply(monkeypatch):
     """No ReLU, gradients needed, mixed dtypes, other backends: the plain conv path."""
     calls = []
-    real = functional._cudnn_conv_act
-    monkeypatch.setattr(functional, "_cudnn_conv_act", lambda *a: calls.append(1) or real(*a))
+    real = conv_bn_act_module.cudnn_conv_act
+    monkeypatch.setattr(conv_bn_act_module, "cudnn_conv_act", lambda *a: calls.append(1) or real(*a))
     x = activation((2, 8, 9, 9), torch.float16, CL, "cuda")
     w = torch.randn(8, 8, 3, 3, device="cuda", dtype=torch.float16)
     b = torch.randn(8, device="cuda", dtype=torch.float16)

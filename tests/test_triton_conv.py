@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from helpers import assert_within_eager_error  # noqa: E402
 
+from resnet_fused.triton import welford
 from resnet_fused import reference  # noqa: E402
 from resnet_fused.triton import conv  # noqa: E402
 
@@ -106,7 +107,7 @@ def _reference(a, compute_dtype):
 
 
 def _check(a):
-    out, mean, var = conv.conv_bn_act(**a)
+    out, mean, var = conv.fused_conv(**a)
     exact, acc = _reference(a, torch.float64)
     assert out.shape == exact.shape and out.dtype == a["input"].dtype and out.is_contiguous(memory_format=CL)
     assert not torch.isnan(out).any(), "an output element was left unwritten"
@@ -153,7 +154,7 @@ def test_other_tiles(gen, tile, monkeypatch):
     """Other tile shapes: several stats row tiles per config (merged over a tree of 2-row programs),
     gathered K blocks spanning taps."""
     monkeypatch.setattr(conv._conv, "configs", [conv._config(*tile, 4, 2)])
-    monkeypatch.setattr(conv, "_MERGE_ROWS", 2)
+    monkeypatch.setattr(welford, "MERGE_ROWS", 2)
     for name in ("3x3s2p1", "7x7s2p3", "3x3d2p2"):
         _check(_args(gen, GEOMETRIES[name], FUSIONS["all"], torch.float32, CL))
 
@@ -164,7 +165,7 @@ def test_stats_large_mean(gen, monkeypatch):
     a = _args(gen, (2, 16, 8, 8, 8, 1, 1, 0, 1), FUSIONS["epilogue+stats"], torch.float32, CL)
     a["input"] = _rand(gen, (2, 16, 8, 8), fmt=CL, scale=0.1, offset=100.0)
     a["weight"] = _rand(gen, (8, 16, 1, 1), offset=1.0)
-    _, mean, var = conv.conv_bn_act(**a)
+    _, mean, var = conv.fused_conv(**a)
     _, acc = _reference(a, torch.float64)
     assert (acc.mean((0, 2, 3)).abs() > 100 * acc.std((0, 2, 3))).all()  # the regime under test
     torch.testing.assert_close(mean.double(), acc.mean((0, 2, 3)), rtol=1e-6, atol=0)
@@ -174,7 +175,7 @@ def test_stats_large_mean(gen, monkeypatch):
 @pytest.mark.parametrize("stats", [False, True])
 def test_empty(stats):
     x, w = torch.empty((0, 3, 8, 8), device=DEVICE), torch.ones((4, 3, 3, 3), device=DEVICE)
-    out, mean, var = conv.conv_bn_act(x, w, (2, 2), (1, 1), (1, 1), None, None, False, None, None, None, True, stats)
+    out, mean, var = conv.fused_conv(x, w, (2, 2), (1, 1), (1, 1), None, None, False, None, None, None, True, stats)
     assert out.shape == (0, 4, 4, 4) and out.is_contiguous(memory_format=CL)
     for t in (mean, var):
         assert t.dtype == torch.float32 and t.shape == ((4,) if stats else (0,)) and not t.any()
@@ -207,7 +208,7 @@ def test_relu_keeps_nan_and_inf(gen, where):
         a["residual"][0, [1, 2, 3], [0, 3, 6], [2, 4, 7]] = special
         acc = F.conv2d(a["input"].double(), a["weight"].double(), None, 1, 1)
         exact = reference.bn_act_apply(acc, a["out_scale"], a["out_shift"], a["residual"], True)
-    out, _, _ = conv.conv_bn_act(**a)
+    out, _, _ = conv.fused_conv(**a)
     assert exact.isnan().any() and exact.isinf().any()  # the test has both to get right
     finite = exact[exact.isfinite()]
     tol = FP32_REL_TOL * max(finite.abs().max().item(), 1.0)
@@ -274,7 +275,7 @@ def test_merge_stats(gen, rows, monkeypatch):
     """The statistics merge against float64 Chan: 1000 partial rows of ragged counts, |mean| >> std,
     40 channels (a ragged channel block); with 8 rows per program a 4-level tree (1000, 125, 16, 2)."""
     if rows is not None:
-        monkeypatch.setattr(conv, "_MERGE_ROWS", rows)
+        monkeypatch.setattr(welford, "MERGE_ROWS", rows)
     R, C = 1000, 40
     count = torch.randint(1, 129, (R, C), generator=gen).double()
     mean = 100 + torch.randn((R, C), generator=gen, dtype=torch.float64)

@@ -11,6 +11,7 @@ if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
+from resnet_fused.triton import welford, bn_coeffs, _launch
 from resnet_fused import reference as ref  # noqa: E402  (importing resnet_fused registers the triton_* ops)
 from resnet_fused.triton import bn_act  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
@@ -162,7 +163,7 @@ def test_small_tiles(gen, fmt, monkeypatch):
     monkeypatch.setattr(bn_act, "_MAX_BLOCK_C", 4)
     monkeypatch.setattr(bn_act, "_MAX_BLOCK_HW", 8)
     monkeypatch.setattr(bn_act, "_REDUCE_PROGRAMS", 16)
-    monkeypatch.setattr(bn_act, "_COMBINE_BLOCK_R", 2)
+    monkeypatch.setattr(welford, "MERGE_BLOCK_R", 2)
     shape, C = (3, 5, 6, 7), 5
     x = _act(gen, shape, torch.float32, fmt, scale=2.0, offset=3.0)
     g, y = _act(gen, shape, torch.float32, fmt), _act(gen, shape, torch.float32, fmt)
@@ -254,7 +255,7 @@ OPS = torch.ops.resnet_fused
         (lambda: OPS.triton_bn_scale_shift(_c(4), _c(4), _x(), None, 1e-5),
          r"triton_bn_scale_shift: expected `weight` to be a 1-D float32, float64, float16 or bfloat16 per-channel vector, "
          r"got torch.float32 of shape \[2, 4, 3, 3\]"),
-        (lambda: bn_act.bn_scale_shift(_c(4), _c(4), None, _c(device="meta"), 1e-5),
+        (lambda: bn_coeffs.bn_scale_shift(_c(4), _c(4), None, _c(device="meta"), 1e-5),
          r"triton_bn_scale_shift: expected all tensors on one device, got .*`bias` on meta"),
         (lambda: OPS.triton_bn_backward_coeffs(_c(4), _c(4), _c(4, dtype=torch.int32), None, 1e-5, 8.0, True),
          r"triton_bn_backward_coeffs: expected `var` to be .* got torch.int32"),
@@ -271,7 +272,7 @@ def test_bad_arguments_raise(call, message):
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     """On a GPU machine (no TRITON_INTERPRET), CPU tensors reaching the compiled kernels are an error
     naming the op, the device and what it takes; here the interpreter's flag is turned off to show it."""
-    monkeypatch.setattr(bn_act, "_INTERPRET", False)
+    monkeypatch.setattr(_launch, "_INTERPRET", False)
     x, c = _x(device="cpu"), _c(device="cpu")
     for op, args in [
         ("add_relu_forward", (x, x)),

@@ -47,7 +47,7 @@ def _meta(shape, dtype, channels_last=True):
 
 def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
     """Call every launcher of resnet_fused.triton once per kind of launch, on meta tensors; case[1]: the launch."""
-    from resnet_fused.triton import add_relu, bn_act, conv
+    from resnet_fused.triton import add_relu, bn_act, bn_coeffs, conv
 
     def vec(c):
         return torch.empty(c, dtype=torch.float32, device="meta")
@@ -58,9 +58,9 @@ def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
         # stem (Cin = 3: gathered K), which has no BN before it (no prologue) and no residual
         x, w, c = _meta((32, 64, 56, 56), dtype), _meta((64, 64, 3, 3), dtype), vec(64)
         case[1] = "3x3 all fusions"
-        conv.conv_bn_act(x, w, (1, 1), (1, 1), (1, 1), c, c, True, c, c, x, True, True)
+        conv.fused_conv(x, w, (1, 1), (1, 1), (1, 1), c, c, True, c, c, x, True, True)
         case[1] = "7x7 stem stats+epilogue"
-        conv.conv_bn_act(_meta((32, 3, 224, 224), dtype), _meta((64, 3, 7, 7), dtype), (2, 2), (3, 3), (1, 1),
+        conv.fused_conv(_meta((32, 3, 224, 224), dtype), _meta((64, 3, 7, 7), dtype), (2, 2), (3, 3), (1, 1),
                          None, None, False, c, c, None, True, True)
     if ieee:
         return
@@ -78,7 +78,7 @@ def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
         elemt(y, y, y, c, c, c, c, True)
         add(y, y)
     # the per-channel coefficient launchers: fp32 (C,) vectors whatever the activation dtype
-    scale_shift, coeffs = (getattr(f, "__wrapped__", f) for f in (bn_act.bn_scale_shift, bn_act.bn_backward_coeffs))
+    scale_shift, coeffs = (getattr(f, "__wrapped__", f) for f in (bn_coeffs.bn_scale_shift, bn_coeffs.bn_backward_coeffs))
     c = vec(256)
     case[1] = "per-channel"
     scale_shift(c, c, c, c, 1e-5)
@@ -189,7 +189,7 @@ def _worker(shard: int, shards: int, out_path: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    from resnet_fused.triton import add_relu, bn_act, conv
+    from resnet_fused.triton import add_relu, bn_act, bn_coeffs, conv, welford
 
     assert os.environ.get("TRITON_INTERPRET", "0") != "1" and isinstance(conv._conv.fn, JITFunction)
     target = GPUTarget("cuda", TARGET_ARCH, 32)
@@ -198,7 +198,7 @@ def _worker(shard: int, shards: int, out_path: str) -> None:
         result = dict(skip=why)
     else:
         jobs = _jobs(target)
-        kernels = sorted(name for m in (add_relu, bn_act, conv) for name, v in vars(m).items()
+        kernels = sorted(name for m in (add_relu, bn_act, bn_coeffs, conv, welford) for name, v in vars(m).items()
                          if isinstance(v, JITFunction) and name.endswith("_kernel"))
         result = dict(triton=triton.__version__, total=len(jobs), kernels=kernels,
                       launched=sorted({job[1].__name__ for job in jobs}),

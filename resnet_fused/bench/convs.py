@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, time_cpu_interleaved, time_cuda
-from resnet_fused.nn.conv_bn import FusedConvBNReLU, conv_bn_act
+from resnet_fused.nn.conv_bn import FusedConvBNReLU, conv_bn_forward
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -95,7 +95,7 @@ def _forward(shape: ConvShape, provider: str, training: bool, device, dtype) -> 
         return lambda x, r: conv(x)
     if provider.startswith("fused-"):
         backend, cache = provider.removeprefix("fused-"), FoldCache()
-        return lambda x, r: conv_bn_act(conv, bn, x, r, shape.relu, backend, cache, "conv")
+        return lambda x, r: conv_bn_forward(conv, bn, x, r, shape.relu, backend=backend, cache=cache, name="conv")
     if provider == "tuned":
         layer = FusedConvBNReLU(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, relu=shape.relu,
                                 backend="tune").to(device, dtype, memory_format=torch.channels_last).train(training)

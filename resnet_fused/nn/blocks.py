@@ -13,7 +13,7 @@ from torch import nn
 
 from resnet_fused import backends, tuning
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
-from resnet_fused.nn.conv_bn import can_defer, conv_bn_act, conv_bn_defer, is_fusable_conv
+from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -33,8 +33,8 @@ class _FusedBlock(nn.Module):
 
     def _conv_bn(self, i: int, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None,
                  relu: bool = True, input_bn=None) -> torch.Tensor:
-        return conv_bn_act(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, backend, self._folds,
-                           f"conv{i}", self.process_group, input_bn)
+        return conv_bn_forward(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, backend=backend,
+                               cache=self._folds, name=f"conv{i}", process_group=self.process_group, input_bn=input_bn)
 
     def _defers(self, x: torch.Tensor, backend: str | None) -> bool:
         """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
@@ -63,7 +63,8 @@ class _FusedBlock(nn.Module):
         out, deferred = x, None
         for i in range(1, self.num_convs):
             if defer:
-                out, deferred = conv_bn_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out, backend, deferred)
+                out, deferred = conv_bn_defer_forward(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), out, backend=backend,
+                                                      input_bn=deferred)
             else:
                 out = self._conv_bn(i, out, backend)
         return self._conv_bn(self.num_convs, out, backend, residual=identity, input_bn=deferred)
@@ -85,8 +86,8 @@ class _FusedBlock(nn.Module):
         if ds is None:
             return x
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1]):
-            return conv_bn_act(ds[0], ds[1], x, relu=False, backend=backend, cache=self._folds, name="downsample",
-                               process_group=self.process_group)
+            return conv_bn_forward(ds[0], ds[1], x, relu=False, backend=backend, cache=self._folds, name="downsample",
+                                   process_group=self.process_group)
         return ds(x)
 
 

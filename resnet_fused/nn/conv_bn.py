@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import backends, functional, tuning
+from resnet_fused import backends, ops, tuning
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm
 from resnet_fused.nn.fold import FoldCache
 
@@ -15,56 +15,46 @@ def is_fusable_conv(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
 
 
-def conv_bn_act(
-    conv: nn.Conv2d,
-    bn: nn.BatchNorm2d,
-    x: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    relu: bool = True,
-    backend: str | None = None,
-    cache: FoldCache | None = None,
-    name: str = "",
-    process_group=None,
-    input_bn: functional.DeferredBnReLU | None = None,
-) -> torch.Tensor:
+def conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+                    relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
+                    process_group=None, input_bn: ops.DeferredBnReLU | None = None) -> torch.Tensor:
     """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (process_group: batch
     statistics synchronized across ranks, as nn.SyncBatchNorm; input_bn: a BN + ReLU deferred by
-    conv_bn_defer, which conv applies to x as it loads).
-
-    Eval with running statistics uses the BN-folded convolution, from `cache` when nothing requires
-    gradients (folded weights computed once, refreshed when a parameter or buffer changes); on the
-    Triton backend, the implicit-GEMM conv with BN, residual and ReLU in its epilogue instead.
-    """
+    conv_bn_defer, which conv applies to x as it loads). An unfused pair runs module by module."""
     if not (is_fusable_conv(conv) and is_plain_batchnorm(bn)):  # a correct unfused path
         if input_bn is not None:
             x = input_bn.materialize(x, backend=backend)
         y = bn(conv(x))
         y = y + residual if residual is not None else y
         return torch.relu(y) if relu else y
-    return fused_conv_bn_act(conv, bn, x, residual, relu, backend, cache, name, process_group, input_bn)
+    return fused_conv_bn_forward(conv, bn, x, residual, relu, backend=backend, cache=cache, name=name,
+                                 process_group=process_group, input_bn=input_bn)
 
 
-def fused_conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
-                      relu: bool = True, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
-                      process_group=None, input_bn: functional.DeferredBnReLU | None = None) -> torch.Tensor:
-    """conv_bn_act for a pair already known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics.
-    input_bn: a BN + ReLU deferred by conv_bn_defer, applied to x as it loads."""
+def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+                          relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
+                          process_group=None, input_bn: ops.DeferredBnReLU | None = None) -> torch.Tensor:
+    """conv_bn_forward for a pair known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics
+    (bn may be a view with BatchNorm2d's attributes). On ops.route()'s "fold" path the folded weights
+    come from `cache` (computed once, refreshed when a parameter or buffer changes; on the CPU also
+    prepacked for oneDNN once per input shape)."""
     call = batch_norm_call(bn)
-    triton_epilogue = conv.groups == 1 and backends.resolve(backend, x) == "triton"  # functional.conv_bn_act's eval path
-    if input_bn is None and not call.use_batch_stats and cache is not None and not triton_epilogue and not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
-    ):
-        weight, bias = cache.get(name, conv, bn)
-        if functional.onednn_inference(x, weight, bias, residual, backend):  # CPU: reordered for oneDNN once, not per call
-            weight = cache.prepacked(name, x.shape, lambda: functional.prepack_conv_weight(
-                weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
-        return functional.conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu,
-                                   backend=backend)
-    return functional.conv_bn_act(
-        x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
-        conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats, call.momentum, call.eps,
-        residual, relu, input_bn=input_bn, backend=backend, process_group=process_group,
-    )
+    args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    if cache is not None and input_bn is None and not torch.compiler.is_compiling():
+        grad = torch.is_grad_enabled()
+        params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+        path = ops.route(x, conv.groups, call.use_batch_stats, backends.resolve(backend, x), conv_bias=conv.bias,
+                         process_group=process_group, params_need_grad=params_need_grad,
+                         any_needs_grad=params_need_grad or grad and any(t is not None and t.requires_grad for t in (x, residual)))
+        if path == "fold":
+            weight, bias = cache.get(name, conv, bn)
+            if ops.onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
+                weight = cache.prepacked(name, x.shape, lambda: ops.prepack_conv_weight(
+                    weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
+            return ops.conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
+    return ops.conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
+                           training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
+                           input_bn=input_bn, backend=backend, process_group=process_group, **args)
 
 
 def can_defer(conv: nn.Module, bn: nn.Module) -> bool:
@@ -72,14 +62,14 @@ def can_defer(conv: nn.Module, bn: nn.Module) -> bool:
     return is_fusable_conv(conv) and conv.bias is None and is_plain_batchnorm(bn) and bn.training
 
 
-def conv_bn_defer(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, backend: str | None = None,
-                  input_bn: functional.DeferredBnReLU | None = None) -> tuple[torch.Tensor, functional.DeferredBnReLU]:
+def conv_bn_defer_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, *, backend: str | None = None,
+                          input_bn: ops.DeferredBnReLU | None = None) -> tuple[torch.Tensor, ops.DeferredBnReLU]:
     """(conv(x), bn's BN + ReLU deferred to the next convolution) with bn's training side effects
-    (running statistics, num_batches_tracked); see functional.conv_bn_defer. Requires can_defer(conv, bn)."""
+    (running statistics, num_batches_tracked); see ops.conv_bn_defer. Requires can_defer(conv, bn)."""
     call = batch_norm_call(bn)
-    return functional.conv_bn_defer(x, conv.weight, call.running_mean, call.running_var, call.weight, call.bias,
-                                    conv.stride, conv.padding, conv.dilation, conv.groups, call.momentum, call.eps,
-                                    input_bn=input_bn, backend=backend)
+    return ops.conv_bn_defer(x, conv.weight, call.running_mean, call.running_var, call.weight, call.bias,
+                             stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                             momentum=call.momentum, eps=call.eps, input_bn=input_bn, backend=backend)
 
 
 class FusedConvBNReLU(nn.Module):
@@ -106,7 +96,8 @@ class FusedConvBNReLU(nn.Module):
 
     # the tuner's two ways to run this layer: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return conv_bn_act(self.conv, self.bn, x, residual, self.relu, backend, self._folds, "conv", self.process_group)
+        return conv_bn_forward(self.conv, self.bn, x, residual, self.relu, backend=backend, cache=self._folds, name="conv",
+                               process_group=self.process_group)
 
     def _run_eager(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         y = self.bn(self.conv(x))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import functional
+from resnet_fused import ops
+from resnet_fused._layout import memory_format
 
 
 def instance_norm_act(norm: nn.InstanceNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
@@ -21,13 +22,13 @@ def instance_norm_act(norm: nn.InstanceNorm2d, x: torch.Tensor, residual: torch.
         y = y + residual if residual is not None else y
         return torch.relu(y) if relu else y
     N, C, H, W = x.shape
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = memory_format(x)
     rows = x.contiguous().view(1, N * C, H, W)  # (1, N*C, H, W) needs the NCHW layout
     res = residual.contiguous().view(1, N * C, H, W) if residual is not None else None
     weight = norm.weight.repeat(N) if norm.weight is not None else None
     bias = norm.bias.repeat(N) if norm.bias is not None else None
-    out = functional.bn_act(rows, None, None, weight, bias, True, 0.0, norm.eps, res, relu, backend=backend).view(N, C, H, W)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    out = ops.bn_act(rows, None, None, weight, bias, True, 0.0, norm.eps, res, relu, backend=backend).view(N, C, H, W)
+    return out.contiguous(memory_format=fmt)
 
 
 class FusedInstanceNormResBlock(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
-from resnet_fused.nn.conv_bn import fused_conv_bn_act
+from resnet_fused.nn.conv_bn import fused_conv_bn_forward
 
 FROZEN_BN = {("torchvision.ops.misc", "FrozenBatchNorm2d")}
 BN_ACT = {("timm.layers.norm_act", "BatchNormAct2d")}
@@ -85,7 +85,7 @@ class FrozenBNView:
 
 
 def norm_view(bn):
-    """What fused_conv_bn_act reads for `bn`: the module itself, or a FrozenBNView of it."""
+    """What fused_conv_bn_forward reads for `bn`: the module itself, or a FrozenBNView of it."""
     return FrozenBNView(bn) if is_frozen_bn(bn) else bn
 
 
@@ -98,8 +98,8 @@ class _FrozenBNBlock:
                  relu: bool = True, input_bn=None) -> torch.Tensor:
         if input_bn is not None:  # only deferred when every BN is a plain nn.BatchNorm2d (_defers)
             x = input_bn.materialize(x, backend=backend)
-        return fused_conv_bn_act(getattr(self, f"conv{i}"), norm_view(getattr(self, f"bn{i}")), x, residual, relu,
-                                 backend, self._folds, f"conv{i}", self.process_group)
+        return fused_conv_bn_forward(getattr(self, f"conv{i}"), norm_view(getattr(self, f"bn{i}")), x, residual, relu,
+                                     backend=backend, cache=self._folds, name=f"conv{i}", process_group=self.process_group)
 
 
 class FusedFrozenBNBasicBlock(_FrozenBNBlock, FusedBasicBlock):

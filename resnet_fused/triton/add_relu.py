@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import _memory_format
-from .bn_act import launcher
+from .._layout import memory_format as _memory_format
+from ._launch import launcher
 
 _BLOCK = 2048  # elements per program
 

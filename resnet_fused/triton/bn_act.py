@@ -21,28 +21,21 @@ shape (R, C), R = (P // C) * num_chunks, row (p // C) * num_chunks + chunk; a se
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import os
-import struct
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import _memory_format
-from .welford import chan_merge, reduce_partials
+from .._layout import dense as _dense
+from .._layout import memory_format as _memory_format
+from ._launch import launcher
+from .welford import chan_merge, merge_stats
 
 _TILE = 2048  # elements per (BLOCK_P, BLOCK_S) tile
 _MAX_BLOCK_C = 64  # channels_last: at most this many channels per tile
 _MAX_BLOCK_HW = 1024  # contiguous: at most this many pixels per tile
 _REDUCE_PROGRAMS = 1024  # reductions split pixels into chunks until about this many programs run
-_COMBINE_BLOCK_R = 64  # partial rows per step of the bn_stats combine kernel
-_COMBINE_MAX_BLOCK_C = 32
-# Triton picks compiled or interpreted kernels when they are defined (at import), by this variable
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,33 +146,6 @@ def _bn_stats_partial_kernel(
 
 
 @triton.jit
-def _bn_stats_combine_kernel(
-    count_ptr, mean_ptr, m2_ptr,  # partials: fp32 (R, C) each
-    out_mean_ptr, out_var_ptr,  # fp32 (C,)
-    R, C,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Program j merges the R partials of channels [j*BLOCK_C, (j+1)*BLOCK_C), BLOCK_R rows at a time
-    # in a fixed order (deterministic). A block of rows i is first reduced on its own,
-    #   n_t = sum n_i,  mean_t = sum n_i mean_i / n_t,  M2_t = sum M2_i + n_i (mean_i - mean_t)^2,
-    # then merged into the running stats with Chan's formula. var = M2 / n (biased).
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.zeros((BLOCK_C,), tl.float32)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & (c < C)[None, :]
-        offs = r[:, None].to(tl.int64) * C + c[None, :]
-        n_i = tl.load(count_ptr + offs, mask=mask, other=0.0)
-        mean_i = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-        m2_i = tl.load(m2_ptr + offs, mask=mask, other=0.0)
-        n, mean, m2 = chan_merge(n, mean, m2, *reduce_partials(n_i, mean_i, m2_i))
-    tl.store(out_mean_ptr + c, mean, mask=c < C)
-    tl.store(out_var_ptr + c, m2 / tl.maximum(n, 1.0), mask=c < C)
-
-
-@triton.jit
 def _bn_act_backward_reduce_kernel(
     g_ptr, x_ptr, mean_ptr, y_ptr,  # grad_out, input, fp32 (C,) mean, saved output (None: no relu)
     sum_dy_ptr, sum_dy_xmu_ptr,  # partials: fp32 (R, C) each
@@ -215,122 +181,9 @@ def _bn_act_backward_reduce_kernel(
     tl.store(sum_dy_xmu_ptr + ws, acc_dy_xmu, mask=p < P)
 
 
-@triton.jit
-def _f64(hi, lo):
-    # a host fp64 scalar passed as two fp32 arguments (Triton types Python floats as fp32), rejoined
-    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-
-
-@triton.jit
-def _invstd_and_scale(var_ptr, w_ptr, c, m, eps):
-    # per channel, in fp64 (IEEE sqrt and division): invstd = 1 / sqrt(var + eps), and w * invstd (w_ptr None: 1)
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=m, other=1.0).to(tl.float64) + eps)
-    scale = invstd
-    if w_ptr is not None:
-        scale = invstd * tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float64)
-    return invstd, scale
-
-
-@triton.jit
-def _bn_scale_shift_kernel(
-    mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,  # w_ptr / b_ptr: None = 1 / 0
-    C, eps_hi, eps_lo,
-    BLOCK: tl.constexpr,
-):
-    # per channel, in fp64 (IEEE sqrt and division): scale = w / sqrt(var + eps), shift = b - mean * scale; stored as fp32
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = c < C
-    _, scale = _invstd_and_scale(var_ptr, w_ptr, c, m, _f64(eps_hi, eps_lo))
-    ms = tl.load(mean_ptr + c, mask=m, other=0.0).to(tl.float64) * scale
-    shift = -ms
-    if b_ptr is not None:
-        shift = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float64) - ms
-    tl.store(scale_ptr + c, scale.to(tl.float32), mask=m)
-    tl.store(shift_ptr + c, shift.to(tl.float32), mask=m)
-
-
-@triton.jit
-def _bn_backward_coeffs_kernel(
-    sum_dy_ptr, sum_dy_xmu_ptr, var_ptr, w_ptr,  # w_ptr: None = 1
-    a_ptr, b_ptr, c_ptr, grad_w_ptr,
-    C, eps_hi, eps_lo, count_hi, count_lo,
-    TRAINING: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # per channel, in fp64: a = w invstd; training: b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count;
-    # eval: b = c = 0; grad_w = sum_dy_xmu invstd; stored as fp32
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < C
-    invstd, a = _invstd_and_scale(var_ptr, w_ptr, i, m, _f64(eps_hi, eps_lo))
-    sxmu = tl.load(sum_dy_xmu_ptr + i, mask=m, other=0.0).to(tl.float64)
-    tl.store(a_ptr + i, a.to(tl.float32), mask=m)
-    if TRAINING:
-        count = _f64(count_hi, count_lo)
-        b = -a * (invstd * invstd) * sxmu / count  # fp64 division: IEEE round to nearest
-        c = -a * tl.load(sum_dy_ptr + i, mask=m, other=0.0).to(tl.float64) / count
-        tl.store(b_ptr + i, b.to(tl.float32), mask=m)
-        tl.store(c_ptr + i, c.to(tl.float32), mask=m)
-    else:
-        zero = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(b_ptr + i, zero, mask=m)
-        tl.store(c_ptr + i, zero, mask=m)
-    tl.store(grad_w_ptr + i, (sxmu * invstd).to(tl.float32), mask=m)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-
-def launcher(op: str, like: tuple[str, ...] = (), per_channel: tuple[str, ...] = (), together: tuple[str, ...] = ()):
-    """Decorates the launcher of the op named `op`, whose first argument x is an (N, C, H, W) activation.
-
-    Checks the arguments before any kernel runs (the kernels trust shapes: a wrong one would read out
-    of bounds) and raises RuntimeError naming the op: x is 4-D fp32, fp16 or bf16; the tensors named
-    in `like` have x's shape and dtype, those in `per_channel` are fp32 (C,); those in `together` are
-    all given or all None; every tensor is on one device Triton runs on here (CUDA; CPU only under
-    TRITON_INTERPRET=1). Then launches on that device: Triton launches on the current CUDA device.
-    """
-
-    def wrap(fn):
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            device = _check_args(op, signature.bind(*args, **kwargs).arguments, like, per_channel, together)
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                return fn(*args, **kwargs)
-
-        return run
-
-    return wrap
-
-
-def _check_args(op: str, args: dict, like, per_channel, together) -> torch.device:
-    """The device of `args` (a launcher's arguments by name), after the checks `launcher` describes."""
-    name, x = next(iter(args.items()))
-    tensors = {k: t for k, t in args.items() if isinstance(t, torch.Tensor)}
-    if len({t.device for t in tensors.values()}) > 1:
-        raise RuntimeError(f"{op}: expected all tensors on one device, got " + ", ".join(f"`{k}` on {t.device}" for k, t in tensors.items()))
-    if not (x.device.type == "cuda" or (x.device.type == "cpu" and _INTERPRET)):
-        raise RuntimeError(
-            f"{op}: got tensors on {x.device}; it takes CUDA tensors "
-            f"(CPU tensors only when TRITON_INTERPRET=1 was set before resnet_fused was imported)"
-        )
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"{op}: expected `{name}` to be a 4-D (N, C, H, W) float32, float16 or bfloat16 tensor, "
-                           f"got shape {list(x.shape)} and {x.dtype}")
-    for k in like:
-        t = args[k]
-        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
-            raise RuntimeError(f"{op}: `{k}` is {t.dtype} of shape {list(t.shape)} but `{name}` is {x.dtype} of shape {list(x.shape)}")
-    for k in per_channel:
-        t = args[k]
-        if t is not None and (t.shape != x.shape[1:2] or t.dtype != torch.float32):
-            raise RuntimeError(f"{op}: expected `{k}` to be float32 of shape [{x.shape[1]}], one per channel of `{name}`, "
-                               f"got {t.dtype} of shape {list(t.shape)}")
-    if len({args[k] is None for k in together}) > 1:
-        raise RuntimeError(f"{op}: {', '.join(f'`{k}`' for k in together)} are given together or not at all")
-    return x.device
 
 
 class _Plan(NamedTuple):
@@ -364,11 +217,6 @@ def _plan(x: torch.Tensor, fmt: torch.memory_format) -> _Plan:
     return _Plan(False, C, N * C, H * W, _TILE // block_s, block_s)
 
 
-def _dense(t: torch.Tensor | None, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor | None:
-    """t laid out densely in fmt (a no-op when it already is); None stays None."""
-    return None if t is None else t.contiguous(memory_format=fmt)
-
-
 @launcher("resnet_fused::triton_bn_stats")
 def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (N, H, W), fp32 (C,) each."""
@@ -380,18 +228,12 @@ def bn_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(x, fmt)
     chunk_s, num_chunks = plan.reduce_chunks()
     R = plan.P // C * num_chunks
-    count, mean_i, m2_i = torch.empty((3, R, C), dtype=torch.float32, device=x.device)
+    partials = torch.empty((3, R, C), dtype=torch.float32, device=x.device)  # planes (count, mean, M2)
     _bn_stats_partial_kernel[(plan.num_p * num_chunks,)](
-        x, count, mean_i, m2_i, plan.P, plan.S, C, chunk_s,
+        x, *partials, plan.P, plan.S, C, chunk_s,
         CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
     )
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
-    block_c = min(triton.next_power_of_2(C), _COMBINE_MAX_BLOCK_C)
-    _bn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
-        count, mean_i, m2_i, mean, var, R, C, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_C=block_c
-    )
-    return mean, var
+    return merge_stats(partials, R)
 
 
 @launcher("resnet_fused::triton_bn_act_apply", like=("residual",), per_channel=("scale", "shift"))
@@ -470,91 +312,3 @@ def bn_act_backward_elemt(
         CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
     )
     return grad_input, grad_residual
-
-
-# ---- the per-channel coefficient ops: (C,) vectors in, fp32 (C,) vectors out ----
-
-_COEFF_BLOCK = 128  # channels per program
-_COEFF_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def vector_launcher(op: str):
-    """Decorates the launcher of a per-channel op whose tensor arguments are all (C,) vectors (None
-    where optional), C = the first one's length. Checks them before any kernel runs and raises
-    RuntimeError naming the op: 1-D, float32 / float64 / float16 / bfloat16, C elements each, on one
-    device Triton runs on here (CUDA; CPU only under TRITON_INTERPRET=1). Then launches on that device."""
-
-    def wrap(fn):
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            tensors = {k: t for k, t in signature.bind(*args, **kwargs).arguments.items() if isinstance(t, torch.Tensor)}
-            (name, first), device = next(iter(tensors.items())), None
-            if len({t.device for t in tensors.values()}) > 1:
-                raise RuntimeError(f"{op}: expected all tensors on one device, got "
-                                   + ", ".join(f"`{k}` on {t.device}" for k, t in tensors.items()))
-            device = first.device
-            if not (device.type == "cuda" or (device.type == "cpu" and _INTERPRET)):
-                raise RuntimeError(
-                    f"{op}: got tensors on {device}; it takes CUDA tensors "
-                    f"(CPU tensors only when TRITON_INTERPRET=1 was set before resnet_fused was imported)"
-                )
-            for k, t in tensors.items():
-                if t.dim() != 1 or t.dtype not in _COEFF_DTYPES:
-                    raise RuntimeError(f"{op}: expected `{k}` to be a 1-D float32, float64, float16 or bfloat16 per-channel "
-                                       f"vector, got {t.dtype} of shape {list(t.shape)}")
-                if t.numel() != first.numel():
-                    raise RuntimeError(f"{op}: `{k}` has shape {list(t.shape)} but `{name}` has shape {list(first.shape)}")
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                return fn(*args, **kwargs)
-
-        return run
-
-    return wrap
-
-
-def _split_f64(x: float) -> tuple[float, float]:
-    """x as hi + lo, both fp32 values (their fp64 sum is x to 48 bits; exact for integers below 2^48)."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
-
-
-@vector_launcher("resnet_fused::triton_bn_scale_shift")
-def bn_scale_shift(
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale = weight / sqrt(var + eps), shift = bias - mean * scale per channel; fp64 math, fp32 (C,) outputs."""
-    C = mean.numel()
-    scale = torch.empty(C, dtype=torch.float32, device=mean.device)
-    shift = torch.empty_like(scale)
-    if C:
-        _bn_scale_shift_kernel[(triton.cdiv(C, _COEFF_BLOCK),)](
-            _dense(mean), _dense(var), _dense(weight), _dense(bias), scale, shift, C, *_split_f64(eps), BLOCK=_COEFF_BLOCK
-        )
-    return scale, shift
-
-
-@vector_launcher("resnet_fused::triton_bn_backward_coeffs")
-def bn_backward_coeffs(
-    sum_dy: torch.Tensor,
-    sum_dy_xmu: torch.Tensor,
-    var: torch.Tensor,
-    weight: torch.Tensor | None,
-    eps: float,
-    count: float,
-    training: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b, c, grad_weight) of the batch-norm backward (see reference.bn_backward_coeffs); fp64 math, fp32 (C,) outputs."""
-    C = sum_dy.numel()
-    a, b, c, grad_weight = (torch.empty(C, dtype=torch.float32, device=sum_dy.device) for _ in range(4))
-    if C:
-        _bn_backward_coeffs_kernel[(triton.cdiv(C, _COEFF_BLOCK),)](
-            _dense(sum_dy), _dense(sum_dy_xmu), _dense(var), _dense(weight), a, b, c, grad_weight,
-            C, *_split_f64(eps), *_split_f64(count), TRAINING=training, BLOCK=_COEFF_BLOCK,
-        )
-    return a, b, c, grad_weight

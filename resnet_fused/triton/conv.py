@@ -21,13 +21,13 @@ Epilogue (on the fp32 accumulator acc = A @ B):
     out = act(acc * out_scale[co] + out_shift[co] (+ residual)), cast to x's dtype, one store.
 relu is torch.relu: NaN stays NaN (tl.maximum would return 0), -0 stays -0.
 Statistics (training): per-channel count, mean and M2 = sum (acc - mean)^2 of acc (before the
-epilogue) for each BLOCK_M row tile, merged per channel by a tree of Chan combines (_merge_stats).
+epilogue) for each BLOCK_M row tile, merged per channel by a tree of Chan combines (welford.merge_stats).
 
 Precision. MMAs take x's dtype and accumulate in fp32. fp32 inputs on a GPU use TF32 MMAs (10-bit
 mantissa, ~1e-3 relative error, as cuDNN's convolutions) unless torch.backends.cudnn.allow_tf32 is
 False; the interpreter always computes fp32 in IEEE fp32.
 
-Indices: pixel indices (of x and out) are int32 (asserted < 2^31), element offsets are int64.
+Indices: pixel indices (of x and out) are int32 (checked < 2^31), element offsets are int64.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .welford import chan_merge, reduce_partials
+from .._layout import conv_output_shape
+from .._layout import dense as _dense
+from ..backends import triton_interpreted
+from .welford import merge_stats
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = triton_interpreted()
 _GATHER_MAX_CIN = 16  # Cin below this: K blocks span (kh, kw) taps (the 7x7 stem, Cin = 3)
 _SMEM_BYTES = 227 * 1024  # shared memory per block on H100 / H200 (and the most on any GPU today)
-_MERGE_BLOCK_R = 64  # statistics merge: partial rows per step,
-_MERGE_ROWS = 4 * _MERGE_BLOCK_R  # rows per program (a tree of fan-in 256),
-_MERGE_MAX_BLOCK_C = 32  # and channels per program
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -183,43 +183,6 @@ def _conv_kernel(
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit
-def _stats_merge_kernel(
-    in_ptr, in_plane,  # planes (count, mean, M2) of (R, C) partials, fp32, in_plane elements apart
-    out_count_ptr, out_mean_ptr, out_m2_ptr,  # fp32 (cdiv(R, ROWS), C) each; out_count_ptr None: the last level
-    R, C, ROWS,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Program (j, channel block) merges partial rows [j*ROWS, (j+1)*ROWS) per channel, BLOCK_R rows at
-    # a time in a fixed order (deterministic). A block of rows i is first reduced on its own,
-    #   n_t = sum n_i,  mean_t = sum n_i mean_i / n_t,  M2_t = sum M2_i + n_i (mean_i - mean_t)^2,
-    # then merged into the running stats with Chan's formula, d = mean_t - mean:
-    #   n' = n + n_t,  mean' = mean + d * n_t / n',  M2' = M2 + M2_t + d^2 * n * n_t / n'.
-    # Writes row j of (count, mean, M2); the last level (one row, out_count_ptr None) writes mean and,
-    # to out_m2_ptr, var = M2 / n (biased). Lanes past C keep n = 0 (max(., 1) avoids 0 / 0).
-    j = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_end = tl.minimum(j * ROWS + ROWS, R)
-    n = tl.zeros((BLOCK_C,), tl.float32)
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for r0 in range(j * ROWS, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < r_end)[:, None] & (c < C)[None, :]
-        offs = r[:, None].to(tl.int64) * C + c[None, :]
-        n_i = tl.load(in_ptr + offs, mask=mask, other=0.0)
-        mean_i = tl.load(in_ptr + in_plane + offs, mask=mask, other=0.0)
-        m2_i = tl.load(in_ptr + 2 * in_plane + offs, mask=mask, other=0.0)
-        n, mean, m2 = chan_merge(n, mean, m2, *reduce_partials(n_i, mean_i, m2_i))
-    offs = j.to(tl.int64) * C + c
-    tl.store(out_mean_ptr + offs, mean, mask=c < C)
-    if out_count_ptr is None:
-        tl.store(out_m2_ptr + offs, m2 / tl.maximum(n, 1.0), mask=c < C)
-    else:
-        tl.store(out_count_ptr + offs, n, mask=c < C)
-        tl.store(out_m2_ptr + offs, m2, mask=c < C)
-
-
 def _prune(configs, nargs, **kwargs):
     # autotune prune: of the configs, the FMA ones for IEEE fp32 on a GPU, the tensor-core ones
     # otherwise, whose pipelined A and B tiles fit in shared memory in x's dtype; all of them when that
@@ -241,10 +204,6 @@ _conv = triton.autotune(
     key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION"],
     prune_configs_by=dict(early_config_prune=_prune),
 )(_conv_kernel)
-
-
-def _dense(t: torch.Tensor | None, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor | None:
-    return None if t is None else t.contiguous(memory_format=fmt)
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -284,25 +243,7 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def _merge_stats(partials: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, biased var), fp32 (C,) each, of rows [0, R) of partials (3, >= R, C): planes
-    (count, mean, M2). A tree of merges, fan-in _MERGE_ROWS rows per program, each level one 2-D grid
-    (row chunks x channel blocks); the last level (one chunk) writes mean and var."""
-    C = partials.shape[2]
-    block_c = min(triton.next_power_of_2(C), _MERGE_MAX_BLOCK_C)
-    while True:
-        chunks = triton.cdiv(R, _MERGE_ROWS)
-        # the last level's mean and var: two allocations (an op's outputs must not alias each other)
-        merged = partials.new_empty((3, chunks, C)) if chunks > 1 else (None, partials.new_empty(C), partials.new_empty(C))
-        _stats_merge_kernel[(chunks, triton.cdiv(C, block_c))](
-            partials, partials.stride(0), *merged, R, C, _MERGE_ROWS, BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=block_c,
-        )
-        if chunks == 1:
-            return merged[1], merged[2]
-        partials, R = merged, chunks
-
-
-def conv_bn_act(
+def fused_conv(
     input: torch.Tensor,
     weight: torch.Tensor,
     stride: tuple[int, int],
@@ -326,15 +267,18 @@ def conv_bn_act(
     x = input.contiguous(memory_format=torch.channels_last)  # (N, H, W, Cin) in memory
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"resnet_fused::triton_conv_bn_act: `weight` is {weight.dtype} but `input` is {x.dtype}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Ho = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    _, _, Ho, Wo = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     M = N * Ho * Wo
     out = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     stat_shape = (Cout,) if stats else (0,)
     if M == 0:
         return out, x.new_zeros(stat_shape, dtype=torch.float32), x.new_zeros(stat_shape, dtype=torch.float32)
-    assert weight.dtype == x.dtype and N * H * W < 2**31 and M < 2**31 and KH * KW * Cin * Cout < 2**31
+    if max(N * H * W, M, KH * KW * Cin * Cout) >= 2**31:  # pixel and weight indices are int32
+        raise RuntimeError(f"resnet_fused::triton_conv_bn_act: input {tuple(x.shape)} -> output {(N, Cout, Ho, Wo)} "
+                           f"with weight {tuple(weight.shape)} has 2^31 pixels or weights or more (int32 indices)")
 
     partials = None
     if stats:  # rows for the smallest BLOCK_M; the launched config fills the first cdiv(M, BLOCK_M)
@@ -359,5 +303,5 @@ def conv_bn_act(
         if not stats:
             empty = x.new_empty((0,), dtype=torch.float32)
             return out, empty, empty.clone()
-        mean, var = _merge_stats(partials, triton.cdiv(M, _conv.best_config.kwargs["BLOCK_M"]))
+        mean, var = merge_stats(partials, triton.cdiv(M, _conv.best_config.kwargs["BLOCK_M"]))
     return out, mean, var

@@ -1,0 +1,54 @@
+"""Fake (meta) kernels of the kernel ops: output shapes, dtypes and layouts only.
+
+The C++ library points at this module (``m.set_python_module`` in csrc/ops.cpp) and
+resnet_fused.backends imports it right after loading the schemas, so the fakes exist wherever the
+ops do. The Triton twins of these ops (resnet_fused/ops/triton.py) register the same functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resnet_fused._layout import memory_format, per_channel_empty
+
+
+def add_relu_forward(input, residual):
+    return torch.empty_like(input, memory_format=memory_format(input))
+
+
+def bn_stats(input):
+    return per_channel_empty(input), per_channel_empty(input)
+
+
+def bn_act_apply(input, scale, shift, residual, relu):
+    return torch.empty_like(input, memory_format=memory_format(input))
+
+
+def bn_act_backward_reduce(grad_out, input, mean, output):
+    return per_channel_empty(input), per_channel_empty(input)
+
+
+def bn_act_backward_elemt(grad_out, output, input, mean, dy_scale, x_scale, shift, need_grad_residual):
+    fmt = memory_format(input if input is not None else grad_out)
+    grad_input = torch.empty_like(grad_out, memory_format=fmt)
+    grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
+    return grad_input, grad_residual
+
+
+def bn_scale_shift(mean, var, weight, bias, eps):
+    return tuple(mean.new_empty(mean.shape, dtype=torch.float32) for _ in range(2))
+
+
+def bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
+    return tuple(sum_dy.new_empty(sum_dy.shape, dtype=torch.float32) for _ in range(4))
+
+
+# the kernel ops by name: what every backend implements (C++ CPU / CUDA, Triton, reference)
+FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_elemt,
+                                 bn_scale_shift, bn_backward_coeffs)}
+
+
+def register() -> None:
+    """Register the fakes of the C++ kernel ops (called once, after resnet_fused._C loaded)."""
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"resnet_fused::{name}")(fake)

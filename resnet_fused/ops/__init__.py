@@ -1,0 +1,28 @@
+"""The op layer: torch ops (``torch.ops.resnet_fused.*``), their fakes and autograd, and the public
+functions that validate arguments, pick the backend and call them. One module per op family:
+
+  add_relu.py     add_relu                                   relu(input + residual)
+  bn_act.py       bn_act (ops bn_act_train, bn_act_eval)     act(batch_norm(input) + residual)
+  sync_bn.py      bn_act's synchronized twin (nn.SyncBatchNorm semantics)
+  conv_stats.py   conv2d_stats, conv_bn_defer, DeferredBnReLU  conv with its output's batch statistics
+  conv_bn_act.py  conv_bn_act, conv_act, route(), cudnn_conv_act
+  onednn.py       CPU inference through oneDNN, weight prepacking
+  triton.py       the Triton launchers as ops (resnet_fused::triton_*)
+  kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks
+
+The kernel ops' schemas are in csrc/ops.cpp, their fakes in resnet_fused/_kernel_fakes.py.
+"""
+
+from resnet_fused import backends
+from resnet_fused.ops._bn_math import fold_bn
+from resnet_fused.ops.add_relu import add_relu
+from resnet_fused.ops.bn_act import bn_act
+from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
+from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
+from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
+
+if backends.has_triton():
+    from resnet_fused.ops import triton  # noqa: F401  (registers the resnet_fused::triton_* ops)
+
+__all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn",
+           "onednn_inference", "prepack_conv_weight", "route"]

@@ -1,0 +1,194 @@
+"""conv_bn_act: act(batch_norm(conv2d(input)) + residual), and conv_act, its eval form once BN is folded.
+
+route() names the path a call takes; conv_bn_act runs it, and resnet_fused.nn asks it too (the
+modules keep folded weights cached for the "fold" path):
+
+  "conv_stats"       training, Triton conv (statistics in its epilogue) or a deferred input BN + ReLU
+                     (applied in the conv's prologue): conv2d_stats, then one bn_act_train pass
+  "batch_stats"      training otherwise: the conv, then bn_act with batch statistics
+  "triton_epilogue"  eval on Triton without gradients: one conv with BN, residual and ReLU in its epilogue
+  "unfolded"         eval where a conv or BN parameter needs its gradient: the conv, then bn_act eval
+                     (whose backward reduces grad_bias in fp32, as eager's does)
+  "fold"             eval otherwise: BN folded into the conv's weight and bias, then conv_act
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resnet_fused import backends
+from resnet_fused._layout import conv_output_shape, pair
+from resnet_fused.ops import onednn
+from resnet_fused.ops._bn_math import fold_bn
+from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_like, check_residual_of_conv
+from resnet_fused.ops.add_relu import add_relu
+from resnet_fused.ops.bn_act import bn_act, bn_act_train
+from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_bn_defer, materialize, prologue_fusable
+from resnet_fused.ops.kernels import kernels, triton_conv_applies
+
+ROUTES = ("conv_stats", "batch_stats", "triton_epilogue", "unfolded", "fold")
+
+
+def route(input: Tensor, groups: int, use_batch_stats: bool, backend: str, *, conv_bias: Tensor | None = None,
+          input_bn: DeferredBnReLU | None = None, process_group=None, params_need_grad: bool = False,
+          any_needs_grad: bool = False) -> str:
+    """The path (one of ROUTES, see the module docstring) of a conv_bn_act call on the concrete backend."""
+    triton_conv = triton_conv_applies(backend, groups) and process_group is None and not torch.is_autocast_enabled(input.device.type)
+    if use_batch_stats:
+        fusable = prologue_fusable(input, conv_bias, process_group) and (input_bn is not None or triton_conv)
+        return "conv_stats" if fusable else "batch_stats"
+    if triton_conv and not any_needs_grad:
+        return "triton_epilogue"
+    return "unfolded" if params_need_grad else "fold"
+
+
+def _requires_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_bn_act(
+    input: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    *,
+    input_bn: DeferredBnReLU | None = None,
+    backend: str | None = None,
+    process_group=None,
+) -> Tensor:
+    """``act(batch_norm(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...) + residual)``.
+
+    Equal in value and in its side effects on the running statistics to the eager composition, with
+    autograd for every tensor argument. Eval: BN is folded into the convolution (one conv with bias,
+    then one fused add + ReLU pass at most). Training: the convolution, then ``bn_act`` (statistics,
+    one fused normalize + add + ReLU pass; fused two-pass backward). ``process_group``: as in bn_act.
+
+    ``input_bn`` (from conv_bn_defer): the convolution's input is relu(batch_norm(input)) with those
+    batch statistics, applied as the input loads (Triton prologue) and recomputed in the backward.
+    """
+    fn = "conv_bn_act"
+    check_conv(input, conv_weight, groups, fn)
+    check_channel_vectors(dict(running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias,
+                               conv_bias=conv_bias), conv_weight.shape[0], input.device, fn, f"conv_weight {tuple(conv_weight.shape)}")
+    check_input_bn(input_bn, input, fn)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    impl = backends.resolve(backend, input)
+    use_batch_stats = training or running_mean is None
+    path = route(input, groups, use_batch_stats, impl, conv_bias=conv_bias, input_bn=input_bn, process_group=process_group,
+                 params_need_grad=_requires_grad(conv_weight, conv_bias, bn_weight, bn_bias),
+                 any_needs_grad=_requires_grad(input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
+
+    if path == "conv_stats":
+        # conv2d_stats, then one fused normalize + add + ReLU pass; the residual is checked first,
+        # before any running statistic moves
+        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
+        y, bn = conv_bn_defer(input, conv_weight, running_mean, running_var, bn_weight, bn_bias, stride, padding,
+                              dilation, groups, momentum, eps, input_bn=input_bn, backend=impl)
+        return bn_act_train(y, bn_weight, bn_bias, residual, eps, relu, impl, bn.mean, bn.var)[0]
+    if input_bn is not None:
+        input = materialize(input, input_bn, impl)
+    if path == "triton_epilogue":
+        # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
+        mean = running_mean if conv_bias is None else running_mean.double() - conv_bias.double()
+        k = kernels(impl)
+        scale, shift = k.bn_scale_shift(mean, running_var, bn_weight, bn_bias, eps)
+        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
+        return k.fused_conv(input, conv_weight, list(stride), list(padding), list(dilation),
+                                             None, None, False, scale, shift, residual, relu, False)[0]
+    if path == "fold":
+        weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
+        return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu, backend=impl)
+    # "batch_stats" and "unfolded": the convolution, then the fused bn_act
+    y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps,
+                  _residual_for(residual, y, fn), relu, backend=impl, process_group=process_group)
+
+
+def _residual_for(residual: Tensor | None, y: Tensor, fn: str) -> Tensor | None:
+    """The residual to add to y: under autocast y may come out in the autocast dtype while the
+    residual does not; it is then cast to y's dtype, as ``y += residual`` would. Else it must match y."""
+    if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+        residual = residual.to(y.dtype)
+    if residual is not None:
+        check_like(residual, y, fn, "residual")
+    return residual
+
+
+def conv_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(conv2d(input, weight, bias, ...) + residual)``: the eval form of conv_bn_act once BN is
+    folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
+    one pass after the convolution. ``weight`` may be prepacked by prepack_conv_weight (CPU inference)."""
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    if weight.layout == torch._mkldnn:
+        if not onednn.applies(input, weight, bias, residual, backend):
+            needs_grad = [n for n, t in (("input", input), ("bias", bias), ("residual", residual)) if t is not None and t.requires_grad]
+            raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, fp32, without "
+                             f"gradients; got {input.dtype} input on {input.device}, requiring grad: {needs_grad or 'none'}")
+        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if onednn.onednn_inference(input, weight, bias, residual, backend):
+        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if _cudnn_fused_applies(input, weight, bias, residual, relu, backend):
+        check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
+        return cudnn_conv_act(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
+    y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    residual = _residual_for(residual, y, "conv_act")
+    if residual is not None:
+        return add_relu(y, residual, backend=backend) if relu else y + residual
+    return torch.relu(y) if relu else y
+
+
+# relu(conv(input, weight) + bias (+ residual)) in one cuDNN call: cudnnConvolutionBiasActivationForward
+# semantics (aten's cudnn_convolution_relu / cudnn_convolution_add_relu), so the conv output is written
+# once instead of being re-read by a bias, add and ReLU pass. CUDA inference only: aten gives these ops
+# neither autograd nor a fake kernel, hence this wrapper op with a fake and no autograd.
+@torch.library.custom_op("resnet_fused::cudnn_conv_act", mutates_args=(), device_types="cuda")
+def cudnn_conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    if residual is None:
+        return torch.cudnn_convolution_relu(input, weight, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+
+
+@cudnn_conv_act.register_fake
+def _cudnn_conv_act_fake(input, weight, bias, residual, stride, padding, dilation, groups):
+    out = input.new_empty(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
+    # cuDNN's rule (cudnn_conv_suggest_memory_format): channels_last if the input or the weight is
+    channels_last = any(torch._prims_common.suggest_memory_format(t) == torch.channels_last for t in (input, weight))
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _cudnn_fused_applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool,
+                         backend: str | None) -> bool:
+    """Whether conv_act runs cuDNN's fused conv + bias (+ add) + ReLU: the `cuda` backend's inference
+    with a ReLU, one floating dtype throughout, cuDNN enabled, and no gradient needed."""
+    return (relu and input.is_cuda and input.dim() == 4 and torch.backends.cudnn.enabled
+            and backends.variant().cudnn_fused is not False
+            and backends.resolve(backend, input) == "cuda"
+            and input.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and all(t is None or (t.dtype == input.dtype and t.device == input.device) for t in (weight, bias, residual))
+            and not _requires_grad(input, weight, bias, residual))

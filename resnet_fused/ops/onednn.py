@@ -1,0 +1,62 @@
+"""CPU inference through oneDNN's fused convolution: the bias, the residual add and the ReLU ride on the
+convolution as post-ops (what Inductor's CPU backend emits), so its output is written once; and the
+weight prepacked once into oneDNN's blocked layout (what Inductor's CPU freezing does)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resnet_fused import backends
+from resnet_fused._layout import pair
+from resnet_fused.ops._checks import check_residual_of_conv
+
+# oneDNN's fused convolution has a fixed cost per call of ~40 us (2 AVX2 cores, prepacked weight: 56 us
+# at 1x8x4x4 -> 8 channels 3x3, against 14 us for aten conv + relu; about even at 1x64x14x14 with a
+# ReLU, and ahead there with a residual). Below this many outputs (at stride 1) aten's conv runs.
+MIN_OUTPUT = 1 << 13
+
+
+def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:
+    """oneDNN's fused convolution computes conv_act here: CPU, fp32, and no gradient needed (it is not
+    differentiable)."""
+    return (
+        input.device.type == "cpu"
+        and backends.resolve(backend, input) == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and input.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16 / AVX-NE-CONVERT
+        and weight.dtype == input.dtype
+        and (residual is None or residual.dtype == input.dtype)
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)))
+    )
+
+
+def onednn_inference(input: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+                     backend: str | None = None) -> bool:
+    """Whether conv_act runs oneDNN's convolution with post-ops here (and so can use a prepacked weight):
+    where it can run (applies) and pays (at least MIN_OUTPUT outputs), or as a tuner's Variant says."""
+    if torch.compiler.is_compiling():  # Inductor lowers the plain conv + epilogue to oneDNN itself
+        return False
+    forced = backends.variant().onednn
+    large = input.numel() // max(input.shape[1], 1) * weight.shape[0] >= MIN_OUTPUT
+    return (large if forced is None else forced) and applies(input, weight, bias, residual, backend)
+
+
+def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, input_shape) -> Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout for inputs of ``input_shape``: conv_act then
+    skips the per-call reorder, which costs most where weights are large and activations small (ResNet's
+    last stages). CPU, fp32; for conv_act only."""
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(pair(padding)), list(pair(stride)),
+                                                     list(pair(dilation)), groups, list(input_shape))
+
+
+def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+             residual: Tensor | None, relu: bool) -> Tensor:
+    """act(conv2d(input, weight, bias) (+ residual)) in one oneDNN call; weight dense or prepacked."""
+    stride, padding, dilation = list(pair(stride)), list(pair(padding)), list(pair(dilation))
+    ops, unary = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
+    if residual is None:
+        return ops(input, weight, bias, padding, stride, dilation, groups, unary, [], "")
+    check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
+    return ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, unary if relu else None, [], "")
