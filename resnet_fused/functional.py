@@ -8,8 +8,12 @@
     prepack_conv_weight(...), onednn_inference(...)         CPU inference through oneDNN
 """
 
-from resnet_fused.ops import (DeferredBnReLU, add_relu, bn_act, conv_act, conv_bn_act, conv_bn_defer, fold_bn,
-                              onednn_inference, prepack_conv_weight)
+from resnet_fused.ops._bn_math import fold_bn
+from resnet_fused.ops.add_relu import add_relu
+from resnet_fused.ops.bn_act import bn_act
+from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act
+from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
+from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
 
 __all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn", "onednn_inference",
            "prepack_conv_weight"]

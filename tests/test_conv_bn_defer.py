@@ -209,7 +209,9 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     device = device_of("triton")
     calls = []
     defer = functional.conv_bn_defer
-    monkeypatch.setattr(functional, "conv_bn_defer", lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k))
+    counted = lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k)  # noqa: E731
+    monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_bn_defer", counted)  # what the blocks call
+    monkeypatch.setattr(resnet_fused.ops.conv_bn_act, "conv_bn_defer", counted)  # and conv_bn_act on its conv_stats path
     torch.manual_seed(0)
     eager = (torchvision.models.resnet.BasicBlock(6, 6) if block == "basic"
              else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)

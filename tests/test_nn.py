@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from helpers import CL, NCHW, FORMATS, assert_within_eager_error, randomize_bn
-from resnet_fused import ops
+import resnet_fused.nn.conv_bn
 from resnet_fused.ops import onednn
 from resnet_fused import functional, models
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, FusedInstanceNormResBlock, ShortcutA, make_shortcut
@@ -134,8 +134,8 @@ def test_other_norms_fall_back_to_a_correct_path():
 def test_eval_fold_cache_follows_parameter_and_buffer_changes(monkeypatch):
     monkeypatch.setattr(onednn, "MIN_OUTPUT", 0)  # CPU: the prepacked oneDNN weights at this small size too
     packs = []
-    prepack = ops.prepack_conv_weight
-    monkeypatch.setattr(ops, "prepack_conv_weight", lambda *a: packs.append(a[-1]) or prepack(*a))
+    prepack = resnet_fused.nn.conv_bn.prepack_conv_weight
+    monkeypatch.setattr(resnet_fused.nn.conv_bn, "prepack_conv_weight", lambda *a: packs.append(a[-1]) or prepack(*a))
     block = randomize_bn(FusedBasicBlock(8, 8)).eval()
     eager = copy.deepcopy(block)
     eager.__class__ = TV.BasicBlock

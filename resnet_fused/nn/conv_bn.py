@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import backends, ops, tuning
+from resnet_fused import backends, tuning
+from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
+from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
+from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm
 from resnet_fused.nn.fold import FoldCache
 
@@ -17,7 +20,7 @@ def is_fusable_conv(conv: nn.Module) -> bool:
 
 def conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
                     relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
-                    process_group=None, input_bn: ops.DeferredBnReLU | None = None) -> torch.Tensor:
+                    process_group=None, input_bn: DeferredBnReLU | None = None) -> torch.Tensor:
     """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (process_group: batch
     statistics synchronized across ranks, as nn.SyncBatchNorm; input_bn: a BN + ReLU deferred by
     conv_bn_defer, which conv applies to x as it loads). An unfused pair runs module by module."""
@@ -33,9 +36,9 @@ def conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residu
 
 def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
                           relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
-                          process_group=None, input_bn: ops.DeferredBnReLU | None = None) -> torch.Tensor:
+                          process_group=None, input_bn: DeferredBnReLU | None = None) -> torch.Tensor:
     """conv_bn_forward for a pair known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics
-    (bn may be a view with BatchNorm2d's attributes). On ops.route()'s "fold" path the folded weights
+    (bn may be a view with BatchNorm2d's attributes). On route()'s "fold" path the folded weights
     come from `cache` (computed once, refreshed when a parameter or buffer changes; on the CPU also
     prepacked for oneDNN once per input shape)."""
     call = batch_norm_call(bn)
@@ -43,16 +46,16 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     if cache is not None and input_bn is None and not torch.compiler.is_compiling():
         grad = torch.is_grad_enabled()
         params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
-        path = ops.route(x, conv.groups, call.use_batch_stats, backends.resolve(backend, x), conv_bias=conv.bias,
+        path = route(x, conv.groups, call.use_batch_stats, backends.resolve(backend, x), conv_bias=conv.bias,
                          process_group=process_group, params_need_grad=params_need_grad,
                          any_needs_grad=params_need_grad or grad and any(t is not None and t.requires_grad for t in (x, residual)))
         if path == "fold":
             weight, bias = cache.get(name, conv, bn)
-            if ops.onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
-                weight = cache.prepacked(name, x.shape, lambda: ops.prepack_conv_weight(
+            if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
+                weight = cache.prepacked(name, x.shape, lambda: prepack_conv_weight(
                     weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
-            return ops.conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
-    return ops.conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
+            return conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
+    return conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
                            training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
                            input_bn=input_bn, backend=backend, process_group=process_group, **args)
 
@@ -63,11 +66,11 @@ def can_defer(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def conv_bn_defer_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, *, backend: str | None = None,
-                          input_bn: ops.DeferredBnReLU | None = None) -> tuple[torch.Tensor, ops.DeferredBnReLU]:
+                          input_bn: DeferredBnReLU | None = None) -> tuple[torch.Tensor, DeferredBnReLU]:
     """(conv(x), bn's BN + ReLU deferred to the next convolution) with bn's training side effects
-    (running statistics, num_batches_tracked); see ops.conv_bn_defer. Requires can_defer(conv, bn)."""
+    (running statistics, num_batches_tracked); see resnet_fused.ops.conv_stats.conv_bn_defer. Requires can_defer(conv, bn)."""
     call = batch_norm_call(bn)
-    return ops.conv_bn_defer(x, conv.weight, call.running_mean, call.running_var, call.weight, call.bias,
+    return conv_bn_defer(x, conv.weight, call.running_mean, call.running_var, call.weight, call.bias,
                              stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                              momentum=call.momentum, eps=call.eps, input_bn=input_bn, backend=backend)
 

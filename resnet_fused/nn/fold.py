@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from resnet_fused import ops
+from resnet_fused.ops._bn_math import fold_bn
 
 
 def _stamp(t: torch.Tensor | None):
@@ -30,7 +30,7 @@ class FoldCache:
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
         with torch.no_grad():
-            weight, bias = ops.fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            weight, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         self._entries[name] = (stamp, weight, bias)
         return weight, bias
 

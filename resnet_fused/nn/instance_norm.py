@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnet_fused import ops
+from resnet_fused.ops.bn_act import bn_act
 from resnet_fused._layout import memory_format
 
 
@@ -27,7 +27,7 @@ def instance_norm_act(norm: nn.InstanceNorm2d, x: torch.Tensor, residual: torch.
     res = residual.contiguous().view(1, N * C, H, W) if residual is not None else None
     weight = norm.weight.repeat(N) if norm.weight is not None else None
     bias = norm.bias.repeat(N) if norm.bias is not None else None
-    out = ops.bn_act(rows, None, None, weight, bias, True, 0.0, norm.eps, res, relu, backend=backend).view(N, C, H, W)
+    out = bn_act(rows, None, None, weight, bias, True, 0.0, norm.eps, res, relu, backend=backend).view(N, C, H, W)
     return out.contiguous(memory_format=fmt)
 
 

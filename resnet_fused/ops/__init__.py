@@ -10,19 +10,13 @@ functions that validate arguments, pick the backend and call them. One module pe
   triton.py       the Triton launchers as ops (resnet_fused::triton_*)
   kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks
 
-The kernel ops' schemas are in csrc/ops.cpp, their fakes in resnet_fused/_kernel_fakes.py.
+The kernel ops' schemas are in csrc/ops.cpp, their fakes in resnet_fused/_kernel_fakes.py. The public
+functions are re-exported by resnet_fused.functional (this package holds the modules only, so that
+``resnet_fused.ops.bn_act`` is the module, not the function of the same name).
 """
 
 from resnet_fused import backends
-from resnet_fused.ops._bn_math import fold_bn
-from resnet_fused.ops.add_relu import add_relu
-from resnet_fused.ops.bn_act import bn_act
-from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
-from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
-from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
+from resnet_fused.ops import add_relu, bn_act, conv_bn_act, conv_stats, onednn, sync_bn  # noqa: F401  (registers the ops)
 
 if backends.has_triton():
     from resnet_fused.ops import triton  # noqa: F401  (registers the resnet_fused::triton_* ops)
-
-__all__ = ["DeferredBnReLU", "add_relu", "bn_act", "conv_act", "conv_bn_act", "conv_bn_defer", "fold_bn",
-           "onednn_inference", "prepack_conv_weight", "route"]
