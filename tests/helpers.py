@@ -1,10 +1,18 @@
-"""Test helpers: random activations, and the tolerance rule (fused error <= ~2x eager's own error)."""
+"""Test helpers: random activations, the tolerance rule (fused error <= ~2x eager's own error) and its
+variants, the fused / eager / float64 Trio, and where the tests read their environment (INTERPRET)."""
 
+import copy
 import os
 
 import torch
 
+import resnet_fused
 from resnet_fused import backends
+
+# The one place the tests read TRITON_INTERPRET (tests/conftest.py sets it on a machine without GPU, before
+# triton is imported): Triton kernels then run in the interpreter, on CPU tensors, fp32 in IEEE fp32.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 FORMATS = [NCHW, CL]
@@ -63,7 +71,7 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
 
 
 def interpreted_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+    return INTERPRET and not torch.cuda.is_available()
 
 
 def has_gpu() -> bool:
@@ -153,3 +161,86 @@ def block_results(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | 
 
 def counters(model: torch.nn.Module) -> list[int]:
     return [b.item() for b in model.buffers() if not b.is_floating_point()]
+
+
+def run(model, x, grad, training):
+    """Forward + backward; returns [output, input grad, parameter grads..., buffers...]."""
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()] + [b.clone() for b in model.buffers()]
+
+
+class Trio:
+    """The fused module, its eager twin (same weights, same dtype) and an eager float64 copy, stepped
+    together, so that buffers are compared after any number of steps.
+
+    whole_network=True compares the gradients of all parameters as one vector, and all float buffers
+    as one, in the 2-norm: in a deep network single small tensors' errors are rounding noise amplified
+    by cancellation, and their ratios a coin toss; the network's gradient as a whole is what matters.
+    """
+
+    def __init__(self, fused, eager, whole_network: bool = False):
+        self.fused, self.eager, self.exact = fused, eager, copy.deepcopy(eager).double()
+        self.whole_network = whole_network
+
+    def _results(self, model, x, grad, training):
+        out, grad_in, *rest = run(model, x, grad, training)
+        n_params = len(list(model.parameters()))
+        grads, buffers = rest[:n_params], rest[n_params:]
+        counters = [b for b in buffers if b.dtype == torch.int64]
+        floats = [b for b in buffers if b.dtype != torch.int64]
+        if not self.whole_network:
+            return [out, grad_in, *grads, *floats], counters
+        flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (grads, floats) if ts]
+        return [out, grad_in, *flat], counters
+
+    def step(self, x, training, what, fmt=None):
+        """One forward + backward of all three on x with one grad_output; checks every output, grad and
+        buffer with the eager-error rule (num_batches_tracked exactly)."""
+        with torch.no_grad():
+            grad = torch.randn_like(copy.deepcopy(self.eager)(x))  # a copy: the buffers must not move here
+        (f, fc), (e, ec), (c, _) = (self._results(m, x.to(dt), grad.to(dt), training) for m, dt in
+                                    ((self.fused, x.dtype), (self.eager, x.dtype), (self.exact, torch.float64)))
+        if fmt is not None:
+            assert f[0].is_contiguous(memory_format=fmt), f"{what}: output layout"
+        assert all(torch.equal(a, b) for a, b in zip(fc, ec)), f"{what}: num_batches_tracked"
+        if self.whole_network:
+            names = ["output", "grad input", "all parameter grads", "all float buffers"]
+        else:
+            names = ["output", "grad input"] + [f"grad {n}" for n, _ in self.eager.named_parameters()] + \
+                [n for n, b in self.eager.named_buffers() if b.dtype != torch.int64]
+        assert len(f) == len(e) == len(names[: len(f)])
+        for name, a, b, x64 in zip(names, f, e, c):
+            assert_within_eager_error(a, b, x64, f"{what}: {name}", norm="fro" if self.whole_network else "max")
+
+
+def check_converted_model(build, x, expect_swapped: int | None = None, expect_skipped: tuple[str, ...] = ()):
+    """fuse_ on a fresh model from build(): same parameter objects and state_dict keys, the expected report,
+    the same function as the original (a whole-network Trio step in training and in eval, then the inference
+    path), and unfuse_ restores the original classes. Returns the report."""
+    torch.manual_seed(0)
+    original = randomize_bn(build(), gain=(0.2, 0.6))
+    fused = copy.deepcopy(original)
+    params_before = [id(p) for p in fused.parameters()]
+    keys_before = list(fused.state_dict())
+    resnet_fused.fuse_(fused)
+    report = fused.resnet_fused_report
+    assert [id(p) for p in fused.parameters()] == params_before, "fuse_ must keep the very same parameter objects"
+    assert list(fused.state_dict()) == keys_before
+    if expect_swapped is not None:
+        assert len(report.swapped) == expect_swapped, report
+    for reason in expect_skipped:
+        assert any(reason in why for why in report.skipped.values()), report
+    trio = Trio(fused, original, whole_network=True)
+    trio.step(x, True, "train")
+    trio.step(x, False, "eval")
+    with torch.no_grad():  # the inference path (folded weights), against the Trio's float64 copy
+        original.eval(), fused.eval(), trio.exact.eval()
+        assert_within_eager_error(fused(x), original(x), trio.exact(x.double()), "inference", norm="fro")
+    resnet_fused.unfuse_(fused)
+    assert type(fused) is type(original)
+    assert all(type(a) is type(b) for a, b in zip(fused.modules(), original.modules()))
+    return report

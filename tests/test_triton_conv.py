@@ -4,24 +4,22 @@ Runs under TRITON_INTERPRET=1 on CPU (one fixed 32x16x16 tile, fp32 in IEEE), or
 """
 
 import gc
-import os
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import INTERPRET, TRITON_DEVICE, assert_within_eager_error
+
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from helpers import assert_within_eager_error  # noqa: E402
-
 from resnet_fused import reference  # noqa: E402
 from resnet_fused.triton import conv  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = TRITON_DEVICE
 pytestmark = pytest.mark.usefixtures("poisoned")  # conftest: new allocations are NaN-filled
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
