@@ -81,6 +81,20 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
     assert err <= factor * eager_err + ulp, f"{what}: error {err:.3g} > {factor} x eager's {eager_err:.3g} + {ulp:.3g}"
 
 
+def assert_sum_cancels(got, terms_abs_sum, what: str, ulps: float = 4.0, dtype=None):
+    """A quantity that is exactly 0 mathematically, computed as a sum whose terms cancel (the gradient of a
+    conv bias right before a BN in training: BN removes any per-channel constant): only the rounding of
+    its terms remains. Each term t_i is computed to within a few units of roundoff of |t_i| (in the
+    result's dtype, or `dtype`, the precision the terms are formed in) and the sum of n terms in a
+    higher precision adds less than that, so |got| <= ulps * eps * sum_i |t_i|, channel by channel.
+    `terms_abs_sum`: sum_i |t_i| per element of got, from a float64 computation."""
+    eps = torch.finfo(dtype or got.dtype).eps
+    bound = ulps * eps * terms_abs_sum.double()
+    excess = got.double().abs() - bound
+    assert (excess <= 0).all(), (f"{what}: |sum| up to {got.double().abs().max().item():.3g}, over its rounding bound "
+                                 f"{ulps} ulps x sum|terms| (at most {bound.max().item():.3g}) by {excess.max().item():.3g}")
+
+
 def interpreted_triton() -> bool:
     return INTERPRET and not torch.cuda.is_available()
 
