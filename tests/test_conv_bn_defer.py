@@ -75,26 +75,14 @@ def names(chain):
                                                           "running_var")]
 
 
-def plain_chain(x, params, chain, residual, backend):
-    """The same chain with every activation written: conv_bn_act after conv_bn_act."""
-    y = x
-    for i, (p, (_, _, s, pad, g)) in enumerate(zip(params, chain)):
-        last = i == len(chain) - 1
-        y = functional.conv_bn_act(y, p["w"], None, p["rm"], p["rv"], p["bw"], p["bb"], s, pad, 1, g, True, 0.1, 1e-5,
-                                   residual if last else None, True, backend=backend)
-    return y
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("chain", [BASIC, BOTTLENECK], ids=["basic", "bottleneck"])
 def test_deferred_chain_matches_eager(backend, fmt, chain):
-    """fp32: every tensor within the eager-error rule against float64. fp16 / bf16: equal (to the
-    dtype's tolerance) to the chain that writes every activation, which test_conv_bn_act holds to the
-    eager-error rule: the prologue computes relu(y * scale + shift) in fp32 and rounds it to the input
-    dtype, as bn_act_apply does, so the convolution sees the same values. (In low precision a single
-    ReLU mask flip near zero decides a small case's error against float64, so a per-case eager-error
-    comparison there would be a coin toss.)"""
+    """Every tensor within the eager-error rule against the float64 eager chain: fp32 elementwise (max
+    norm); fp16 / bf16 in the 2-norm of each tensor, since there a single ReLU mask flip near zero decides
+    one element's error against float64 (eager and fused each have theirs), while the 2-norm measures the
+    arithmetic."""
     device = device_of(backend)
     low = torch.float16 if backend == "triton" and interpreted_triton() else torch.bfloat16
     for dtype in (torch.float32, low):
@@ -108,14 +96,11 @@ def test_deferred_chain_matches_eager(backend, fmt, chain):
         params = make_params(cin, chain, dtype, device)
         grad = activation(r.shape, dtype, fmt, device)
         got = results(fused_chain, x, params, chain, r, grad, backend)
-        if dtype == torch.float32:
-            ref = results(eager_chain, x, params, chain, r, grad, backend)
-            exact = results(eager_chain, x, params, chain, r, grad, backend, torch.float64)
-            for name, a, e, x64 in zip(names(chain), got, ref, exact):
-                assert_within_eager_error(a, e, x64, f"{backend} {dtype} {name}")
-        else:
-            for name, a, p in zip(names(chain), got, results(plain_chain, x, params, chain, r, grad, backend)):
-                torch.testing.assert_close(a, p, msg=lambda m: f"{backend} {dtype} {name}: {m}")
+        ref = results(eager_chain, x, params, chain, r, grad, backend)
+        exact = results(eager_chain, x, params, chain, r, grad, backend, torch.float64)
+        norm = "max" if dtype == torch.float32 else "fro"
+        for name, a, e, x64 in zip(names(chain), got, ref, exact):
+            assert_within_eager_error(a, e, x64, f"{backend} {dtype} {name}", norm=norm)
 
 
 def _conv2d_stats_cases(backend):
