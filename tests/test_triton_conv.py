@@ -316,3 +316,21 @@ def test_autotune_off_keeps_one_config(monkeypatch):
     assert len(all_fitting) > 1
     monkeypatch.setenv("RESNET_FUSED_TRITON_AUTOTUNE", "0")
     assert conv._prune(conv._CONFIGS + conv._FMA_CONFIGS, nargs, DOT_PRECISION="tf32") == all_fitting[:1]
+
+
+@pytest.mark.parametrize("mode", ["eval_epilogue", "prologue_stats", "plain_stats"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
+def test_opcheck_triton_conv_bn_act(gen, mode, fmt):
+    """torch.ops.resnet_fused.triton_conv_bn_act through opcheck in each of its modes: the eval epilogue
+    (out_scale / out_shift / residual / relu, no statistics: conv_bn_act's inference path), the
+    training prologue (in_scale / in_shift / in_relu, with statistics: conv2d_stats after a deferred
+    BN + ReLU), plain with statistics. Odd channel counts, stride 2, the residual in the other layout."""
+    fusion = {"eval_epilogue": (None, True, True, True, False), "prologue_stats": ("affine", False, False, False, True),
+              "plain_stats": (None, False, False, False, True)}[mode]
+    a = _args(gen, GEOMETRIES["3x3s2p1"] if mode != "prologue_stats" else GEOMETRIES["1x1s2"], fusion, torch.float32, fmt)
+    if mode == "prologue_stats":
+        a["in_relu"] = True
+    order = ("input", "weight", "stride", "padding", "dilation", "in_scale", "in_shift", "in_relu", "out_scale", "out_shift",
+             "residual", "relu", "stats")
+    args = tuple(list(a[k]) if k in ("stride", "padding", "dilation") else a[k] for k in order)
+    torch.library.opcheck(torch.ops.resnet_fused.triton_conv_bn_act, args)
