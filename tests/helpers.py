@@ -81,6 +81,16 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
     assert err <= factor * eager_err + ulp, f"{what}: error {err:.3g} > {factor} x eager's {eager_err:.3g} + {ulp:.3g}"
 
 
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32) with its mantissa rounded to TF32's 10 bits (round to nearest, ties away): what a TF32 MMA
+    sees of its fp32 operands. The products of two TF32 values are exact in fp32 and the sums run in fp32,
+    so F.conv2d in float64 of rounded operands, rounded to fp32, is an eager TF32 convolution whose error
+    does not depend on which algorithm cuDNN picks (cuDNN may run IEEE fp32 even where TF32 is allowed)."""
+    bits = t.float().contiguous().view(torch.int32)
+    rounded = ((bits + (1 << 12)) & ~((1 << 13) - 1)).view(torch.float32)
+    return torch.where(t.isfinite(), rounded, t.float()).to(memory_format=torch.preserve_format)
+
+
 def assert_sum_cancels(got, terms_abs_sum, what: str, ulps: float = 4.0, dtype=None):
     """A quantity that is exactly 0 mathematically, computed as a sum whose terms cancel (the gradient of a
     conv bias right before a BN in training: BN removes any per-channel constant): only the rounding of
