@@ -1,10 +1,18 @@
-"""Test helpers: random activations, and the tolerance rule (fused error <= ~2x eager's own error)."""
+"""Test helpers: random activations, the tolerance rule (fused error <= ~2x eager's own error) and its
+variants, the fused / eager / float64 Trio, and where the tests read their environment (INTERPRET)."""
 
+import copy
 import os
 
 import torch
 
+import resnet_fused
 from resnet_fused import backends
+
+# The one place the tests read TRITON_INTERPRET (tests/conftest.py sets it on a machine without GPU, before
+# triton is imported): Triton kernels then run in the interpreter, on CPU tensors, fp32 in IEEE fp32.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 FORMATS = [NCHW, CL]
@@ -46,12 +54,17 @@ def max_err(a: torch.Tensor, exact: torch.Tensor, norm: str = "max") -> float:
     return d.abs().max().item() if norm == "max" else d.norm().item()
 
 
-def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.0, norm: str = "max"):
+def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.0, norm: str = "max", resolution=None):
     """|fused - exact| <= factor * |eager - exact| + one ulp at max(|exact|, 1).
 
     `exact` is the float64 result, `eager` plain PyTorch in the fused result's dtype. The tests' inputs
     are O(1), so one ulp at 1 is the resolution of the arithmetic even where a result cancels to ~0.
     norm="max" (elementwise worst case) for ops and blocks; norm="fro" (2-norm) for whole networks.
+
+    `resolution` (norm="max" only): the absolute resolution of each element instead of that ulp, for a
+    result that is a sum of many terms which cancel (a per-channel gradient): rounding each term leaves
+    up to an ulp of |term| each, so a few units of eps * sum_i |term_i| (per element, float64) is what
+    the arithmetic can resolve there, and a dozen rounding errors make eager's own error a coin toss.
     """
     assert fused.shape == exact.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
     assert fused.dtype == eager.dtype, f"{what}: dtype {fused.dtype} != eager {eager.dtype}"
@@ -59,11 +72,41 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
     err, eager_err = max_err(fused, exact, norm), max_err(eager, exact, norm)
     scale = (exact.abs().max().item() if norm == "max" else exact.double().norm().item()) if exact.numel() else 0.0
     ulp = torch.finfo(fused.dtype).eps * max(scale, 1.0)
+    if resolution is not None:
+        assert norm == "max", "resolution is per element: norm='max'"
+        excess = (fused.double() - exact.double()).abs() - factor * eager_err - resolution
+        assert (excess <= 0).all(), (f"{what}: error {err:.3g} > {factor} x eager's {eager_err:.3g} + the resolution "
+                                     f"(up to {torch.as_tensor(resolution).max().item():.3g}) by {excess.max().item():.3g}")
+        return
     assert err <= factor * eager_err + ulp, f"{what}: error {err:.3g} > {factor} x eager's {eager_err:.3g} + {ulp:.3g}"
 
 
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32) with its mantissa rounded to TF32's 10 bits (round to nearest, ties away): what a TF32 MMA
+    sees of its fp32 operands. The products of two TF32 values are exact in fp32 and the sums run in fp32,
+    so F.conv2d in float64 of rounded operands, rounded to fp32, is an eager TF32 convolution whose error
+    does not depend on which algorithm cuDNN picks (cuDNN may run IEEE fp32 even where TF32 is allowed)."""
+    bits = t.float().contiguous().view(torch.int32)
+    rounded = ((bits + (1 << 12)) & ~((1 << 13) - 1)).view(torch.float32)
+    return torch.where(t.isfinite(), rounded, t.float()).to(memory_format=torch.preserve_format)
+
+
+def assert_sum_cancels(got, terms_abs_sum, what: str, ulps: float = 4.0, dtype=None):
+    """A quantity that is exactly 0 mathematically, computed as a sum whose terms cancel (the gradient of a
+    conv bias right before a BN in training: BN removes any per-channel constant): only the rounding of
+    its terms remains. Each term t_i is computed to within a few units of roundoff of |t_i| (in the
+    result's dtype, or `dtype`, the precision the terms are formed in) and the sum of n terms in a
+    higher precision adds less than that, so |got| <= ulps * eps * sum_i |t_i|, channel by channel.
+    `terms_abs_sum`: sum_i |t_i| per element of got, from a float64 computation."""
+    eps = torch.finfo(dtype or got.dtype).eps
+    bound = ulps * eps * terms_abs_sum.double()
+    excess = got.double().abs() - bound
+    assert (excess <= 0).all(), (f"{what}: |sum| up to {got.double().abs().max().item():.3g}, over its rounding bound "
+                                 f"{ulps} ulps x sum|terms| (at most {bound.max().item():.3g}) by {excess.max().item():.3g}")
+
+
 def interpreted_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+    return INTERPRET and not torch.cuda.is_available()
 
 
 def has_gpu() -> bool:
@@ -153,3 +196,86 @@ def block_results(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | 
 
 def counters(model: torch.nn.Module) -> list[int]:
     return [b.item() for b in model.buffers() if not b.is_floating_point()]
+
+
+def run(model, x, grad, training):
+    """Forward + backward; returns [output, input grad, parameter grads..., buffers...]."""
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()] + [b.clone() for b in model.buffers()]
+
+
+class Trio:
+    """The fused module, its eager twin (same weights, same dtype) and an eager float64 copy, stepped
+    together, so that buffers are compared after any number of steps.
+
+    whole_network=True compares the gradients of all parameters as one vector, and all float buffers
+    as one, in the 2-norm: in a deep network single small tensors' errors are rounding noise amplified
+    by cancellation, and their ratios a coin toss; the network's gradient as a whole is what matters.
+    """
+
+    def __init__(self, fused, eager, whole_network: bool = False):
+        self.fused, self.eager, self.exact = fused, eager, copy.deepcopy(eager).double()
+        self.whole_network = whole_network
+
+    def _results(self, model, x, grad, training):
+        out, grad_in, *rest = run(model, x, grad, training)
+        n_params = len(list(model.parameters()))
+        grads, buffers = rest[:n_params], rest[n_params:]
+        counters = [b for b in buffers if b.dtype == torch.int64]
+        floats = [b for b in buffers if b.dtype != torch.int64]
+        if not self.whole_network:
+            return [out, grad_in, *grads, *floats], counters
+        flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (grads, floats) if ts]
+        return [out, grad_in, *flat], counters
+
+    def step(self, x, training, what, fmt=None):
+        """One forward + backward of all three on x with one grad_output; checks every output, grad and
+        buffer with the eager-error rule (num_batches_tracked exactly)."""
+        with torch.no_grad():
+            grad = torch.randn_like(copy.deepcopy(self.eager)(x))  # a copy: the buffers must not move here
+        (f, fc), (e, ec), (c, _) = (self._results(m, x.to(dt), grad.to(dt), training) for m, dt in
+                                    ((self.fused, x.dtype), (self.eager, x.dtype), (self.exact, torch.float64)))
+        if fmt is not None:
+            assert f[0].is_contiguous(memory_format=fmt), f"{what}: output layout"
+        assert all(torch.equal(a, b) for a, b in zip(fc, ec)), f"{what}: num_batches_tracked"
+        if self.whole_network:
+            names = ["output", "grad input", "all parameter grads", "all float buffers"]
+        else:
+            names = ["output", "grad input"] + [f"grad {n}" for n, _ in self.eager.named_parameters()] + \
+                [n for n, b in self.eager.named_buffers() if b.dtype != torch.int64]
+        assert len(f) == len(e) == len(names[: len(f)])
+        for name, a, b, x64 in zip(names, f, e, c):
+            assert_within_eager_error(a, b, x64, f"{what}: {name}", norm="fro" if self.whole_network else "max")
+
+
+def check_converted_model(build, x, expect_swapped: int | None = None, expect_skipped: tuple[str, ...] = ()):
+    """fuse_ on a fresh model from build(): same parameter objects and state_dict keys, the expected report,
+    the same function as the original (a whole-network Trio step in training and in eval, then the inference
+    path), and unfuse_ restores the original classes. Returns the report."""
+    torch.manual_seed(0)
+    original = randomize_bn(build(), gain=(0.2, 0.6))
+    fused = copy.deepcopy(original)
+    params_before = [id(p) for p in fused.parameters()]
+    keys_before = list(fused.state_dict())
+    resnet_fused.fuse_(fused)
+    report = fused.resnet_fused_report
+    assert [id(p) for p in fused.parameters()] == params_before, "fuse_ must keep the very same parameter objects"
+    assert list(fused.state_dict()) == keys_before
+    if expect_swapped is not None:
+        assert len(report.swapped) == expect_swapped, report
+    for reason in expect_skipped:
+        assert any(reason in why for why in report.skipped.values()), report
+    trio = Trio(fused, original, whole_network=True)
+    trio.step(x, True, "train")
+    trio.step(x, False, "eval")
+    with torch.no_grad():  # the inference path (folded weights), against the Trio's float64 copy
+        original.eval(), fused.eval(), trio.exact.eval()
+        assert_within_eager_error(fused(x), original(x), trio.exact(x.double()), "inference", norm="fro")
+    resnet_fused.unfuse_(fused)
+    assert type(fused) is type(original)
+    assert all(type(a) is type(b) for a, b in zip(fused.modules(), original.modules()))
+    return report

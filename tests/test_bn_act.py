@@ -147,12 +147,24 @@ def test_bn_stats_stable_for_millions_of_values(backend):
         shape = (1, 2, 256, 256)  # 65K values per channel is what the interpreter manages
     else:
         shape = (2, 2, 1024, 1024)
+    def check(mean, var, exact_mean, exact_var, what):
+        torch.testing.assert_close(mean.double(), exact_mean, rtol=5e-7, atol=0, msg=lambda m: f"{what} mean: {m}")  # a few fp32 ulps
+        torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=0, msg=lambda m: f"{what} var: {m}")
+
     for fmt in FORMATS:
         x = activation(shape, torch.float32, fmt, device_of(backend), scale=1.0, offset=1000.0)
-        mean, var = kernels(backend).bn_stats(x)
-        exact_mean, exact_var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
-        torch.testing.assert_close(mean.double(), exact_mean, rtol=5e-7, atol=0)  # a few fp32 ulps
-        torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=0)
+        # independent of every backend (torch's bn_stats is resnet_fused.reference's, fp64 itself)
+        exact_var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+        naive_mean = x.mean((0, 2, 3))
+        naive_var = (x * x).mean((0, 2, 3)) - naive_mean * naive_mean
+        with pytest.raises(AssertionError):  # the bounds tell the stable computation from the naive one
+            check(naive_mean, naive_var, exact_mean, exact_var, "naive fp32 E[x^2] - E[x]^2")
+        check(*kernels(backend).bn_stats(x), exact_mean, exact_var, f"{backend} bn_stats")
+        # through the public function: momentum 1 leaves the batch mean and the unbiased batch variance
+        rm, rv = torch.zeros_like(exact_mean).float(), torch.ones_like(exact_var).float()
+        functional.bn_act(x, rm, rv, None, None, True, 1.0, 1e-5, backend=backend)
+        n = x.numel() // x.shape[1]
+        check(rm, rv, exact_mean, exact_var * n / (n - 1), f"{backend} bn_act running statistics")
 
 
 def test_backend_selection():

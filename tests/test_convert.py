@@ -1,7 +1,6 @@
 """fuse_ / unfuse_ on torchvision and timm models: same function (eval and training: outputs,
 gradients, running statistics), same parameters and keys, a truthful report, and a clean undo."""
 
-import copy
 import logging
 
 import pytest
@@ -12,50 +11,24 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck
-from test_nn import Trio, randomize_bn
-
-
-def _check_converted_model(build, x, expect_swapped: int | None = None, expect_skipped: tuple[str, ...] = ()):
-    torch.manual_seed(0)
-    original = randomize_bn(build(), gain=(0.2, 0.6))
-    fused = copy.deepcopy(original)
-    params_before = [id(p) for p in fused.parameters()]
-    keys_before = list(fused.state_dict())
-    resnet_fused.fuse_(fused)
-    report = fused.resnet_fused_report
-    assert [id(p) for p in fused.parameters()] == params_before, "fuse_ must keep the very same parameter objects"
-    assert list(fused.state_dict()) == keys_before
-    if expect_swapped is not None:
-        assert len(report.swapped) == expect_swapped, report
-    for reason in expect_skipped:
-        assert any(reason in why for why in report.skipped.values()), report
-    trio = Trio(fused, original, whole_network=True)
-    trio.step(x, True, "train")
-    trio.step(x, False, "eval")
-    with torch.no_grad():  # the inference path (folded weights)
-        original.eval(), fused.eval()
-        torch.testing.assert_close(fused(x), original(x), rtol=1e-4, atol=1e-4)
-    resnet_fused.unfuse_(fused)
-    assert type(fused) is type(original)
-    assert all(type(a) is type(b) for a, b in zip(fused.modules(), original.modules()))
-    return report
+from helpers import check_converted_model
 
 
 @pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet50", 16)])
 def test_torchvision_resnets(name, blocks):
     x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    report = _check_converted_model(lambda: getattr(torchvision.models, name)(num_classes=16), x)
+    report = check_converted_model(lambda: getattr(torchvision.models, name)(num_classes=16), x)
     assert sum(1 for s in report.swapped if "layer" in s and "+" not in s) == blocks
     assert any(s.startswith("conv1+bn1") for s in report.swapped), "the stem conv-bn-relu is fused too"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet26d", "resnet50d", "resnet10t"])
 def test_timm_resnets(name):
-    _check_converted_model(lambda: timm.create_model(name, num_classes=16, pretrained=False), torch.randn(8, 3, 64, 64))
+    check_converted_model(lambda: timm.create_model(name, num_classes=16, pretrained=False), torch.randn(8, 3, 64, 64))
 
 
 def test_timm_blocks_with_extras_are_left_alone():
-    report = _check_converted_model(lambda: timm.create_model("seresnet18", num_classes=8, pretrained=False),
+    report = check_converted_model(lambda: timm.create_model("seresnet18", num_classes=8, pretrained=False),
                                     torch.randn(2, 3, 64, 64), expect_skipped=("se is",))
     # the blocks stay whole (se runs between bn2 and the add), their conv -> BN (-> ReLU) pairs are fused
     assert not [s for s in report.swapped if s.startswith("layer") and "+" not in s], report
@@ -78,7 +51,7 @@ def test_sequential_conv_bn_relu_chains():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8),
                           nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d(4), nn.ReLU())
-    report = _check_converted_model(lambda: model, torch.randn(2, 3, 9, 9), expect_swapped=2)
+    report = check_converted_model(lambda: model, torch.randn(2, 3, 9, 9), expect_swapped=2)
     assert report.swapped == ["0+1+2", "3+4"]
 
 

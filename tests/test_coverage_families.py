@@ -17,7 +17,7 @@ from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 import resnet_fused
 from resnet_fused.bench import coverage
-from test_convert import _check_converted_model
+from helpers import check_converted_model
 
 
 def _frozen_randomized(model):
@@ -29,7 +29,7 @@ def test_conv2d_norm_activation_relu_identity_fused_others_reported():
         return nn.Sequential(Conv2dNormActivation(3, 8, 3, stride=2), Conv2dNormActivation(8, 8, 1, activation_layer=None),
                              Conv2dNormActivation(8, 8, 3, activation_layer=nn.Hardswish),
                              Conv2dNormActivation(8, 8, 3, groups=8, activation_layer=nn.ReLU6))
-    report = _check_converted_model(build, torch.randn(2, 3, 12, 12), expect_swapped=2)
+    report = check_converted_model(build, torch.randn(2, 3, 12, 12), expect_swapped=2)
     assert report.swapped == ["0.0+1+2", "1.0+1"], report
     assert set(report.bn_left) == {"2.1", "3.1"}
     assert "Hardswish" in report.bn_left["2.1"] and "ReLU6" in report.bn_left["3.1"], report
@@ -42,7 +42,7 @@ def test_timm_conv_norm_act_with_batchnorm_act():
                              ConvNormAct(8, 8, 1, act_layer=nn.SiLU), ConvNormAct(8, 4, 3, act_layer=nn.ReLU))
     model = build()
     assert isinstance(model[0].bn, BatchNormAct2d)
-    report = _check_converted_model(build, torch.randn(2, 3, 12, 12), expect_swapped=3)
+    report = check_converted_model(build, torch.randn(2, 3, 12, 12), expect_swapped=3)
     assert report.swapped == ["0.conv+bn", "1.conv+bn", "3.conv+bn"], report
     assert list(report.bn_left) == ["2.bn"] and "SiLU" in report.bn_left["2.bn"], report
 
@@ -50,7 +50,7 @@ def test_timm_conv_norm_act_with_batchnorm_act():
 def test_timm_batchnorm_act_momentum_none_and_pickling():
     torch.manual_seed(0)
     model = nn.Sequential(ConvNormAct(3, 8, 3, norm_kwargs=dict(momentum=None)), ConvNormAct(8, 8, 1, apply_act=False))
-    _check_converted_model(lambda: model, torch.randn(2, 3, 10, 10), expect_swapped=2)
+    check_converted_model(lambda: model, torch.randn(2, 3, 10, 10), expect_swapped=2)
     fused = resnet_fused.fuse_(copy.deepcopy(model))
     again = pickle.loads(pickle.dumps(fused))  # the lazily made pass-through class pickles by name
     again.eval(), fused.eval()
@@ -81,7 +81,7 @@ def test_frozen_batchnorm_blocks_and_chains(kind):
                               norm_layer=FrozenBatchNorm2d)
         block.out, fused_cls = 32, resnet_fused.nn.norms.FusedFrozenBNBottleneck
     build = _frozen_net(block)
-    report = _check_converted_model(build, torch.randn(2, 3, 16, 16))
+    report = check_converted_model(build, torch.randn(2, 3, 16, 16))
     assert not report.bn_left and report.bn_total == (4 if kind == "basic" else 5), report
     assert "0+1+2" in report.swapped and "3" in report.swapped and "3.downsample.0+1" in report.swapped, report
     model = resnet_fused.fuse_(build())
@@ -104,19 +104,19 @@ def test_preactivation_blocks_fuse_conv_into_next_norm():
     def build():
         return timm.models.resnetv2.ResNetV2(layers=[1, 1], channels=(32, 64), num_classes=4, stem_chs=16,
                                              conv_layer=create_conv2d, norm_layer=BatchNormAct2d)
-    report = _check_converted_model(build, torch.randn(2, 3, 32, 32))
+    report = check_converted_model(build, torch.randn(2, 3, 32, 32))
     assert "stages.0.blocks.0.conv1+norm2" in report.swapped and "stages.0.blocks.0.conv2+norm3" in report.swapped
     assert "pre-activation" in report.bn_left["stages.0.blocks.0.norm1"], report
     assert set(report.bn_left) == {"stages.0.blocks.0.norm1", "stages.1.blocks.0.norm1", "norm"}, report
 
 
 def test_torchvision_regnet_fully_fused():
-    report = _check_converted_model(lambda: torchvision.models.regnet_y_400mf(num_classes=4), torch.randn(2, 3, 64, 64))
+    report = check_converted_model(lambda: torchvision.models.regnet_y_400mf(num_classes=4), torch.randn(2, 3, 64, 64))
     assert report.bn_total > 40 and not report.bn_left, report
 
 
 def test_timm_deep_stem_and_avg_down_downsample():
-    report = _check_converted_model(lambda: timm.create_model("resnet10t", num_classes=4, pretrained=False),
+    report = check_converted_model(lambda: timm.create_model("resnet10t", num_classes=4, pretrained=False),
                                     torch.randn(2, 3, 32, 32))
     assert "conv1.6+bn1+act1" in report.swapped, "the deep stem's last conv folds the model's bn1"
     assert not report.bn_left, report

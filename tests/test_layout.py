@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from helpers import CL
+from helpers import CL, backend_params, device_of
 from resnet_fused import backends
 
 OPS = torch.ops.resnet_fused
-pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
+needs_extension = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
 
 # activation factories, one per stride pattern; each call gives a new tensor with those strides
 LAYOUTS = {
@@ -70,6 +70,7 @@ def _signature(out):
     return [(tuple(o.shape), o.stride(), o.dtype) for o in outs]
 
 
+@needs_extension
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fake_and_real_outputs_have_the_same_strides(layout):
     for name, op, args in _calls(LAYOUTS[layout]):
@@ -83,6 +84,7 @@ def test_fake_and_real_outputs_have_the_same_strides(layout):
         assert fake == real, f"{name} on inputs with strides {strides}: FakeTensorMode {fake} != CPU {real}"
 
 
+@needs_extension
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_activation_outputs_are_dense(layout):
     """Outputs are dense in the layout the rule names, never in the input's odd strides."""
@@ -91,3 +93,55 @@ def test_activation_outputs_are_dense(layout):
     channels_last = x.is_contiguous(memory_format=CL) and not x.is_contiguous()
     assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format), (x.stride(), out.stride())
     torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+# the stride patterns opcheck sees below: not dense, or dense at an offset (opcheck's fake-tensor test
+# compares the fake outputs' strides with the real ones, on every backend)
+ODD_LAYOUTS = ["nchw_non_dense", "channels_last_non_dense", "channels_last_offset"]
+
+
+def _device_act(make, device):
+    def act():
+        t = make()
+        return t if device == "cpu" else _on_device(t, device)
+    return act
+
+
+def _on_device(t, device):
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=device)
+    out = storage.as_strided(t.size(), t.stride(), t.storage_offset())
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("layout", ODD_LAYOUTS)
+@pytest.mark.parametrize("backend", backend_params(include_triton=True))
+def test_opcheck_on_odd_strides(backend, layout):
+    """The autograd ops (add_relu, bn_act_train, bn_act_eval) on every backend, and the backend's kernel
+    ops (cpu: the C++ ones; triton: triton_*), through opcheck on sliced / offset inputs."""
+    device = device_of(backend)
+    act = _device_act(LAYOUTS[layout], device)
+    C = act().shape[1]
+
+    def vec(grad=False):
+        return (torch.rand(C, device=device) + 0.5).requires_grad_(grad)
+
+    def leaf():
+        return act().requires_grad_()
+
+    cases = [
+        (OPS.add_relu, (leaf(), leaf(), backend)),
+        (OPS.bn_act_train, (leaf(), vec(True), vec(True), leaf(), 1e-5, True, backend)),
+        (OPS.bn_act_eval, (leaf(), vec(), vec(), vec(True), vec(True), leaf(), 1e-5, True, backend)),
+    ]
+    if backend in ("cpu", "triton"):
+        prefix = "triton_" if backend == "triton" else ""
+        cases += [(getattr(OPS, prefix + name), args) for name, _, args in
+                  ((n.split("(")[0], o, a) for n, o, a in _calls(act))]
+        cases = [(op, tuple(_move(a, device) for a in args)) for op, args in cases]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def _move(a, device):
+    return a.to(device) if isinstance(a, torch.Tensor) and a.device.type != device else a

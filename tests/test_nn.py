@@ -10,67 +10,13 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import CL, NCHW, FORMATS, assert_within_eager_error, randomize_bn
-import resnet_fused.nn.conv_bn
+from helpers import CL, NCHW, FORMATS, Trio, assert_within_eager_error, randomize_bn
 from resnet_fused.ops import onednn
+import resnet_fused.nn.conv_bn
 from resnet_fused import functional, models
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, FusedInstanceNormResBlock, ShortcutA, make_shortcut
 
 TV = torchvision.models.resnet
-
-
-def run(model, x, grad, training):
-    """Forward + backward; returns [output, input grad, parameter grads..., buffers...]."""
-    model.train(training)
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    out.backward(grad)
-    return [out.detach(), x.grad] + [p.grad for p in model.parameters()] + [b.clone() for b in model.buffers()]
-
-
-class Trio:
-    """The fused module, its eager twin (same weights, same dtype) and an eager float64 copy, stepped
-    together, so that buffers are compared after any number of steps.
-
-    whole_network=True compares the gradients of all parameters as one vector, and all float buffers
-    as one, in the 2-norm: in a deep network single small tensors' errors are rounding noise amplified
-    by cancellation, and their ratios a coin toss; the network's gradient as a whole is what matters.
-    """
-
-    def __init__(self, fused, eager, whole_network: bool = False):
-        self.fused, self.eager, self.exact = fused, eager, copy.deepcopy(eager).double()
-        self.whole_network = whole_network
-
-    def _results(self, model, x, grad, training):
-        out, grad_in, *rest = run(model, x, grad, training)
-        n_params = len(list(model.parameters()))
-        grads, buffers = rest[:n_params], rest[n_params:]
-        counters = [b for b in buffers if b.dtype == torch.int64]
-        floats = [b for b in buffers if b.dtype != torch.int64]
-        if not self.whole_network:
-            return [out, grad_in, *grads, *floats], counters
-        flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (grads, floats) if ts]
-        return [out, grad_in, *flat], counters
-
-    def step(self, x, training, what, fmt=None):
-        """One forward + backward of all three on x with one grad_output; checks every output, grad and
-        buffer with the eager-error rule (num_batches_tracked exactly)."""
-        with torch.no_grad():
-            grad = torch.randn_like(copy.deepcopy(self.eager)(x))  # a copy: the buffers must not move here
-        (f, fc), (e, ec), (c, _) = (self._results(m, x.to(dt), grad.to(dt), training) for m, dt in
-                                    ((self.fused, x.dtype), (self.eager, x.dtype), (self.exact, torch.float64)))
-        if fmt is not None:
-            assert f[0].is_contiguous(memory_format=fmt), f"{what}: output layout"
-        assert all(torch.equal(a, b) for a, b in zip(fc, ec)), f"{what}: num_batches_tracked"
-        if self.whole_network:
-            names = ["output", "grad input", "all parameter grads", "all float buffers"]
-        else:
-            names = ["output", "grad input"] + [f"grad {n}" for n, _ in self.eager.named_parameters()] + \
-                [n for n, b in self.eager.named_buffers() if b.dtype != torch.int64]
-        assert len(f) == len(e) == len(names[: len(f)])
-        for name, a, b, x64 in zip(names, f, e, c):
-            assert_within_eager_error(a, b, x64, f"{what}: {name}", norm="fro" if self.whole_network else "max")
 
 
 def assert_same_function(fused, eager, x, training, what):
@@ -149,11 +95,11 @@ def test_eval_fold_cache_follows_parameter_and_buffer_changes(monkeypatch):
 
     check("first call")
     check("second call")
-    onednn = torch.backends.mkldnn.is_available()
-    assert len(packs) == (2 if onednn else 0), "each conv's folded weight prepacked once, then cached"
+    has_onednn = torch.backends.mkldnn.is_available()
+    assert len(packs) == (2 if has_onednn else 0), "each conv's folded weight prepacked once, then cached"
     x = torch.randn(3, 8, 6, 6)  # CPU: the folded weights are prepacked for oneDNN per input shape
     check("another batch size")
-    assert len(packs) == (4 if onednn else 0) and packs[-1] == x.shape
+    assert len(packs) == (4 if has_onednn else 0) and packs[-1] == x.shape
     with torch.no_grad():
         block.bn1.running_var.mul_(2.0)  # in place, like a training step's update
         eager.bn1.running_var.mul_(2.0)

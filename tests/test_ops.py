@@ -1,4 +1,5 @@
-"""Every op through torch.library.opcheck, gradcheck in float64, and torch.compile(fullgraph=True).
+"""Every op through torch.library.opcheck, gradcheck in float64, fp32 gradients against float64, and
+torch.compile(fullgraph=True). Only what needs resnet_fused._C (the cpu backend's params) skips without it.
 
 Every input is built on its backend's device (helpers.device_of): CUDA for cuda and triton on a GPU
 machine (where TRITON_INTERPRET is unset and the compiled kernels need CUDA pointers), CPU otherwise."""
@@ -6,10 +7,8 @@ machine (where TRITON_INTERPRET is unset and the compiled kernels need CUDA poin
 import pytest
 import torch
 
-from helpers import CL, NCHW, activation, backend_params, device_of
-from resnet_fused import backends, functional
-
-pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
+from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from resnet_fused import functional, reference
 
 OPS = torch.ops.resnet_fused
 SHAPE = (2, 5, 3, 4)
@@ -104,6 +103,64 @@ def test_gradcheck_float64(training, relu, with_residual, fmt):
 def test_gradcheck_add_relu_float64():
     x, r = (activation((2, 3, 4, 5), torch.float64, CL).requires_grad_() for _ in range(2))
     assert torch.autograd.gradcheck(functional.add_relu, (x, r))
+
+
+def _grad_cases(device):
+    """(name, fused fn(backend, *leaves), reference fn(*leaves), leaves, relu-relevant) in fp32, odd shapes."""
+    N, C, H, W = 3, 5, 4, 3
+    for fmt in (NCHW, CL):
+        x, r = activation((N, C, H, W), torch.float32, fmt, device, 2.0, 0.5), activation((N, C, H, W), torch.float32, fmt, device)
+        w, b = _vec(device), _vec(device)
+        rm, rv = _vec(device) * 0.3, _vec(device, positive=True)
+        yield f"add_relu {fmt}", (lambda be, x, r: functional.add_relu(x, r, backend=be)), reference.add_relu, (x, r)
+        for training in (True, False):
+            for with_residual, relu in ((True, True), (False, True), (True, False)):
+                def bn(be, x, w, b, *res, training=training, relu=relu):
+                    kw = {} if be is None else dict(backend=be)
+                    fn = functional.bn_act if be is not None else reference.bn_act
+                    return fn(x, rm.clone().to(x.dtype), rv.clone().to(x.dtype), w, b, training, 0.1, 1e-5,
+                              res[0] if res else None, relu, **kw)
+                yield (f"bn_act {'train' if training else 'eval'} res={with_residual} relu={relu} {fmt}", bn,
+                       (lambda *a, bn=bn: bn(None, *a)), (x, w, b) + ((r,) if with_residual else ()))
+        cw, cb = torch.randn(C, 4, 3, 3, device=device) / 6, _vec(device)
+        xc = activation((N, 4, H + 1, W + 2), torch.float32, fmt, device)
+        rc = activation((N, C, H + 1, W + 2), torch.float32, fmt, device)
+
+        def conv(be, x, cw, cb, w, b, r):
+            kw = {} if be is None else dict(backend=be)
+            fn = functional.conv_bn_act if be is not None else reference.conv_bn_act
+            return fn(x, cw, cb, rm.clone().to(x.dtype), rv.clone().to(x.dtype), w, b, 1, 1, 1, 1, True, 0.1, 1e-5, r, True, **kw)
+        yield f"conv_bn_act train {fmt}", conv, (lambda *a: conv(None, *a)), (xc, cw, cb, w, b, rc)
+
+
+def _grads(fn, leaves, grad_out, dtype):
+    leaves = [t.detach().clone().to(dtype).requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    out.backward(grad_out.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(include_triton=True) if p.values[0] in ("cpu", "triton")])
+def test_fp32_gradients_against_float64(backend):
+    """The fp32 kernels' analytic gradients (autograd, one random grad_output) against the float64
+    reference's, under the eager-error rule (the eager fp32 composition's gradients as the yardstick):
+    gradcheck above runs in float64, which the torch backend computes, never these kernels. Per-channel
+    gradients of the BN parameters and the conv bias are sums of cancelling terms, checked at the
+    resolution of those sums (2 fp32 ulps of sum |term|, the per-element g's magnitude bounding them)."""
+    device = device_of(backend)
+    eps32 = torch.finfo(torch.float32).eps
+    for name, fused, ref, leaves in _grad_cases(device):
+        with torch.no_grad():
+            grad_out = torch.randn_like(ref(*leaves))
+        got = _grads(lambda *a: fused(backend, *a), leaves, grad_out, torch.float32)
+        eager = _grads(ref, leaves, grad_out, torch.float32)
+        exact = _grads(ref, leaves, grad_out, torch.float64)
+        for i, (a, e, x64) in enumerate(zip(got, eager, exact)):
+            # (C,) results are per-channel sums over N*H*W terms of size ~|g| * (1 + |x_hat|)
+            res = None
+            if x64.dim() == 1:
+                res = 2 * eps32 * (grad_out.double().abs().sum((0, 2, 3)) * (1 + leaves[0].double().abs().amax()))
+            assert_within_eager_error(a, e, x64, f"{backend} {name} [{i}]", resolution=res)
 
 
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])

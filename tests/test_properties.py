@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from helpers import CL, NCHW, assert_within_eager_error, backend_params, device_of, interpreted_triton
@@ -40,7 +40,14 @@ def _forward_backward(fn, t, training, with_residual, relu, cast=None, **kw):
     return [out.detach(), *grads, rm, rv]
 
 
-@pytest.mark.parametrize("backend", backend_params(include_triton=True))
+def _backends():
+    """Every backend, cuda skipped visibly (tests/test_cuda.py covers it), the others where they run."""
+    params = backend_params(include_triton=True)
+    return [pytest.param(*p.values, marks=[*p.marks, pytest.mark.skip(reason="cuda: covered by tests/test_cuda.py")])
+            if p.values[0] == "cuda" else p for p in params]
+
+
+@pytest.mark.parametrize("backend", _backends())
 @settings(deadline=None, max_examples=40, derandomize=True)
 @given(
     shape=shapes,
@@ -52,12 +59,23 @@ def _forward_backward(fn, t, training, with_residual, relu, cast=None, **kw):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_bn_act_property(backend, shape, dtype, fmt, training, with_residual, relu, seed):
-    if backend == "cuda" or (backend == "triton" and interpreted_triton() and dtype == torch.bfloat16):
-        return  # cuda: tests/test_cuda.py; numpy (the interpreter) has no bfloat16
+    # numpy (the interpreter) has no bfloat16: hypothesis draws another example instead of passing this one
+    assume(not (backend == "triton" and interpreted_triton() and dtype == torch.bfloat16))
     t = _leaves(shape, dtype, fmt, device_of(backend), seed)
     fused = _forward_backward(functional.bn_act, t, training, with_residual, relu, backend=backend)
     eager = _forward_backward(reference.bn_act, t, training, with_residual, relu)
     exact = _forward_backward(reference.bn_act, t, training, with_residual, relu, cast=torch.float64)
     assert fused[0].is_contiguous(memory_format=fmt)
+    # [2], [3]: grad weight and grad bias, per-channel sums of N*H*W terms (g * x_hat, g) that cancel: their
+    # resolution is a couple of fp32 ulps of sum |term|; eager's own error there is a few rounding errors
+    g, x = t["grad"].double(), t["x"].double()
+    if training:
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    else:
+        mean, var = t["running_mean"].double(), t["running_var"].double()
+    x_hat = (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-5).sqrt()
+    eps32 = torch.finfo(torch.float32).eps
+    resolution = {2: 2 * eps32 * (g * x_hat).abs().sum((0, 2, 3)), 3: 2 * eps32 * g.abs().sum((0, 2, 3))}
     for i, (f, e, x) in enumerate(zip(fused, eager, exact)):
-        assert_within_eager_error(f, e, x, f"{backend} {shape} {dtype} {fmt} train={training} res={with_residual} relu={relu} [{i}]")
+        assert_within_eager_error(f, e, x, f"{backend} {shape} {dtype} {fmt} train={training} res={with_residual} relu={relu} [{i}]",
+                                  resolution=resolution.get(i))

@@ -4,25 +4,23 @@ Runs under TRITON_INTERPRET=1 on CPU (one fixed 32x16x16 tile, fp32 in IEEE), or
 """
 
 import gc
-import os
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import INTERPRET, TRITON_DEVICE, assert_within_eager_error, round_to_tf32
+
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from helpers import assert_within_eager_error  # noqa: E402
-
-from resnet_fused.triton import welford
+from resnet_fused.triton import welford  # noqa: E402
 from resnet_fused import reference  # noqa: E402
 from resnet_fused.triton import conv  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = TRITON_DEVICE
 pytestmark = pytest.mark.usefixtures("poisoned")  # conftest: new allocations are NaN-filled
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -80,8 +78,9 @@ def _vec(v):
     return v.view(1, -1, 1, 1)
 
 
-def _reference(a, compute_dtype):
-    """(out, acc): the op with the convolution in compute_dtype (float64: exact; x's dtype: eager).
+def _reference(a, compute_dtype, round_operands=None):
+    """(out, acc): the op with the convolution in compute_dtype (float64: exact; x's dtype: eager;
+    float64 with round_operands=helpers.round_to_tf32: eager TF32).
 
     The prologue is fp32 math rounded to x's dtype, as in the kernel, where x' is the MMA operand;
     F.conv2d then pads x' with zeros. The epilogue runs in fp32 (float64 for the exact result).
@@ -93,8 +92,10 @@ def _reference(a, compute_dtype):
         x = x + _vec(a["in_shift"])
     if a["in_relu"]:
         x = torch.relu(x)
-    x = x.to(a["input"].dtype)
-    acc = F.conv2d(x.to(compute_dtype), a["weight"].to(compute_dtype), None, a["stride"], a["padding"], a["dilation"])
+    x, w = x.to(a["input"].dtype), a["weight"]
+    if round_operands is not None:  # what the MMA sees of its operands (TF32)
+        x, w = round_operands(x), round_operands(w)
+    acc = F.conv2d(x.to(compute_dtype), w.to(compute_dtype), None, a["stride"], a["padding"], a["dilation"])
     epi = torch.float64 if compute_dtype == torch.float64 else torch.float32
     y = acc.to(epi)
     if a["out_scale"] is not None:
@@ -106,17 +107,24 @@ def _reference(a, compute_dtype):
     return y, acc
 
 
+def _tf32(a) -> bool:
+    """The conv runs fp32 in TF32: on a GPU, when torch.backends.cudnn.allow_tf32 (never in the interpreter)."""
+    return a["input"].dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32
+
+
 def _check(a):
     out, mean, var = conv.fused_conv(**a)
     exact, acc = _reference(a, torch.float64)
     assert out.shape == exact.shape and out.dtype == a["input"].dtype and out.is_contiguous(memory_format=CL)
     assert not torch.isnan(out).any(), "an output element was left unwritten"
-    if out.dtype == torch.float32:
-        tol = FP32_REL_TOL * max(exact.abs().max().item(), 1.0)
-        torch.testing.assert_close(out.double(), exact, rtol=FP32_REL_TOL, atol=tol)
-    else:  # fp16 / bf16: at most ~2x eager's error (+ one ulp), eager = F.conv2d in that dtype
+    # at most ~2x eager's error (+ one ulp), eager = F.conv2d in the input's dtype; fp32 under TF32 (a GPU
+    # with torch.backends.cudnn.allow_tf32, which the conv follows): eager = a TF32 convolution, operands
+    # rounded to TF32 and exact products (helpers.round_to_tf32), whatever algorithm cuDNN would pick
+    if _tf32(a):
+        eager = _reference(a, torch.float64, round_operands=round_to_tf32)[0].to(out.dtype)
+    else:
         eager = _reference(a, a["input"].dtype)[0].to(out.dtype)
-        assert_within_eager_error(out, eager, exact, "out")
+    assert_within_eager_error(out, eager, exact, "out")
     if a["stats"]:
         exact_mean, exact_var = acc.mean((0, 2, 3)), acc.var((0, 2, 3), unbiased=False)
         rel = FP32_REL_TOL if out.dtype == torch.float32 else 1e-4  # fp16/bf16 products are exact in fp32
@@ -319,3 +327,21 @@ def test_autotune_off_keeps_one_config(monkeypatch):
     assert len(all_fitting) > 1
     monkeypatch.setenv("RESNET_FUSED_TRITON_AUTOTUNE", "0")
     assert conv._prune(conv._CONFIGS + conv._FMA_CONFIGS, nargs, DOT_PRECISION="tf32") == all_fitting[:1]
+
+
+@pytest.mark.parametrize("mode", ["eval_epilogue", "prologue_stats", "plain_stats"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
+def test_opcheck_triton_conv_bn_act(gen, mode, fmt):
+    """torch.ops.resnet_fused.triton_conv_bn_act through opcheck in each of its modes: the eval epilogue
+    (out_scale / out_shift / residual / relu, no statistics: conv_bn_act's inference path), the
+    training prologue (in_scale / in_shift / in_relu, with statistics: conv2d_stats after a deferred
+    BN + ReLU), plain with statistics. Odd channel counts, stride 2, the residual in the other layout."""
+    fusion = {"eval_epilogue": (None, True, True, True, False), "prologue_stats": ("affine", False, False, False, True),
+              "plain_stats": (None, False, False, False, True)}[mode]
+    a = _args(gen, GEOMETRIES["3x3s2p1"] if mode != "prologue_stats" else GEOMETRIES["1x1s2"], fusion, torch.float32, fmt)
+    if mode == "prologue_stats":
+        a["in_relu"] = True
+    order = ("input", "weight", "stride", "padding", "dilation", "in_scale", "in_shift", "in_relu", "out_scale", "out_shift",
+             "residual", "relu", "stats")
+    args = tuple(list(a[k]) if k in ("stride", "padding", "dilation") else a[k] for k in order)
+    torch.library.opcheck(torch.ops.resnet_fused.triton_conv_bn_act, args)

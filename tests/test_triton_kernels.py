@@ -1,12 +1,11 @@
 """Triton kernels vs resnet_fused.reference, on tiny shapes (runs under TRITON_INTERPRET=1 on CPU)."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import INTERPRET, TRITON_DEVICE
+
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
@@ -16,7 +15,7 @@ from resnet_fused import reference as ref  # noqa: E402  (importing resnet_fused
 from resnet_fused.triton import bn_act  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
 
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = TRITON_DEVICE
 pytestmark = [
     pytest.mark.usefixtures("poisoned"),  # conftest: new allocations are NaN-filled
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),  # the interpreter's numpy, on NaN and Inf
