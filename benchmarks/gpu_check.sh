@@ -109,7 +109,7 @@ run_sanitize() {
     local rc=0 tool r
     for tool in memcheck racecheck; do
         timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-            $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_ops.py -k "small or opcheck" >>"$log" 2>&1
+            $PY -m pytest -q -p no:cacheprovider tests/gpu/test_cuda.py tests/gpu/test_gpu_ops.py -k "small or opcheck" >>"$log" 2>&1
         r=$?; rc=$((rc | r))
         note "sanitize $tool: rc=$r"
     done

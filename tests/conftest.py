@@ -20,7 +20,7 @@ def _seed():
 def poisoned():
     """Fill every new uninitialized allocation with NaN (integers: their maximum), so an output element a
     kernel forgot to write fails. torch.empty / empty_like / new_empty / at::empty fill on CPU and on CUDA
-    alike (also blocks reused from the caching allocator): tests/test_gpu_ops.py checks both devices."""
+    alike (also blocks reused from the caching allocator): tests/gpu/test_gpu_ops.py checks both devices."""
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     fill_was = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -182,7 +182,7 @@ def make_block(kind: str, backend: str, device, dtype, fmt=torch.channels_last) 
 def block_results(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> list[torch.Tensor]:
     """One step of model in its current mode: [output] in eval (no grad); training: [output, grad input,
     all parameter grads as one vector, all float buffers as one vector] (the whole-block 2-norm view:
-    single (C,) grads of a small block are a handful of rounding errors, tests/test_nn.py)."""
+    single (C,) grads of a small block are a handful of rounding errors, tests/nn/test_nn.py)."""
     if not model.training:
         with torch.no_grad():
             return [model(x)]

@@ -13,7 +13,7 @@ contiguous axis Triton can prove (ci is H*W apart; w runs only to the end of a r
 so every element is its own 2-byte load, too small for cp.async: the pipeline then holds in-flight A
 tiles in registers. Compiled for sm_90 (fp16, a 3x3 conv with a residual), that spilled in 4 of 8
 configs, up to 2.8 KB per thread, where channels_last spilled in 2 of 6 (0.7 KB; configs since fixed,
-tests/test_triton_static.py). One copy (read + write of x) costs less.
+tests/triton/test_triton_static.py). One copy (read + write of x) costs less.
 
 Prologue (on load, fp32 math, in-bounds elements only, so padding stays exactly zero):
     x' = act(x * in_scale[ci] + in_shift[ci]),  act = relu or identity; then cast back to x's dtype.
@@ -56,7 +56,7 @@ def _config(bm, bn, bk, warps, stages):
 
 # Each config is compiled and timed on the first call of every key. Pipelined smem is about
 # num_stages * (BM + BN) * BK * itemsize; configs over _SMEM_BYTES in x's dtype are pruned (fp32:
-# 64x256x64 x3). None spills registers on sm_90 (tests/test_triton_static.py): per thread the fp32
+# 64x256x64 x3). None spills registers on sm_90 (tests/triton/test_triton_static.py): per thread the fp32
 # accumulator alone is BM * BN / (32 * num_warps) registers, so 128-row tiles take 8 warps (two
 # warpgroups); 128x256 spilled with a residual epilogue even at 8 warps.
 _CONFIGS = [

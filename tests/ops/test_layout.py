@@ -1,7 +1,7 @@
 """One layout rule: every kernel op's outputs have the same strides from the C++ CPU kernels as from
 their fakes (meta tensors and FakeTensorMode), whatever the strides of the inputs.
 
-The rule (csrc/checks.h layout_of, resnet_fused/reference.py _memory_format): channels_last when an
+The rule (csrc/checks.h layout_of, resnet_fused/_layout.py memory_format): channels_last when an
 activation is dense channels_last and not also dense NCHW, else NCHW-contiguous.
 """
 

@@ -41,9 +41,9 @@ def _forward_backward(fn, t, training, with_residual, relu, cast=None, **kw):
 
 
 def _backends():
-    """Every backend, cuda skipped visibly (tests/test_cuda.py covers it), the others where they run."""
+    """Every backend, cuda skipped visibly (tests/gpu/test_cuda.py covers it), the others where they run."""
     params = backend_params(include_triton=True)
-    return [pytest.param(*p.values, marks=[*p.marks, pytest.mark.skip(reason="cuda: covered by tests/test_cuda.py")])
+    return [pytest.param(*p.values, marks=[*p.marks, pytest.mark.skip(reason="cuda: covered by tests/gpu/test_cuda.py")])
             if p.values[0] == "cuda" else p for p in params]
 
 

@@ -240,7 +240,7 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
 def results_of(model, x, grad):
     """output, grad input, all parameter grads as one vector, all running statistics as one: single
     (C,) grads of a tiny block are a handful of rounding errors, and their ratios to eager's a coin toss
-    (tests/test_nn.py, Trio)."""
+    (tests/nn/test_nn.py, Trio)."""
     model.train()
     x = x.clone().requires_grad_()
     out = model(x)

@@ -51,7 +51,7 @@ def _kernel_op_cases(prefix, device):
 def test_opcheck_kernel_ops(backend):
     """The C++ kernel ops (CPU here, CUDA in test_cuda.py) and the Triton ones (ops named triton_*)."""
     if backend in ("cuda", "torch"):
-        pytest.skip("cuda: covered by tests/test_cuda.py; torch: plain functions, not ops")
+        pytest.skip("cuda: covered by tests/gpu/test_cuda.py; torch: plain functions, not ops")
     device = device_of(backend)
     for op, args in _kernel_op_cases("triton_" if backend == "triton" else "", device):
         assert all(a.device.type == device for a in args if isinstance(a, torch.Tensor))
@@ -76,7 +76,7 @@ def _autograd_op_cases(backend):
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))
 def test_opcheck_autograd_ops(backend):
     """add_relu, bn_act_train, bn_act_eval on each backend, inputs on its device (fp16 / bf16 and
-    conv2d_stats on both GPU backends: tests/test_gpu_ops.py)."""
+    conv2d_stats on both GPU backends: tests/gpu/test_gpu_ops.py)."""
     for op, args in _autograd_op_cases(backend):
         assert all(a.device.type == device_of(backend) for a in args if isinstance(a, torch.Tensor))
         torch.library.opcheck(op, args)

@@ -290,7 +290,7 @@ def test_merge_stats(gen, rows, monkeypatch):
     m2 = torch.rand((R, C), generator=gen, dtype=torch.float64) * count
     partials = torch.stack([count, mean, m2]).float()
     pad = torch.full((3, 5, C), float("nan"))  # rows past R are never read
-    got_mean, got_var = conv._merge_stats(torch.cat([partials, pad], 1).to(DEVICE), R)
+    got_mean, got_var = welford.merge_stats(torch.cat([partials, pad], 1).to(DEVICE), R)
     count, mean, m2 = partials.double()
     n = count.sum(0)
     exact_mean = (count * mean).sum(0) / n

@@ -11,6 +11,7 @@ if not (INTERPRET or torch.cuda.is_available()):
 pytest.importorskip("triton")
 
 from resnet_fused.triton import welford, bn_coeffs, _launch
+from resnet_fused._layout import memory_format  # noqa: E402
 from resnet_fused import reference as ref  # noqa: E402  (importing resnet_fused registers the triton_* ops)
 from resnet_fused.triton import bn_act  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
@@ -63,7 +64,7 @@ def _check(actual, expected, tol):
     """Same dtype, shape and layout; NaN where expected is NaN, the same infinities, the rest within tol
     (a NaN the kernel left in an unwritten, poisoned element fails wherever the reference is not NaN)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert ref._memory_format(actual) == ref._memory_format(expected)
+    assert memory_format(actual) == memory_format(expected)
     torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
 
 

@@ -1,5 +1,5 @@
 """The autograd ops through torch.library.opcheck on the GPU backends, in fp16 and bf16 (fp32:
-tests/test_ops.py, tests/test_conv_bn_defer.py), and the `poisoned` fixture on CUDA tensors.
+tests/ops/test_ops.py, tests/ops/test_conv_stats.py), and the `poisoned` fixture on CUDA tensors.
 
 Each test runs on ("cuda", "cuda") and ("cuda", "triton"), skipped visibly without a GPU, and on CPU
 variants that run the same logic here ("cpu"; "triton" under its interpreter, fp16 only: its bf16 tl.dot
