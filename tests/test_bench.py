@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from resnet_fused.bench import __main__ as bench
@@ -63,7 +64,7 @@ def test_convs_suite_counts_training_flops_three_times():
 
 
 def test_quick_run_writes_results(tmp_path, capsys):
-    bench.main(["--quick", "--batch", "1", "--out", str(tmp_path)])
+    bench.main(["--quick", "--batch", "1", "--no-compile", "--out", str(tmp_path)])  # compile: test_models_providers
     data = json.loads((tmp_path / "results.json").read_text())
     env, rows = data["environment"], data["results"]
     for key in ("device", "torch", "triton", "date", "command"):
@@ -90,3 +91,40 @@ def test_quick_run_writes_results(tmp_path, capsys):
         png = (tmp_path / f"{suite}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert "vs eager" in capsys.readouterr().out
+
+
+def test_models_providers():
+    """The models suite's CPU providers: eager both layouts, fused, tuned; with --compile also compile,
+    compile with freezing (eval) and compile of the fused model; the inference engines (eval) when installed."""
+    from resnet_fused.bench import anchors, models
+
+    cpu = torch.device("cpu")
+    assert models.providers(cpu, [], training=True) == ["eager", "eager-nchw", "fused-cpu", "tuned"]
+    assert models.providers(cpu, ["default"], training=True) == ["eager", "eager-nchw", "compile-fused", "compile-default",
+                                                                 "fused-cpu", "tuned"]
+    assert models.providers(cpu, ["default"], training=False) == ["eager", "eager-nchw", "compile-freezing", "compile-fused",
+                                                                  *anchors.available(), "compile-default", "fused-cpu", "tuned"]
+
+
+def test_main_job_compares_against_compile_by_default():
+    assert bench.parse_args([]).no_compile is False
+    args = bench.parse_args(["--no-compile"])
+    assert args.no_compile
+
+
+@pytest.mark.parametrize("engine", ["ort", "openvino"])
+def test_anchor_runs_the_model_and_is_checked(engine):
+    """An inference engine runs the exported model and its output is checked against eager before timing;
+    one that computes something else is refused."""
+    from resnet_fused.bench import anchors
+
+    if engine not in anchors.available():
+        pytest.skip(f"{engine} is not installed (the `anchors` extra)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    run = anchors.runner(engine, model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(run()), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="output differs"):
+        anchors._check(engine, torch.as_tensor(run()) + 1e-2, model, x)

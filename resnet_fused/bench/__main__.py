@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="repeatable; default: fp32 on CPU, bf16 and fp16 on GPU")
     p.add_argument("--batch", type=int, action="append", help="repeatable; default: CPU 32 (ops) / 8 (blocks, models); GPU 256, models 1, 32, 256")
-    p.add_argument("--compile", choices=["default", "max-autotune"], action="append", default=[],
-                   help="also time torch.compile of the eager module in this mode (repeatable)")
+    p.add_argument("--compile", choices=["default", "max-autotune"], action="append",
+                   help="time torch.compile of the eager module in this mode (repeatable; default: default)")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles every case: minutes)")
     p.add_argument("--quick", action="store_true", help="the first stage shapes only, short timings")
     p.add_argument("--cuda-graphs", action="store_true", help="GPU: time every call as a CUDA graph replay")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv and the plots")
@@ -40,6 +41,8 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    # users compare against torch.compile first; CUDA graph replays leave it out unless asked for (and then refuse)
+    args.compile = [] if args.no_compile or (args.cuda_graphs and not args.compile) else (args.compile or ["default"])
     # the "tuned" provider tunes afresh in every run (its tuning time is reported), unless told otherwise
     os.environ.setdefault("RESNET_FUSED_TUNING_CACHE", "off")
     if args.cuda_graphs and args.compile:

@@ -26,6 +26,9 @@ def describe(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    from resnet_fused.bench import anchors
+
+    env.update(anchors.versions())  # onnxruntime, openvino: when installed
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(

@@ -1,22 +1,59 @@
-"""The `models` suite: torchvision resnet18 / resnet50, original vs fuse_(model) (and torch.compile
-where asked): inference images/s (eval, no grad) and training images/s (forward, backward, SGD step)."""
+"""The `models` suite: torchvision resnet18 / resnet50, inference images/s (eval, no grad) and training
+images/s (forward, backward, SGD step), every provider timed in the same alternating rounds (CPU):
+
+  eager-nchw, eager        the eager model, NCHW and channels_last
+  fused-<backend>, tuned   fuse_(model) (channels_last), by the rules and by measurement
+  compile-<mode>           torch.compile(model); on the CPU with --compile: also compile-freezing (eval:
+                           Inductor's freezing, weights folded and prepacked) and compile-fused
+                           (torch.compile(fuse_(model)): our ops must not slow a compiled graph)
+  ort, openvino            CPU eval, when installed (the `anchors` extra): ONNX Runtime and OpenVINO,
+                           checked against eager before timing
+"""
 
 from __future__ import annotations
 
 import torch
 import torchvision
 
-from resnet_fused.bench.blocks import prepare, providers
+import resnet_fused
+from resnet_fused.bench import anchors
+from resnet_fused.bench.blocks import prepare, providers as block_providers
 from resnet_fused.bench.timing import first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 
-def _model(name: str, provider: str, device, dtype):
-    torch.manual_seed(0)
-    return prepare(getattr(torchvision.models, name)(), provider, device, dtype)
-
-
-def _step(model, x, labels, training: bool):
+def providers(device: torch.device, compile_modes: list[str], training: bool) -> list[str]:
+    names = block_providers(device, compile_modes)
+    if device.type != "cpu":
+        return names
+    extra = ["eager-nchw"]
+    if compile_modes:
+        extra += ([] if training else ["compile-freezing"]) + ["compile-fused"]
     if not training:
+        extra += anchors.available()
+    return [names[0], *extra, *names[1:]]
+
+
+def _model(name: str, provider: str, device, dtype, x: torch.Tensor):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    if provider == "eager-nchw":
+        return model.to(device, dtype)
+    if provider == "compile-freezing":
+        return torch.compile(model.to(device, dtype, memory_format=torch.channels_last), options={"freezing": True})
+    if provider == "compile-fused":
+        model = resnet_fused.fuse_(model.to(device, dtype, memory_format=torch.channels_last), backend="auto")
+        return torch.compile(model)
+    if provider in ("ort", "openvino"):
+        return model.to(device, dtype)
+    return prepare(model, provider, device, dtype)
+
+
+def _step(provider: str, model, x, labels, training: bool):
+    if provider == "eager-nchw":
+        x = x.contiguous()
+    if not training:
+        if provider in ("ort", "openvino"):
+            return anchors.runner(provider, model, x.contiguous())
         model.eval()
 
         def infer():
@@ -43,10 +80,11 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                     x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
                     x = x.contiguous(memory_format=torch.channels_last)
                     labels = torch.randint(0, 1000, (batch,), device=device)
-                    names_ = providers(device, compile_modes)
+                    names_ = [p for p in providers(device, compile_modes, training)
+                              if p not in ("ort", "openvino") or dtype == torch.float32]
                     fresh_compile_cache()
-                    steps = {p: _step(_model(name, p, device, dtype), x, labels, training) for p in names_}
-                    tuning_s = {p: first_call_s(s, device) for p, s in steps.items() if p == "tuned"}
+                    steps = {p: _step(p, _model(name, p, device, dtype, x), x, labels, training) for p in names_}
+                    first_s = {p: first_call_s(s, device) for p, s in steps.items() if p == "tuned" or p.startswith("compile")}
                     if device.type == "cuda":
                         timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}
                         mem = {p: peak_memory(s, device) for p, s in steps.items()}
@@ -60,10 +98,13 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                                          provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                                          images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem[p],
                                          speedup_vs_eager=eager_ms / t.median_ms,
-                                         **({"tuning_s": tuning_s[p]} if p in tuning_s else {})))
+                                         **({"tuning_s": first_s[p]} if p == "tuned" else {}),
+                                         **({"compile_s": first_s[p]} if p.startswith("compile") else {})))
                         progress()
     return rows
 
 
 def count(names, batches, dtypes, device, compile_modes) -> int:
-    return len(names) * len(batches) * len(dtypes) * 2 * len(providers(device, compile_modes))
+    per_dtype = sum(len([p for p in providers(device, compile_modes, training) if p not in ("ort", "openvino") or dtype == torch.float32])
+                    for training in (False, True) for dtype in dtypes)
+    return len(names) * len(batches) * per_dtype

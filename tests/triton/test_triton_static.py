@@ -30,6 +30,8 @@ import tempfile
 import pytest
 import torch
 
+import resnet_fused
+
 SMEM_LIMIT = 227 * 1024  # H100 / H200: shared memory per block (opt-in maximum)
 TARGET_ARCH = 90
 WORKER_TIMEOUT_S = 900
@@ -222,6 +224,9 @@ def compiled():
     """All compile results, from _workers() worker processes (TRITON_INTERPRET unset, a fresh Triton cache)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the workers import the resnet_fused this process imported (a script's sys.path[0] is its own folder)
+    root = os.path.dirname(os.path.dirname(resnet_fused.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=os.path.join(tmp, "cache"))
         n = _workers()
