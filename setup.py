@@ -93,7 +93,7 @@ if with_cuda:
     ext_modules.append(
         cpp_extension.CUDAExtension(
             name="resnet_fused._C",
-            sources=["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
+            sources=["csrc/ops.cpp", "csrc/cpu_arena.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
         )
@@ -102,7 +102,7 @@ else:
     ext_modules.append(
         cpp_extension.CppExtension(
             name="resnet_fused._C",
-            sources=["csrc/ops.cpp"],
+            sources=["csrc/ops.cpp", "csrc/cpu_arena.cpp"],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": CXX_FLAGS},
         )

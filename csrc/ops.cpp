@@ -4,9 +4,30 @@
 // resnet_fused/reference.py.
 #include <torch/library.h>
 
+#include "cpu_arena.h"
 #include "python_module.h"
 
-RF_PYTHON_MODULE()  // resnet_fused._C: these schemas, and the CUDA kernels when built with them
+namespace {
+
+PyObject* arena_install(PyObject*, PyObject*) { return PyBool_FromLong(resnet_fused::cpu_arena_install()); }
+PyObject* arena_enter(PyObject*, PyObject*) { resnet_fused::cpu_arena_enter(); Py_RETURN_NONE; }
+PyObject* arena_exit(PyObject*, PyObject*) { resnet_fused::cpu_arena_exit(); Py_RETURN_NONE; }
+PyObject* arena_cached_bytes(PyObject*, PyObject*) { return PyLong_FromSize_t(resnet_fused::cpu_arena_cached_bytes()); }
+PyObject* arena_empty_cache(PyObject*, PyObject*) { resnet_fused::cpu_arena_empty_cache(); Py_RETURN_NONE; }
+
+PyMethodDef methods[] = {
+    {"cpu_arena_install", arena_install, METH_NOARGS, "Install the CPU arena as the CPU allocator (once); True if it is."},
+    {"cpu_arena_enter", arena_enter, METH_NOARGS, "Allocations on this thread come from the arena until cpu_arena_exit."},
+    {"cpu_arena_exit", arena_exit, METH_NOARGS, "Ends the innermost cpu_arena_enter."},
+    {"cpu_arena_cached_bytes", arena_cached_bytes, METH_NOARGS, "Bytes freed into the arena, ready for reuse."},
+    {"cpu_arena_empty_cache", arena_empty_cache, METH_NOARGS, "Give the arena's free blocks back to the system."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// resnet_fused._C: these schemas, the CPU arena (cpu_arena.cpp), and the CUDA kernels when built with them
+RF_PYTHON_MODULE_WITH(methods)
 
 TORCH_LIBRARY(resnet_fused, m) {
   m.set_python_module("resnet_fused._kernel_fakes");

@@ -8,8 +8,11 @@
 #define RF_STR_(a) #a
 #define RF_STR(a) RF_STR_(a)
 
-#define RF_PYTHON_MODULE()                                                                      \
+#define RF_PYTHON_MODULE() RF_PYTHON_MODULE_WITH(nullptr)
+
+// ... with these module-level functions (a PyMethodDef array ending in a null entry)
+#define RF_PYTHON_MODULE_WITH(methods)                                                          \
   extern "C" PyMODINIT_FUNC RF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {                    \
-    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, RF_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr}; \
+    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, RF_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods}; \
     return PyModule_Create(&def);                                                               \
   }

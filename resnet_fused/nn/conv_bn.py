@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends, tuning
+from resnet_fused.ops import arena
 from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
@@ -54,7 +55,8 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
             if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
                 weight = cache.prepacked(name, x.shape, lambda: prepack_conv_weight(
                     weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
-            return conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
+            with arena.scope(x):  # CPU: the output in memory the last call freed (no page faults)
+                return conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
     return conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
                            training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
                            input_bn=input_bn, backend=backend, process_group=process_group, **args)

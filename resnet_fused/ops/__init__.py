@@ -7,6 +7,7 @@ functions that validate arguments, pick the backend and call them. One module pe
   conv_stats.py   conv2d_stats, conv_bn_defer, DeferredBnReLU  conv with its output's batch statistics
   conv_bn_act.py  conv_bn_act, conv_act, route(), cudnn_conv_act
   onednn.py       CPU inference through oneDNN, weight prepacking
+  arena.py        CPU inference outputs in reused memory (csrc/cpu_arena.cpp)
   triton.py       the Triton launchers as ops (resnet_fused::triton_*)
   kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks
 
@@ -16,7 +17,7 @@ functions are re-exported by resnet_fused.functional (this package holds the mod
 """
 
 from resnet_fused import backends
-from resnet_fused.ops import add_relu, bn_act, conv_bn_act, conv_stats, onednn, sync_bn  # noqa: F401  (registers the ops)
+from resnet_fused.ops import add_relu, arena, bn_act, conv_bn_act, conv_stats, onednn, sync_bn  # noqa: F401  (registers the ops)
 
 if backends.has_triton():
     from resnet_fused.ops import triton  # noqa: F401  (registers the resnet_fused::triton_* ops)

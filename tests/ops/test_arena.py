@@ -1,0 +1,107 @@
+"""The CPU arena (resnet_fused/ops/arena.py, csrc/cpu_arena.cpp): fused CPU inference reuses the memory
+its outputs freed, never a block still in use, without changing a value; nothing outside its scope is
+pooled; RESNET_FUSED_CPU_ARENA_MB=0 leaves the allocator alone."""
+
+import copy
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from helpers import randomize_bn
+from resnet_fused import backends
+from resnet_fused.ops import arena
+
+pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
+
+
+def _model():
+    torch.manual_seed(0)
+    block = randomize_bn(torchvision.models.resnet.Bottleneck(64, 16, downsample=None)).eval()
+    return block.to(memory_format=torch.channels_last)
+
+
+def _input():
+    return torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+
+
+def test_outputs_reuse_freed_blocks_and_keep_their_values():
+    eager = _model()
+    fused = resnet_fused.fuse_(copy.deepcopy(eager), backend="cpu")
+    x = _input()
+    with torch.no_grad():
+        first = fused(x)
+        expected = first.clone()
+        ptr = first.data_ptr()
+        del first  # its block goes back to the arena
+        assert arena.cached_bytes() > 0
+        second = fused(x)
+        assert second.data_ptr() == ptr, "the next call's output did not reuse the freed block"
+        torch.testing.assert_close(second, expected, rtol=0, atol=0)
+        torch.testing.assert_close(second, eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_live_outputs_are_never_reused():
+    fused = resnet_fused.fuse_(_model(), backend="cpu")
+    x = _input()
+    with torch.no_grad():
+        kept = [fused(x * (i + 1)) for i in range(4)]  # all alive at once
+        expected = [fused(x * (i + 1)).clone() for i in range(4)]
+    assert len({t.data_ptr() for t in kept}) == 4
+    for got, want in zip(kept, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_allocations_outside_a_scope_are_not_pooled():
+    arena.empty_cache()
+    t = torch.empty(1 << 20)  # 4 MiB, plain PyTorch
+    del t
+    assert arena.cached_bytes() == 0
+
+
+def test_empty_cache_returns_the_blocks():
+    fused = resnet_fused.fuse_(_model(), backend="cpu")
+    with torch.no_grad():
+        fused(_input())
+    assert arena.cached_bytes() > 0
+    arena.empty_cache()
+    assert arena.cached_bytes() == 0
+
+
+def test_threads_share_the_arena_safely():
+    fused = resnet_fused.fuse_(_model(), backend="cpu")
+    inputs = [_input() for _ in range(4)]
+    with torch.no_grad():
+        expected = [fused(x) for x in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    torch.testing.assert_close(fused(inputs[i]), expected[i], rtol=0, atol=0)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_turned_off_leaves_the_allocator_alone():
+    code = ("import torch, resnet_fused, copy, torchvision; from resnet_fused.ops import arena; "
+            "m = resnet_fused.fuse_(torchvision.models.resnet18().eval(), backend='cpu'); "
+            "torch.no_grad()(m)(torch.randn(1, 3, 64, 64)); "
+            "assert arena._arena() is None and arena.cached_bytes() == 0; print('ok')")
+    root = os.path.dirname(os.path.dirname(resnet_fused.__file__))
+    env = {**os.environ, "RESNET_FUSED_CPU_ARENA_MB": "0", "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
