@@ -170,6 +170,16 @@ def tuned(backend: str | None, x: torch.Tensor) -> bool:
     return (backend if backend is not None else get_backend()) == "tune" and x.dtype != torch.float64
 
 
+def inductor_lowers(backend: str | None, x: torch.Tensor) -> bool:
+    """Whether a fused layer hands itself to torch.compile as the eager composition: while tracing,
+    on the CPU, under "auto" / "tune". Inductor lowers conv + BN + ReLU (+ add) to oneDNN with its own
+    epilogue fusion; our custom ops are opaque to it and would stop that (compile(fuse_(resnet18)) ran
+    8.5 % slower than compile(resnet18) in training, 3 % in eval, on 2 CPU cores). A named backend
+    keeps its ops under compile."""
+    return (torch.compiler.is_compiling() and x.device.type == "cpu"
+            and (backend if backend is not None else get_backend()) in ("auto", "tune"))
+
+
 def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     """The concrete backend for a call on ``tensors`` (all on one device; None entries are skipped)."""
     name = _check_name(backend) if backend is not None else get_backend()

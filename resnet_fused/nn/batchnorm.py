@@ -46,3 +46,10 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
 def is_plain_batchnorm(module: nn.Module) -> bool:
     """A BatchNorm2d whose forward is nn.BatchNorm2d's own (SyncBatchNorm, frozen or custom norms are not)."""
     return type(module) is nn.BatchNorm2d
+
+
+def eager_traces_whole(*bns: nn.Module) -> bool:
+    """Whether torch.compile traces these norms' eager forward without a data-dependent break: not
+    nn.BatchNorm2d's momentum=None in training (1 / num_batches_tracked read on the host), which the
+    fused path computes on the device instead."""
+    return all(not (bn.training and getattr(bn, "momentum", 0.0) is None) for bn in bns)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends, tuning
-from resnet_fused.nn.batchnorm import is_plain_batchnorm
+from resnet_fused.nn.batchnorm import eager_traces_whole, is_plain_batchnorm
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
@@ -50,6 +50,8 @@ class _FusedBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if backends.inductor_lowers(self.backend, x) and eager_traces_whole(*self._norms()):
+            return self._run_eager(x)
         if backends.tuned(self.backend, x):
             return tuning.run(self, x)
         return self._run_fused(x, self.backend)
@@ -68,6 +70,11 @@ class _FusedBlock(nn.Module):
             else:
                 out = self._conv_bn(i, out, backend)
         return self._conv_bn(self.num_convs, out, backend, residual=identity, input_bn=deferred)
+
+    def _norms(self) -> list[nn.Module]:
+        ds = self.downsample
+        return [getattr(self, f"bn{i}") for i in range(1, self.num_convs + 1)] + [
+            m for m in (ds.modules() if ds is not None else ()) if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The same block as torchvision runs it, module by module (the tuner's "eager" candidate)."""

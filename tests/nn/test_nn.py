@@ -236,3 +236,25 @@ def test_copy_pickle_dtype_and_autocast():
             out, ref = block(x), eager(x)
         assert out.dtype == ref.dtype
         assert_within_eager_error(out, ref, expected.double(), "autocast block")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_compile_on_cpu_lowers_the_eager_composition_under_auto(backend):
+    """Under torch.compile on the CPU, "auto" hands Inductor the eager composition (it fuses conv + BN +
+    ReLU itself, and opaque custom ops would stop it); a named backend keeps its ops in the graph; both
+    compute what the uncompiled fused block does."""
+    block = randomize_bn(FusedBasicBlock(8, 8, backend=backend)).train()
+    ops_seen = []
+
+    def record(gm, example_inputs):
+        ops_seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    eager = copy.deepcopy(block)
+    torch._dynamo.reset()
+    out = torch.compile(block, backend=record, fullgraph=True)(x)
+    fused_ops = [t for t in ops_seen if "resnet_fused" in t]
+    assert bool(fused_ops) == (backend == "cpu"), ops_seen
+    torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.bn1.running_var, eager.bn1.running_var)
