@@ -77,14 +77,18 @@ class _FusedBlock(nn.Module):
             m for m in (ds.modules() if ds is not None else ()) if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     def _run_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """The same block as torchvision runs it, module by module (the tuner's "eager" candidate)."""
+        """The same block as torchvision runs it, module by module (the tuner's "eager" candidate, and
+        what torch.compile gets on the CPU): the ReLUs and the add in place on the norm's fresh output,
+        as torchvision's nn.ReLU(inplace=True) and `out += identity` (a new tensor each would cost an
+        allocation, and page faults, per step)."""
         out = x
         for i in range(1, self.num_convs + 1):
             out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            out = torch.relu(out) if i < self.num_convs else out
+            if i < self.num_convs:
+                out = torch.relu_(out)
         if self.shortcut:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return torch.relu(out)
+            out += x if self.downsample is None else self.downsample(x)
+        return torch.relu_(out)
 
     def _identity(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
         if not self.shortcut:

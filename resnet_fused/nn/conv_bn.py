@@ -107,9 +107,10 @@ class FusedConvBNReLU(nn.Module):
                                process_group=self.process_group)
 
     def _run_eager(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        y = y + residual if residual is not None else y
-        return torch.relu(y) if self.relu else y
+        y = self.bn(self.conv(x))  # a fresh tensor: the add and the ReLU in place, as an eager model would
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if self.relu else y
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"
