@@ -81,6 +81,36 @@ def assert_within_eager_error(fused, eager, exact, what: str, factor: float = 2.
     assert err <= factor * eager_err + ulp, f"{what}: error {err:.3g} > {factor} x eager's {eager_err:.3g} + {ulp:.3g}"
 
 
+def assert_matches_spec(actual, expected, what: str, ulps: float = 4.0, magnitude=None):
+    """A kernel against its specification (resnet_fused.reference) computing the same formula: the same
+    dtype, shape and layout; NaN exactly where the specification has NaN and the same infinities;
+    elsewhere |actual - expected| <= ulps * eps(actual's dtype) * magnitude. Both sides run fp32 math and
+    round once, so what separates them is the order of the fp32 operations (FMA contraction, summation
+    order): a few ulps of the operands' size. `magnitude`: that size, per element or one number;
+    default max(|expected|, 1) over the finite elements (elementwise ops on O(1) inputs); for a sum,
+    sum_i |term_i| (what its rounding scales with, also where the terms cancel)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        f"{what}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}")
+    assert layout_of(actual) == layout_of(expected), f"{what}: layout {layout_of(actual)} vs {layout_of(expected)}"
+    a, e = actual.double(), expected.double()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN where the specification has none, or the reverse"
+    finite = e.isfinite()
+    assert torch.equal(a[~finite & ~e.isnan()], e[~finite & ~e.isnan()]), f"{what}: infinities differ"
+    if magnitude is None:
+        magnitude = max(e[finite].abs().max().item(), 1.0) if finite.any() else 1.0
+    bound = ulps * torch.finfo(actual.dtype).eps * torch.as_tensor(magnitude, dtype=torch.float64).expand_as(e)
+    excess = ((a - e).abs() - bound)[finite & bound.isfinite()]
+    assert (excess <= 0).all(), (f"{what}: off the specification by up to {(a - e)[finite].abs().max().item():.3g}, "
+                                 f"over {ulps} ulps x the operands' size by {excess.max().item():.3g}")
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format resnet_fused writes for t (resnet_fused._layout.memory_format)."""
+    from resnet_fused._layout import memory_format
+
+    return memory_format(t)
+
+
 def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     """t (fp32) with its mantissa rounded to TF32's 10 bits (round to nearest, ties away): what a TF32 MMA
     sees of its fp32 operands. The products of two TF32 values are exact in fp32 and the sums run in fp32,

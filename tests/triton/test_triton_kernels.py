@@ -4,16 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import INTERPRET, TRITON_DEVICE
+from helpers import INTERPRET, TRITON_DEVICE, assert_matches_spec
 
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from resnet_fused.triton import welford, bn_coeffs, _launch
-from resnet_fused._layout import memory_format  # noqa: E402
-from resnet_fused import reference as ref  # noqa: E402  (importing resnet_fused registers the triton_* ops)
-from resnet_fused.triton import bn_act  # noqa: E402
+from resnet_fused import reference as ref  # noqa: E402
+from resnet_fused.triton import _launch, bn_act, bn_coeffs, welford  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
 
 DEVICE = TRITON_DEVICE
@@ -27,10 +25,10 @@ CL, NCHW = torch.channels_last, torch.contiguous_format
 SHAPES = [(2, 5, 3, 3), (1, 3, 7, 7), (3, 6, 1, 1), (2, 8, 5, 4)]
 FORMATS = [NCHW, CL]
 DTYPES = [torch.float32, torch.float16]
-# Elementwise outputs: fp32 math and one rounding on both sides, so at most ~1 ulp apart.
-ELEMT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
-# Reductions: fp32 outputs of exact-in-fp32 inputs vs. an fp64 reference.
-SUM_TOL = dict(rtol=1e-5, atol=1e-4)
+# Tolerances (helpers.assert_matches_spec): elementwise outputs run the specification's fp32 formula and
+# round once, so they sit a few ulps of the operands' size apart (4); sums and statistics differ by the
+# order of their fp32 additions, a few ulps of sum |term| per channel (16, over at most a few hundred terms).
+SUM_ULPS = 16.0
 SPECIAL = (float("nan"), float("inf"), -float("inf"), -0.0, 0.0)
 
 cases = pytest.mark.parametrize(
@@ -60,35 +58,49 @@ def _vec(gen, C):
     return torch.randn(C, generator=gen).to(DEVICE)
 
 
-def _check(actual, expected, tol):
-    """Same dtype, shape and layout; NaN where expected is NaN, the same infinities, the rest within tol
-    (a NaN the kernel left in an unwritten, poisoned element fails wherever the reference is not NaN)."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert memory_format(actual) == memory_format(expected)
-    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+def _check(actual, expected, magnitude=None, ulps=4.0):
+    """Same dtype, shape and layout; NaN where expected is NaN, the same infinities, the rest within
+    `ulps` of the operands' size (a NaN the kernel left in an unwritten, poisoned element fails wherever
+    the reference is not NaN)."""
+    assert_matches_spec(actual, expected, "triton vs resnet_fused.reference", ulps, magnitude)
 
 
-def _check_stats(actual, expected):
-    """Statistics: where the reference is finite, within SUM_TOL; elsewhere not finite either. An
-    infinite reference mean may be NaN here: the fp32 merges compute inf - inf, as eager's Welford does."""
+def _sum_terms(g, x, mean, y):
+    """Per channel, float64: sum |dy| and sum |dy (x - mean)|, the sizes bn_act_backward_reduce's sums
+    round at (dy = g, 0 where y <= 0)."""
+    dy = g.double() if y is None else torch.where(y.double() <= 0, 0.0, g.double())
+    xmu = x.double() - mean.double().view(1, -1, 1, 1)
+    return dy.abs().sum((0, 2, 3)), (dy * xmu).abs().sum((0, 2, 3))
+
+
+def _stat_terms(x):
+    """Per channel, float64: mean |x| (the mean's size) and the variance (a sum of squares: its own size)."""
+    xd = x.double()
+    return xd.abs().mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
+
+
+def _check_stats(actual, expected, magnitude):
+    """Statistics: where the reference is finite, within SUM_ULPS of their size; elsewhere not finite
+    either. An infinite reference mean may be NaN here: the fp32 merges compute inf - inf, as eager's
+    Welford does."""
     finite = expected.isfinite()
     assert torch.equal(actual.isfinite(), finite), (actual, expected)
-    _check(actual[finite], expected[finite], SUM_TOL)
+    _check(actual[finite], expected[finite], magnitude[finite], SUM_ULPS)
 
 
 @cases
 @specials
 def test_add_relu(gen, shape, fmt, dtype, special):
     x, r = _act(gen, shape, dtype, fmt, special=special), _act(gen, shape, dtype, fmt, special=special)
-    _check(add_relu(x, r), ref.add_relu(x, r), ELEMT_TOL[dtype])
+    _check(add_relu(x, r), ref.add_relu(x, r))
 
 
 @cases
 @specials
 def test_bn_stats(gen, shape, fmt, dtype, special):
     x = _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0, special=special)
-    for a, e in zip(bn_act.bn_stats(x), ref.bn_stats(x)):
-        _check_stats(a, e)
+    for a, e, m in zip(bn_act.bn_stats(x), ref.bn_stats(x), _stat_terms(x)):
+        _check_stats(a, e, m)
 
 
 @cases
@@ -97,7 +109,7 @@ def test_bn_stats(gen, shape, fmt, dtype, special):
 def test_bn_act_apply(gen, shape, fmt, dtype, special, residual, relu):
     x, scale, shift = _act(gen, shape, dtype, fmt, special=special), _vec(gen, shape[1]), _vec(gen, shape[1])
     res = _act(gen, shape, dtype, fmt, special=special) if residual else None
-    _check(bn_act.bn_act_apply(x, scale, shift, res, relu), ref.bn_act_apply(x, scale, shift, res, relu), ELEMT_TOL[dtype])
+    _check(bn_act.bn_act_apply(x, scale, shift, res, relu), ref.bn_act_apply(x, scale, shift, res, relu))
 
 
 @cases
@@ -107,8 +119,9 @@ def test_bn_act_backward_reduce(gen, shape, fmt, dtype, special, relu):
     g, x = _act(gen, shape, dtype, fmt, special=special), _act(gen, shape, dtype, fmt, scale=2.0, offset=3.0, special=special)
     mean = ref.bn_stats(x.nan_to_num(0.0, 0.0, 0.0))[0]
     y = _act(gen, shape, dtype, fmt, special=special) if relu else None  # relu mask: 0 where y <= 0
-    for a, e in zip(bn_act.bn_act_backward_reduce(g, x, mean, y), ref.bn_act_backward_reduce(g, x, mean, y)):
-        _check(a, e, SUM_TOL)  # sums: NaN and infinities do not depend on the order of summation
+    terms = _sum_terms(g, x, mean, y)
+    for a, e, m in zip(bn_act.bn_act_backward_reduce(g, x, mean, y), ref.bn_act_backward_reduce(g, x, mean, y), terms):
+        _check(a, e, m, SUM_ULPS)  # sums: NaN and infinities do not depend on the order of summation
 
 
 @cases
@@ -127,9 +140,9 @@ def test_bn_act_backward_elemt(gen, shape, fmt, dtype, special, relu, training, 
     args = (g, y, x, mean, _vec(gen, C), x_scale, shift, need_grad_residual)
     gi, gr = bn_act.bn_act_backward_elemt(*args)
     gi_ref, gr_ref = ref.bn_act_backward_elemt(*args)
-    _check(gi, gi_ref, ELEMT_TOL[dtype])
+    _check(gi, gi_ref)
     if need_grad_residual:
-        _check(gr, gr_ref, ELEMT_TOL[dtype])
+        _check(gr, gr_ref)
     else:
         assert gr.numel() == 0 and gr.dtype == dtype
 
@@ -143,16 +156,17 @@ def test_mixed_and_strided_layouts(gen, fmt):
     g, y, r = (_act(gen, shape, torch.float32, other) for _ in range(3))
     strided = _act(gen, (2, 5, 8, 3), torch.float32, fmt)[:, :, ::2]  # neither format: laid out as NCHW
     scale, shift = _vec(gen, C), _vec(gen, C)
-    _check(add_relu(x, r), ref.add_relu(x, r), ELEMT_TOL[torch.float32])
-    _check(add_relu(strided, r), ref.add_relu(strided, r), ELEMT_TOL[torch.float32])
-    _check(bn_act.bn_act_apply(x, scale, shift, r, True), ref.bn_act_apply(x, scale, shift, r, True), ELEMT_TOL[torch.float32])
-    for a, e in zip(bn_act.bn_stats(strided), ref.bn_stats(strided)):
-        _check(a, e, SUM_TOL)
-    for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
-        _check(a, e, SUM_TOL)
+    _check(add_relu(x, r), ref.add_relu(x, r))
+    _check(add_relu(strided, r), ref.add_relu(strided, r))
+    _check(bn_act.bn_act_apply(x, scale, shift, r, True), ref.bn_act_apply(x, scale, shift, r, True))
+    for a, e, t in zip(bn_act.bn_stats(strided), ref.bn_stats(strided), _stat_terms(strided)):
+        _check(a, e, t, SUM_ULPS)
+    for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
+                          _sum_terms(g, x, scale, y)):
+        _check(a, e, t, SUM_ULPS)
     args = (g, y, x, shift, scale, shift, scale, True)
     for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-        _check(a, e, ELEMT_TOL[torch.float32])
+        _check(a, e)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -171,14 +185,15 @@ def test_small_tiles(gen, fmt, monkeypatch):
     plan = bn_act._plan(x, fmt)
     chunk_s, num_chunks = plan.reduce_chunks()
     assert num_chunks > 1 and chunk_s > plan.block_s and plan.P // C * num_chunks > 2  # paths exercised
-    for a, e in zip(bn_act.bn_stats(x), ref.bn_stats(x)):
-        _check(a, e, SUM_TOL)
-    for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
-        _check(a, e, SUM_TOL)
-    _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True), ELEMT_TOL[torch.float32])
+    for a, e, t in zip(bn_act.bn_stats(x), ref.bn_stats(x), _stat_terms(x)):
+        _check(a, e, t, SUM_ULPS)
+    for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
+                          _sum_terms(g, x, scale, y)):
+        _check(a, e, t, SUM_ULPS)
+    _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
     args = (g, y, x, shift, scale, shift, scale, True)
     for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-        _check(a, e, ELEMT_TOL[torch.float32])
+        _check(a, e)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -215,13 +230,13 @@ def test_relu_matches_eager(fmt, dtype):
     g = torch.full_like(x, 3.0)
     g[1] = float("nan")  # a NaN gradient is zeroed where out <= 0 and passed elsewhere
     eager_grad = torch.ops.aten.threshold_backward(g, torch.relu(x), 0)
-    _check(add_relu(x, zero), torch.relu(x), ELEMT_TOL[dtype])
-    _check(bn_act.bn_act_apply(x, ones, ones * 0, None, True), torch.relu(x), ELEMT_TOL[dtype])
+    _check(add_relu(x, zero), torch.relu(x))
+    _check(bn_act.bn_act_apply(x, ones, ones * 0, None, True), torch.relu(x))
     gi, gr = bn_act.bn_act_backward_elemt(g, x, None, None, ones, None, None, True)
-    _check(gi, eager_grad, ELEMT_TOL[dtype])
-    _check(gr, eager_grad, ELEMT_TOL[dtype])
+    _check(gi, eager_grad)
+    _check(gr, eager_grad)
     sum_dy, _ = bn_act.bn_act_backward_reduce(g, x, ones * 0, x)
-    _check(sum_dy, eager_grad.double().sum((0, 2, 3)).float(), SUM_TOL)
+    _check(sum_dy, eager_grad.double().sum((0, 2, 3)).float(), eager_grad.double().abs().sum((0, 2, 3)), SUM_ULPS)
 
 
 def _x(*shape, dtype=torch.float32, device=DEVICE):
@@ -299,15 +314,16 @@ def test_runs_on_the_tensors_device(gen, fmt):
                                     _vec(gen, C), _vec(gen, C))]
     x, g, y, scale, shift = on1
     with torch.cuda.device(0):
-        _check(add_relu(x, g), ref.add_relu(x, g), ELEMT_TOL[torch.float32])
-        for a, e in zip(bn_act.bn_stats(x), ref.bn_stats(x)):
-            _check(a, e, SUM_TOL)
-        _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True), ELEMT_TOL[torch.float32])
-        for a, e in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y)):
-            _check(a, e, SUM_TOL)
+        _check(add_relu(x, g), ref.add_relu(x, g))
+        for a, e, t in zip(bn_act.bn_stats(x), ref.bn_stats(x), _stat_terms(x)):
+            _check(a, e, t.to(a.device), SUM_ULPS)
+        _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
+        for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
+                           _sum_terms(g, x, scale, y)):
+            _check(a, e, t, SUM_ULPS)
         args = (g, y, x, shift, scale, shift, scale, True)
         for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-            _check(a, e, ELEMT_TOL[torch.float32])
+            _check(a, e)
         torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
 
