@@ -19,6 +19,15 @@ FORMATS = [NCHW, CL]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def _needs_extension():
+    import pytest
+
+    return pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built (the cpu backend)")
+
+
+needs_extension = _needs_extension()  # a test of the cpu backend's own paths (oneDNN, the C++ kernels)
+
+
 def device_of(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 

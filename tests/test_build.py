@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from resnet_fused.ops.kernels import KERNELS, kernels
 from resnet_fused import backends
+from resnet_fused.ops.kernels import KERNELS
 
 
 @pytest.mark.skipif(

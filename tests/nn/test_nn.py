@@ -10,10 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import CL, NCHW, FORMATS, Trio, assert_within_eager_error, randomize_bn
-from resnet_fused.ops import onednn
+from helpers import CL, FORMATS, NCHW, Trio, assert_within_eager_error, needs_extension, randomize_bn
 import resnet_fused.nn.conv_bn
-from resnet_fused import functional, models
+from resnet_fused import models
+from resnet_fused.ops import onednn
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU, FusedInstanceNormResBlock, ShortcutA, make_shortcut
 
 TV = torchvision.models.resnet
@@ -77,6 +77,7 @@ def test_other_norms_fall_back_to_a_correct_path():
     torch.testing.assert_close(ours(x), tv(x))
 
 
+@needs_extension
 def test_eval_fold_cache_follows_parameter_and_buffer_changes(monkeypatch):
     monkeypatch.setattr(onednn, "MIN_OUTPUT", 0)  # CPU: the prepacked oneDNN weights at this small size too
     packs = []
@@ -238,7 +239,7 @@ def test_copy_pickle_dtype_and_autocast():
         assert_within_eager_error(out, ref, expected.double(), "autocast block")
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cpu", marks=needs_extension)])
 def test_compile_on_cpu_lowers_the_eager_composition_under_auto(backend):
     """Under torch.compile on the CPU, "auto" hands Inductor the eager composition (it fuses conv + BN +
     ReLU itself, and opaque custom ops would stop it); a named backend keeps its ops in the graph; both

@@ -12,7 +12,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import backends, tuning
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
-from helpers import CL, activation
+from helpers import CL, activation, needs_extension
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not backends.available()["cpu"], reason="resnet_fused._C is not built")),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
@@ -202,6 +202,7 @@ def test_torch_compile_uses_the_choice_and_does_not_tune(training, timings):
     assert out.shape == x.shape
 
 
+@needs_extension
 def test_a_candidate_that_fails_is_left_out(monkeypatch, timings, caplog):
     seen, _ = timings
     m, x = _block("convbnrelu", "cpu").eval(), _input("convbnrelu", "cpu")
@@ -243,6 +244,7 @@ def test_candidates_per_device_and_mode():
             assert "triton" in inference and {"triton", "triton-defer"} <= set(training)
 
 
+@needs_extension
 @pytest.mark.parametrize("fused_ms,expected", [(9.7, "eager"), (9.0, "cpu-onednn")])
 def test_fused_must_beat_eager_by_the_margin(monkeypatch, fused_ms, expected):
     """Eager 10 ms: a fused candidate 3 % faster is within noise (eager stays), 10 % faster wins."""

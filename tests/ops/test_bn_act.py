@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DTYPES, FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton, is_layout
-from resnet_fused.ops.kernels import KERNELS, kernels
 from resnet_fused import backends, functional, reference
+from resnet_fused.ops.kernels import kernels
 
 # N=1, C=3, 7x7, H=W=1, non-powers of two, one larger ResNet-like shape; C=20 and 70: channels_last
 # reductions take register blocks of 8 or 16 channels, then a tail of 4 or 6
@@ -174,7 +174,11 @@ def test_backend_selection():
     assert backends.resolve(None, x) == ("cpu" if backends.has_extension() else "torch")
     with backends.use("torch"):
         assert backends.resolve(None, x) == "torch"
-        assert backends.resolve("cpu", x) == "cpu"  # the call's own choice wins
+        if backends.has_extension():
+            assert backends.resolve("cpu", x) == "cpu"  # the call's own choice wins
+        else:
+            with pytest.raises(RuntimeError, match="backend 'cpu' cannot run this call: the compiled extension is unavailable"):
+                backends.resolve("cpu", x)
     assert backends.resolve(None, x.double()) == "torch"  # fp64 runs in plain PyTorch
     backends.set_backend("torch")
     try:

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from helpers import assert_within_eager_error, backend_params, device_of
+from resnet_fused import reference
 from resnet_fused.ops.kernels import kernels
-from resnet_fused import backends, reference
-from resnet_fused import functional  # noqa: F401  (registers the triton_* ops and the fakes)
 
 # C: one channel, odd, past one Triton block (128) and one CUDA block (256); 0: empty
 CHANNELS = [1, 5, 300, 0]

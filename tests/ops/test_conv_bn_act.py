@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import FORMATS, activation, assert_sum_cancels, assert_within_eager_error, backend_params, device_of, interpreted_triton
-from resnet_fused.ops import onednn
+from helpers import FORMATS, activation, assert_sum_cancels, assert_within_eager_error, backend_params, device_of, interpreted_triton, needs_extension
 from resnet_fused import functional, reference
+from resnet_fused.ops import onednn
 
 # fp32 results are compared with eager fp32 (cuDNN) under the eager-error rule: both in IEEE fp32, TF32
 # off (conftest.no_tf32); the Triton conv's TF32 path has its own bound in test_gpu_tf32.py
@@ -166,6 +166,7 @@ def test_conv_act_prepacked_weight_equals_plain(geometry):
         functional.conv_act(x.requires_grad_(), packed, b, s, p, d)
 
 
+@needs_extension
 def test_onednn_never_drops_gradients(monkeypatch):
     """oneDNN's fused call is not differentiable: any argument needing a gradient takes the aten path."""
     x, w = activation((2, 4, 6, 6), torch.float32, torch.channels_last), torch.randn(4, 4, 3, 3) / 6
@@ -179,6 +180,7 @@ def test_onednn_never_drops_gradients(monkeypatch):
         assert (bb.grad if grad_of == "bias" else rr.grad) is not None, grad_of
 
 
+@needs_extension
 def test_prepacked_weight_runs_below_the_size_threshold(monkeypatch):
     """A weight someone prepacked is used at any size (the threshold decides only whether to prepack)."""
     monkeypatch.setattr(onednn, "MIN_OUTPUT", 1 << 13)
@@ -191,6 +193,7 @@ def test_prepacked_weight_runs_below_the_size_threshold(monkeypatch):
                                   "prepacked below the threshold")
 
 
+@needs_extension
 def test_small_convs_skip_onednn(monkeypatch):
     """Below onednn.MIN_OUTPUT outputs the aten conv + fused add-ReLU runs (oneDNN's fused call has a
     fixed cost that dominates there); same values either way."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import resnet_fused
-from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton, needs_extension
 from resnet_fused import functional, reference
 
 OPS = torch.ops.resnet_fused
@@ -154,6 +154,7 @@ def test_gradcheck_deferred_chain_float64():
     assert torch.autograd.gradcheck(fn, (x, w1, bw1, bb1, w2, bw2, bb2))
 
 
+@needs_extension
 def test_deferred_chain_compiles_fullgraph():
     torch.manual_seed(0)
     params = make_params(5, BASIC, torch.float32, "cpu")

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from resnet_fused.ops.conv_bn_act import cudnn_conv_act as cudnn_conv_act_op
 from resnet_fused import backends, functional, reference
 from resnet_fused.ops import conv_bn_act as conv_bn_act_module
 from resnet_fused.nn import FusedConvBNReLU

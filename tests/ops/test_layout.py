@@ -9,11 +9,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from helpers import CL, backend_params, device_of
-from resnet_fused import backends
+from helpers import CL, backend_params, device_of, needs_extension
 
 OPS = torch.ops.resnet_fused
-needs_extension = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
 
 # activation factories, one per stride pattern; each call gives a new tensor with those strides
 LAYOUTS = {
@@ -39,21 +37,20 @@ def _nhwc(N, C, H, W):
 
 
 def _calls(act):
-    """(name, op, args) for every kernel op, its activations made by `act`."""
+    """(name, args) for every kernel op (the op: the name up to any "("), its activations made by `act`."""
     C = act().shape[1]
 
     def vec():
         return torch.rand(C) + 0.5
 
     return [
-        ("add_relu_forward", OPS.add_relu_forward, (act(), act())),
-        ("bn_stats", OPS.bn_stats, (act(),)),
-        ("bn_act_apply", OPS.bn_act_apply, (act(), vec(), vec(), None, True)),
-        ("bn_act_apply(residual)", OPS.bn_act_apply, (act(), vec(), vec(), act(), True)),
-        ("bn_act_backward_reduce", OPS.bn_act_backward_reduce, (act(), act(), vec(), act())),
-        ("bn_act_backward_elemt(train)", OPS.bn_act_backward_elemt,
-         (act(), act(), act(), vec(), vec(), vec(), vec(), True)),
-        ("bn_act_backward_elemt(eval)", OPS.bn_act_backward_elemt, (act(), act(), None, None, vec(), None, None, True)),
+        ("add_relu_forward", (act(), act())),
+        ("bn_stats", (act(),)),
+        ("bn_act_apply", (act(), vec(), vec(), None, True)),
+        ("bn_act_apply(residual)", (act(), vec(), vec(), act(), True)),
+        ("bn_act_backward_reduce", (act(), act(), vec(), act())),
+        ("bn_act_backward_elemt(train)", (act(), act(), act(), vec(), vec(), vec(), vec(), True)),
+        ("bn_act_backward_elemt(eval)", (act(), act(), None, None, vec(), None, None, True)),
     ]
 
 
@@ -73,7 +70,8 @@ def _signature(out):
 @needs_extension
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fake_and_real_outputs_have_the_same_strides(layout):
-    for name, op, args in _calls(LAYOUTS[layout]):
+    for name, args in _calls(LAYOUTS[layout]):
+        op = getattr(OPS, name.split("(")[0])
         real = _signature(op(*args))
         meta = _signature(op(*[_on_meta(a) for a in args]))
         with FakeTensorMode() as mode:
@@ -136,8 +134,7 @@ def test_opcheck_on_odd_strides(backend, layout):
     ]
     if backend in ("cpu", "triton"):
         prefix = "triton_" if backend == "triton" else ""
-        cases += [(getattr(OPS, prefix + name), args) for name, _, args in
-                  ((n.split("(")[0], o, a) for n, o, a in _calls(act))]
+        cases += [(getattr(OPS, prefix + name.split("(")[0]), args) for name, args in _calls(act)]
         cases = [(op, tuple(_move(a, device) for a in args)) for op, args in cases]
     for op, args in cases:
         torch.library.opcheck(op, args)

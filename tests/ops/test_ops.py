@@ -7,7 +7,7 @@ machine (where TRITON_INTERPRET is unset and the compiled kernels need CUDA poin
 import pytest
 import torch
 
-from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params, device_of
 from resnet_fused import functional, reference
 
 OPS = torch.ops.resnet_fused

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import INTERPRET, TRITON_DEVICE, assert_matches_spec
 
