@@ -11,6 +11,7 @@ import ast
 import pathlib
 import sys
 
+import pytest
 import torch
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "resnet_fused"
@@ -114,8 +115,6 @@ def test_kernel_fakes_load_with_the_schemas():
     from resnet_fused.ops.kernels import KERNELS
 
     if not backends.has_extension():
-        import pytest
-
         pytest.skip("resnet_fused._C is not built")
     for op in KERNELS:
         stub = torch._C._dispatch_pystub(f"resnet_fused::{op}", "")
@@ -143,19 +142,19 @@ class _Stacks(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_block_training_call_crosses_at_most_four_files():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_block_training_call_crosses_at_most_four_files(backend):
     """FusedBasicBlock.forward in training reaches every kernel through at most four resnet_fused files
-    (nn/blocks.py -> nn/conv_bn.py -> ops/conv_bn_act.py -> ops/bn_act.py), helpers that return
-    before the launch included."""
+    (cpu: nn/blocks.py -> nn/conv_bn.py -> ops/conv_bn_act.py -> ops/bn_act.py; triton: the deferred
+    chain, through ops/conv_stats.py), helpers that return before the launch included."""
     from resnet_fused import backends
     from resnet_fused.nn import FusedBasicBlock
 
-    if not backends.has_extension():
-        import pytest
-
-        pytest.skip("resnet_fused._C is not built")
-    block = FusedBasicBlock(8, 8, backend="cpu").train()
-    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    if not backends.available()[backend]:
+        pytest.skip(f"the {backend} backend cannot run here")
+    block = FusedBasicBlock(8, 8, backend=backend).train()
+    x = torch.randn(2, 8, 6, 6, device="cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    x = x.contiguous(memory_format=torch.channels_last)
     with _Stacks() as stacks:
         block(x)
     assert len(stacks.deepest) <= 4, f"a kernel launched {len(stacks.deepest)} files deep: {list(reversed(stacks.deepest))}"

@@ -21,10 +21,10 @@ from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape, pair
 from resnet_fused.ops import onednn
 from resnet_fused.ops._bn_math import fold_bn
-from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_like, check_residual_of_conv
+from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_like, check_residual_of_conv, check_running_args
 from resnet_fused.ops.add_relu import add_relu
-from resnet_fused.ops.bn_act import bn_act, bn_act_train
-from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_bn_defer, materialize, prologue_fusable
+from resnet_fused.ops.bn_act import bn_act, bn_act_train, update_running_stats
+from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_with_stats, materialize, prologue_fusable
 from resnet_fused.ops.kernels import kernels, triton_conv_applies
 
 ROUTES = ("conv_stats", "batch_stats", "triton_epilogue", "unfolded", "fold")
@@ -84,6 +84,7 @@ def conv_bn_act(
     check_channel_vectors(dict(running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias,
                                conv_bias=conv_bias), conv_weight.shape[0], input.device, fn, f"conv_weight {tuple(conv_weight.shape)}")
     check_input_bn(input_bn, input, fn)
+    check_running_args(running_mean, running_var, momentum, fn)
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     impl = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
@@ -95,9 +96,9 @@ def conv_bn_act(
         # conv2d_stats, then one fused normalize + add + ReLU pass; the residual is checked first,
         # before any running statistic moves
         check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
-        y, bn = conv_bn_defer(input, conv_weight, running_mean, running_var, bn_weight, bn_bias, stride, padding,
-                              dilation, groups, momentum, eps, input_bn=input_bn, backend=impl)
-        return bn_act_train(y, bn_weight, bn_bias, residual, eps, relu, impl, bn.mean, bn.var)[0]
+        y, mean, var = conv_with_stats(input, conv_weight, stride, padding, dilation, groups, impl, input_bn, fn)
+        update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
+        return bn_act_train(y, bn_weight, bn_bias, residual, eps, relu, impl, mean, var)[0]
     if input_bn is not None:
         input = materialize(input, input_bn, impl)
     if path == "triton_epilogue":

@@ -179,7 +179,17 @@ def conv_bn_defer(
     check_channel_vectors(dict(running_mean=running_mean, running_var=running_var, bn_weight=bn_weight, bn_bias=bn_bias),
                           conv_weight.shape[0], input.device, fn, f"conv_weight {tuple(conv_weight.shape)}")
     check_input_bn(input_bn, input, fn)
-    impl = backends.resolve(backend, input)
+    y, mean, var = conv_with_stats(input, conv_weight, stride, padding, dilation, groups, backends.resolve(backend, input),
+                                   input_bn, fn)
+    update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
+    return y, DeferredBnReLU(mean, var, bn_weight, bn_bias, eps)
+
+
+def conv_with_stats(input: Tensor, conv_weight: Tensor, stride, padding, dilation, groups: int, impl: str,
+                    input_bn: DeferredBnReLU | None, fn: str) -> tuple[Tensor, Tensor, Tensor]:
+    """conv2d_stats on checked arguments and a concrete backend: (y, batch mean, biased batch var) of
+    y = conv2d(input (relu(batch_norm(input)) with input_bn), conv_weight); the running statistics are
+    the caller's to update (conv_bn_defer, conv_bn_act)."""
     if input_bn is not None and not prologue_fusable(input, None, None):
         input, input_bn = materialize(input, input_bn, impl), None
     if torch.is_autocast_enabled(input.device.type):  # the op runs outside autocast: cast as F.conv2d would
@@ -188,5 +198,4 @@ def conv_bn_defer(
     y, mean, var = conv2d_stats(input, conv_weight, list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups,
                                 impl, *(input_bn or ()))
     check_batch(y, fn)
-    update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
-    return y, DeferredBnReLU(mean, var, bn_weight, bn_bias, eps)
+    return y, mean, var

@@ -216,10 +216,11 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
     device = device_of("triton")
     calls = []
-    defer = functional.conv_bn_defer
-    counted = lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k)  # noqa: E731
-    monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_bn_defer", counted)  # what the blocks call
-    monkeypatch.setattr(resnet_fused.ops.conv_bn_act, "conv_bn_defer", counted)  # and conv_bn_act on its conv_stats path
+    defer, with_stats = functional.conv_bn_defer, resnet_fused.ops.conv_stats.conv_with_stats
+    monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_bn_defer",  # what the blocks call for the inner convs
+                        lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k))
+    monkeypatch.setattr(resnet_fused.ops.conv_bn_act, "conv_with_stats",  # conv_bn_act's conv_stats path (the last)
+                        lambda *a: calls.append(a[7]) or with_stats(*a))
     torch.manual_seed(0)
     eager = (torchvision.models.resnet.BasicBlock(6, 6) if block == "basic"
              else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)
@@ -230,7 +231,8 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     got = results_of(fused, x, grad)
     ref = results_of(eager, x, grad)
     exact = results_of(exact_model, x.double(), grad.double())
-    # every conv runs as conv_bn_defer (the last inside conv_bn_act); all but the first apply a deferred BN + ReLU
+    # every conv takes its statistics in the conv (conv_bn_defer; the last, conv_bn_act's conv_stats path);
+    # all but the first apply a deferred BN + ReLU
     assert len(calls) == (2 if block == "basic" else 3) and calls[0] is None and all(c is not None for c in calls[1:])
     for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), got, ref, exact):
         assert_within_eager_error(a, e, x64, f"{block} {name}", norm="fro")
