@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends, tuning
-from resnet_fused.nn.batchnorm import eager_traces_whole, is_plain_batchnorm
+from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.conv_bn import fused_conv_bn_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 from resnet_fused.nn.norms import internal_relu, is_batchnorm_like, is_frozen_bn, norm_problem, norm_view
@@ -137,7 +137,7 @@ class _FusedConvBNReLUHead(nn.Conv2d):
         return self._resnet_fused_group
 
     def forward(self, x):
-        if backends.inductor_lowers(self._resnet_fused_backend, x) and eager_traces_whole(self._resnet_fused_bn):
+        if lowers_to_inductor(self._resnet_fused_backend, x, self._resnet_fused_bn):
             return self._run_eager(x)
         if backends.tuned(self._resnet_fused_backend, x):
             return tuning.run(self, x)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from resnet_fused import backends
+
 
 @dataclass
 class BatchNormCall:
@@ -48,8 +50,10 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
     return type(module) is nn.BatchNorm2d
 
 
-def eager_traces_whole(*bns: nn.Module) -> bool:
-    """Whether torch.compile traces these norms' eager forward without a data-dependent break: not
-    nn.BatchNorm2d's momentum=None in training (1 / num_batches_tracked read on the host), which the
-    fused path computes on the device instead."""
-    return all(not (bn.training and getattr(bn, "momentum", 0.0) is None) for bn in bns)
+
+def lowers_to_inductor(backend: str | None, x: torch.Tensor, *norms: nn.Module) -> bool:
+    """Whether a fused layer runs its eager composition for torch.compile to lower (backends.inductor_lowers),
+    which it does only where that composition traces whole: not nn.BatchNorm2d's momentum=None in training
+    (1 / num_batches_tracked read on the host), which the fused path computes on the device instead."""
+    return backends.inductor_lowers(backend, x) and all(
+        not (bn.training and getattr(bn, "momentum", 0.0) is None) for bn in norms)

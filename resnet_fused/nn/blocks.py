@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends, tuning
-from resnet_fused.nn.batchnorm import eager_traces_whole, is_plain_batchnorm
+from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
@@ -50,7 +50,7 @@ class _FusedBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if backends.inductor_lowers(self.backend, x) and eager_traces_whole(*self._norms()):
+        if lowers_to_inductor(self.backend, x, *self._norms()):
             return self._run_eager(x)
         if backends.tuned(self.backend, x):
             return tuning.run(self, x)

@@ -10,7 +10,7 @@ from resnet_fused.ops import arena
 from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
-from resnet_fused.nn.batchnorm import batch_norm_call, eager_traces_whole, is_plain_batchnorm
+from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -95,7 +95,7 @@ class FusedConvBNReLU(nn.Module):
         self._folds = FoldCache()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if backends.inductor_lowers(self.backend, x) and eager_traces_whole(self.bn):
+        if lowers_to_inductor(self.backend, x, self.bn):
             return self._run_eager(x, residual)
         if backends.tuned(self.backend, x):
             return tuning.run(self, x, residual)
