@@ -57,22 +57,14 @@ def _torch_breakdown(fn, reps: int) -> dict[str, float]:
 
 def _ort_breakdown(model, x, reps: int) -> dict[str, float]:
     """ONNX Runtime's per-node kernel times over `reps` runs after 3 warm-up runs (its profiler records
-    every run of the session; the warm-up runs' nodes are those before the 4th model_run event)."""
-    import onnxruntime as ort
+    every run of the session; the warm-up runs' nodes are those before the 4th model_run event). The
+    session's output is checked against eager first."""
+    from resnet_fused.bench.anchors import check_output, ort_session
 
-    from resnet_fused.bench.anchors import runner
-
-    runner("ort", model, x)  # the export is checked against eager first
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        with torch.no_grad():
-            torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=True, external_data=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-        opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tmp, "prof")
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy()}
-        for _ in range(3 + reps):
+        sess, feed = ort_session(model, x, profile_prefix=os.path.join(tmp, "prof"))
+        check_output("ort", torch.as_tensor(sess.run(None, feed)[0]), model, x)
+        for _ in range(2 + reps):
             sess.run(None, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)

@@ -124,6 +124,6 @@ def test_anchor_runs_the_model_and_is_checked(engine):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
     x = torch.randn(2, 3, 9, 9)
     run = anchors.runner(engine, model, x)
-    anchors._check(engine, torch.as_tensor(run()), model, x)  # its output within the float64 bound, timed again
+    anchors.check_output(engine, torch.as_tensor(run()), model, x)  # a second run, within the same float64 bound
     with pytest.raises(RuntimeError, match="output differs"):
-        anchors._check(engine, torch.as_tensor(run()) + 1e-2, model, x)
+        anchors.check_output(engine, torch.as_tensor(run()) + 1e-2, model, x)

@@ -6,6 +6,7 @@ PyTorch before it is timed: an anchor that computes something else is an error, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import os
@@ -41,7 +42,7 @@ def runner(provider: str, model: torch.nn.Module, x: torch.Tensor) -> Callable[[
         run = _openvino(model, x)
     else:
         raise ValueError(f"unknown anchor {provider!r}; choose from {available()}")
-    _check(provider, torch.as_tensor(run()), model, x)
+    check_output(provider, torch.as_tensor(run()), model, x)
     return run
 
 
@@ -50,6 +51,14 @@ def _threads() -> int:
 
 
 def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    session, feed = ort_session(model, x)
+    return lambda: session.run(None, feed)[0]
+
+
+def ort_session(model: torch.nn.Module, x: torch.Tensor, profile_prefix: str | None = None):
+    """(session, feed): an ONNX Runtime CPU session of `model` exported for x (torch.onnx.export; fp32,
+    torch's thread count, every graph optimization), and its input. profile_prefix: the session's
+    profiler on, writing there (benchmarks/cpu_breakdown.py)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,9 +68,10 @@ def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = _threads(), 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"x": x.contiguous().numpy()}
-    return lambda: session.run(None, feed)[0]
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # loads the file
+    return session, {"x": x.contiguous().numpy()}
 
 
 def _openvino(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -77,10 +87,9 @@ def _openvino(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return lambda: request.infer({0: feed})[compiled.output(0)]
 
 
-def _check(provider: str, y: torch.Tensor, model: torch.nn.Module, x: torch.Tensor) -> None:
-    """The engine's output within 4x eager fp32's own error against float64 (plus fp32 resolution)."""
-    import copy
-
+def check_output(provider: str, y: torch.Tensor, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The engine's output within 4x eager fp32's own error against float64 (plus fp32 resolution),
+    else RuntimeError."""
     with torch.no_grad():
         eager = model(x)
         exact = copy.deepcopy(model).double()(x.double())
