@@ -33,7 +33,7 @@ def providers(device: torch.device, compile_modes: list[str], training: bool) ->
     return [names[0], *extra, *names[1:]]
 
 
-def _model(name: str, provider: str, device, dtype, x: torch.Tensor):
+def _model(name: str, provider: str, device, dtype):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)()
     if provider == "eager-nchw":
@@ -83,7 +83,7 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                     names_ = [p for p in providers(device, compile_modes, training)
                               if p not in ("ort", "openvino") or dtype == torch.float32]
                     fresh_compile_cache()
-                    steps = {p: _step(p, _model(name, p, device, dtype, x), x, labels, training) for p in names_}
+                    steps = {p: _step(p, _model(name, p, device, dtype), x, labels, training) for p in names_}
                     first_s = {p: first_call_s(s, device) for p, s in steps.items() if p == "tuned" or p.startswith("compile")}
                     if device.type == "cuda":
                         timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}
