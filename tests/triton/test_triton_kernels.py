@@ -146,6 +146,19 @@ def test_bn_act_backward_elemt(gen, shape, fmt, dtype, special, relu, training, 
         assert gr.numel() == 0 and gr.dtype == dtype
 
 
+def _check_stats_and_backward(stats_input, g, x, y, scale, shift):
+    """bn_stats(stats_input), then bn_act_backward_reduce and bn_act_backward_elemt on (g, x, y) with
+    scale standing in for the mean, against the reference (sums at the size of their terms)."""
+    for a, e, t in zip(bn_act.bn_stats(stats_input), ref.bn_stats(stats_input), _stat_terms(stats_input)):
+        _check(a, e, t, SUM_ULPS)
+    for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
+                       _sum_terms(g, x, scale, y)):
+        _check(a, e, t, SUM_ULPS)
+    args = (g, y, x, shift, scale, shift, scale, True)
+    for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
+        _check(a, e)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mixed_and_strided_layouts(gen, fmt):
     """Other operands in the other format, or not dense at all: results follow the layout rules."""
@@ -158,14 +171,7 @@ def test_mixed_and_strided_layouts(gen, fmt):
     _check(add_relu(x, r), ref.add_relu(x, r))
     _check(add_relu(strided, r), ref.add_relu(strided, r))
     _check(bn_act.bn_act_apply(x, scale, shift, r, True), ref.bn_act_apply(x, scale, shift, r, True))
-    for a, e, t in zip(bn_act.bn_stats(strided), ref.bn_stats(strided), _stat_terms(strided)):
-        _check(a, e, t, SUM_ULPS)
-    for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
-                          _sum_terms(g, x, scale, y)):
-        _check(a, e, t, SUM_ULPS)
-    args = (g, y, x, shift, scale, shift, scale, True)
-    for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-        _check(a, e)
+    _check_stats_and_backward(strided, g, x, y, scale, shift)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -184,15 +190,8 @@ def test_small_tiles(gen, fmt, monkeypatch):
     plan = bn_act._plan(x, fmt)
     chunk_s, num_chunks = plan.reduce_chunks()
     assert num_chunks > 1 and chunk_s > plan.block_s and plan.P // C * num_chunks > 2  # paths exercised
-    for a, e, t in zip(bn_act.bn_stats(x), ref.bn_stats(x), _stat_terms(x)):
-        _check(a, e, t, SUM_ULPS)
-    for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
-                          _sum_terms(g, x, scale, y)):
-        _check(a, e, t, SUM_ULPS)
+    _check_stats_and_backward(x, g, x, y, scale, shift)
     _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
-    args = (g, y, x, shift, scale, shift, scale, True)
-    for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-        _check(a, e)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -314,15 +313,8 @@ def test_runs_on_the_tensors_device(gen, fmt):
     x, g, y, scale, shift = on1
     with torch.cuda.device(0):
         _check(add_relu(x, g), ref.add_relu(x, g))
-        for a, e, t in zip(bn_act.bn_stats(x), ref.bn_stats(x), _stat_terms(x)):
-            _check(a, e, t.to(a.device), SUM_ULPS)
         _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
-        for a, e, t in zip(bn_act.bn_act_backward_reduce(g, x, scale, y), ref.bn_act_backward_reduce(g, x, scale, y),
-                           _sum_terms(g, x, scale, y)):
-            _check(a, e, t, SUM_ULPS)
-        args = (g, y, x, shift, scale, shift, scale, True)
-        for a, e in zip(bn_act.bn_act_backward_elemt(*args), ref.bn_act_backward_elemt(*args)):
-            _check(a, e)
+        _check_stats_and_backward(x, g, x, y, scale, shift)
         torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
 
