@@ -44,12 +44,13 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     prepacked for oneDNN once per input shape)."""
     call = batch_norm_call(bn)
     args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-    if cache is not None and input_bn is None and not torch.compiler.is_compiling():
+    # route() can answer "fold" only with running statistics: training goes straight to conv_bn_act
+    if cache is not None and input_bn is None and not call.use_batch_stats and not torch.compiler.is_compiling():
         grad = torch.is_grad_enabled()
         params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
         path = route(x, conv.groups, call.use_batch_stats, backends.resolve(backend, x), conv_bias=conv.bias,
-                         process_group=process_group, params_need_grad=params_need_grad,
-                         any_needs_grad=params_need_grad or grad and any(t is not None and t.requires_grad for t in (x, residual)))
+                     process_group=process_group, params_need_grad=params_need_grad,
+                     any_needs_grad=params_need_grad or grad and any(t is not None and t.requires_grad for t in (x, residual)))
         if path == "fold":
             weight, bias = cache.get(name, conv, bn)
             if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
@@ -58,8 +59,8 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
             with arena.scope(x):  # CPU: the output in memory the last call freed (no page faults)
                 return conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
     return conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
-                           training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
-                           input_bn=input_bn, backend=backend, process_group=process_group, **args)
+                       training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
+                       input_bn=input_bn, backend=backend, process_group=process_group, **args)
 
 
 def can_defer(conv: nn.Module, bn: nn.Module) -> bool:
