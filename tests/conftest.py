@@ -11,9 +11,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+# RESNET_FUSED_TEST_SEED draws other inputs and weights in every test (the model-level checks are run under
+# several seeds and CPU capability caps, see .ci/run); default 0
+SEED = int(os.environ.get("RESNET_FUSED_TEST_SEED", "0"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
 
 
 @pytest.fixture

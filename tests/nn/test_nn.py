@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import CL, FORMATS, NCHW, Trio, assert_within_eager_error, needs_extension, randomize_bn
+from helpers import CL, FORMATS, NCHW, Trio, assert_within_eager_error, check_fused_model, needs_extension, randomize_bn
 import resnet_fused.nn.conv_bn
 from resnet_fused import models
 from resnet_fused.ops import onednn
@@ -169,13 +169,9 @@ def test_resnet18_model_equals_torchvision():
     tv = randomize_bn(torchvision.models.resnet18(num_classes=10))
     ours = models.resnet18(num_classes=10)
     ours.load_state_dict(tv.state_dict())
-    x = torch.randn(4, 3, 64, 64)
-    # whole network: 20 BNs deep, one BN's weight gradient is rounding noise amplified through the
-    # layers above it; its ratio to eager's depends on the summation order (measured per tensor, eval
-    # with gradients: median 1.0x, range 0.53x to 2.17x)
-    trio = Trio(ours, tv, whole_network=True)
-    for training in (True, False):
-        trio.step(x, training, f"resnet18 training={training}")
+    # block by block on what each block receives, and the whole network's eval output (check_fused_model): a
+    # whole-network gradient comparison is a coin toss once a ReLU sign flips (tests/decisions.py)
+    check_fused_model(tv, ours, torch.randn(4, 3, 64, 64))
 
 
 def test_plain_networks_have_no_shortcuts():
