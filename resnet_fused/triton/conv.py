@@ -107,14 +107,14 @@ def _a_coords(i, h0, w0, Cin, num_c, dil_h, dil_w,
     return k, ci, k_ok, h, w
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["M_BUCKET", "OPERANDS"])
 def _conv_kernel(
     x_ptr, w_ptr, out_ptr,  # x (N, H, W, Cin), w (K, Cout), out (M, Cout) = (N, Ho, Wo, Cout), dense
     in_scale_ptr, in_shift_ptr,  # prologue, fp32 (Cin,); each None when absent
     out_scale_ptr, out_shift_ptr,  # epilogue, fp32 (Cout,); each None when absent
     res_ptr,  # residual (M, Cout), or None
     count_ptr, mean_ptr, m2_ptr,  # stats partials, fp32 (>= num_m_tiles, Cout) each; None: no stats
-    M, M_BUCKET, Cin, H, W, Cout, Ho, Wo,  # M_BUCKET = next_power_of_2(M): the autotune key, unused here
+    M, M_BUCKET, OPERANDS, Cin, H, W, Cout, Ho, Wo,  # M_BUCKET, OPERANDS (_operands): autotune key, unused here
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     IN_RELU: tl.constexpr, RELU: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -183,6 +183,14 @@ def _conv_kernel(
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+def _padding(config, nargs, kwargs) -> float:
+    # the work of the launched tiles over the GEMM's own: M, Cout and K rounded up to whole tiles
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    M, Cout, Cin = nargs["M"], nargs["Cout"], nargs["Cin"]
+    k = kwargs["KH"] * kwargs["KW"] * Cin if kwargs["GATHER_K"] else Cin  # gathered: all of K; blocked: per tap
+    return triton.cdiv(M, bm) * bm / M * triton.cdiv(Cout, bn) * bn / Cout * triton.cdiv(k, bk) * bk / k
+
+
 def _prune(configs, nargs, **kwargs):
     # autotune prune: of the configs, the FMA ones for IEEE fp32 on a GPU, the tensor-core ones
     # otherwise, whose pipelined A and B tiles fit in shared memory in x's dtype; all of them when that
@@ -194,16 +202,26 @@ def _prune(configs, nargs, **kwargs):
     kept = kept or configs
     # RESNET_FUSED_TRITON_AUTOTUNE=0: the first config only, no timing (test runs: numerics, not speed,
     # and each config costs a compile on a cold cache)
-    return kept[:1] if os.environ.get("RESNET_FUSED_TRITON_AUTOTUNE", "1") == "0" else kept
+    if os.environ.get("RESNET_FUSED_TRITON_AUTOTUNE", "1") == "0":
+        return kept[:1]
+    # RESNET_FUSED_TRITON_MAX_CONFIGS=n: the n whose tiles pad this shape least, in list order among equals
+    # (a time-boxed benchmark: fewer compiles and timings per key)
+    limit = os.environ.get("RESNET_FUSED_TRITON_MAX_CONFIGS")
+    return sorted(kept, key=lambda c: _padding(c, nargs, kwargs))[: int(limit)] if limit else kept
 
 
 _conv = triton.autotune(
     configs=_INTERPRET_CONFIGS if _INTERPRET else _CONFIGS + _FMA_CONFIGS,
     # M bucketed: a new batch or image size reuses its bucket's choice (no re-tuning, no sync inside
-    # a CUDA-graph capture); dtypes join the key implicitly
-    key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION"],
+    # a CUDA-graph capture); the fusion (activations, which optional operands) is in it, dtypes join it implicitly
+    key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION", "IN_RELU", "RELU", "OPERANDS"],
     prune_configs_by=dict(early_config_prune=_prune),
 )(_conv_kernel)
+
+
+def _operands(*present) -> int:
+    # bit i set: the i-th optional operand (in_scale, in_shift, out_scale, out_shift, residual, partials) is given
+    return sum(1 << i for i, p in enumerate(present) if p is not None)
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -295,7 +313,8 @@ def fused_conv(
             _dense(in_scale), _dense(in_shift), _dense(out_scale), _dense(out_shift),
             _dense(residual, torch.channels_last),
             *((partials[0], partials[1], partials[2]) if stats else (None, None, None)),
-            M, triton.next_power_of_2(M), Cin, H, W, Cout, Ho, Wo,
+            M, triton.next_power_of_2(M), _operands(in_scale, in_shift, out_scale, out_shift, residual, partials),
+            Cin, H, W, Cout, Ho, Wo,
             sh, sw, ph, pw, dh, dw,
             KH=KH, KW=KW, IN_RELU=in_relu, RELU=relu, GATHER_K=Cin < _GATHER_MAX_CIN,
             DOT_PRECISION=_dot_precision(x),

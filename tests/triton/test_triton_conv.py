@@ -322,6 +322,16 @@ def test_autotune_key_buckets_m(gen):
     assert len(conv._conv.cache) == before + 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times configs on a GPU only")
+def test_autotune_key_covers_the_fusion(gen):
+    """One geometry under each fusion is tuned once per fusion: "prologue_relu+stats" and "epilogue+stats"
+    pass the same dtypes (two fp32 vectors and three fp32 partials) and differ only in which operands."""
+    before = len(conv._conv.cache)
+    for fusion in FUSIONS.values():
+        _check(_args(gen, (1, 16, 24, 9, 9, 3, 1, 1, 1), fusion, torch.float16, CL))  # Cout 24: no other test's key
+    assert len(conv._conv.cache) == before + len(FUSIONS)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_runs_on_the_input_device(gen):
     """Triton launches on the current device: the launcher makes it the input's."""
@@ -358,3 +368,23 @@ def test_opcheck_triton_conv_bn_act(gen, mode, fmt):
              "residual", "relu", "stats")
     args = tuple(list(a[k]) if k in ("stride", "padding", "dilation") else a[k] for k in order)
     torch.library.opcheck(torch.ops.resnet_fused.triton_conv_bn_act, args)
+
+
+def test_max_configs_keeps_the_tiles_that_pad_the_shape_least(monkeypatch):
+    """RESNET_FUSED_TRITON_MAX_CONFIGS=3 (gpu_check.sh check): the three configs whose tiles round M,
+    Cout and K up least, in list order among equals."""
+    from resnet_fused.triton import conv
+
+    configs = conv._CONFIGS + conv._FMA_CONFIGS
+
+    def prune(M, Cout, Cin, k=1, **env):
+        nargs = {"x_ptr": torch.empty(1, dtype=torch.float16), "M": M, "Cout": Cout, "Cin": Cin}
+        return conv._prune(configs, nargs, DOT_PRECISION="tf32", KH=k, KW=k, GATHER_K=Cin < 16)
+
+    fitting = prune(256 * 56 * 56, 256, 64)
+    monkeypatch.setenv("RESNET_FUSED_TRITON_MAX_CONFIGS", "3")
+    assert prune(256 * 56 * 56, 256, 64) == fitting[:3]  # nothing padded: the list's first three
+    assert [c.kwargs["BLOCK_N"] for c in prune(256 * 56 * 56, 64, 256)] == [64, 64, 64]  # Cout 64
+    assert [c.kwargs["BLOCK_M"] for c in prune(49, 512, 512, 3)] == [64, 64, 64]  # batch 1, 7x7
+    stem = prune(256 * 112 * 112, 64, 3, 7)  # gathered K = 147: 64-column tiles, BLOCK_K 64 (192) in all
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in stem] == [(64, 64)] * 3
