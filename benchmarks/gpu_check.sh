@@ -3,8 +3,14 @@
 #
 #   benchmarks/gpu_check.sh STAGE OUTDIR [pytest arguments]
 #
-# STAGE: build | test | sanitize | bench | bench-kernels | bench-blocks | bench-models | bench-graphs
-#        | quick | all | verify
+# STAGE: check | test-gpu | build | test | sanitize | bench | bench-kernels | bench-blocks | bench-models
+#        | bench-graphs | quick | all | verify
+#   check           build, then in what is left of CHECK_BUDGET (540 s) the benchmark that decisions need:
+#                   ops, ResNet-50 stem + layer1 convs (eval and training), both layer1 blocks, bf16 and fp16,
+#                   eager / fused-cuda / fused-triton / tuned, torch.compile only for cases that
+#                   benchmarks/results holds no number of from this GPU, torch and triton; Triton autotuning
+#                   over the 3 configs that fit each shape best
+#   test-gpu        build, then tests/gpu without the over-2^31-element cases (TEST_TIMEOUT 300 s)
 #   test            the tests (all, or the files / -k given after OUTDIR), 8 xdist workers
 #   sanitize        compute-sanitizer memcheck and racecheck over the small GPU tests
 #   bench-kernels   ops + convs suites, bf16, batch 256 (the bandwidth and conv-epilogue targets)
@@ -14,15 +20,18 @@
 #   bench           the four parts above, then the targets table (benchmarks/targets.py)
 #   quick           build, test, then a --quick benchmark;  all: build test sanitize bench
 #   verify          (no GPU needed) checks that OUTDIR fits what a remote machine sends back
-# Each stage fits in a command of at most 10 minutes (all and bench do not: run their parts).
+# Each stage fits in a command of at most 10 minutes (all and bench do not: run their parts). A bench part
+# writes each row to OUTDIR/rows.jsonl as it is measured and starts no case in its last BENCH_MARGIN
+# seconds (--deadline); results-<part>.json comes from the bench, or from rows.jsonl if it was killed.
 # OUTDIR receives at most 8 files, each under 16 MB: summary.txt (the short story), gpu_check.log (every
-# log, appended), junit.xml, results-<part>.json.
+# log, appended), junit.xml, results-<part>.json, rows.jsonl (the last part's rows).
 # Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage or part),
-# PYTEST_WORKERS (default 8), BENCH_ARGS (extra bench arguments).
+# CHECK_BUDGET (seconds for the check stage, build included), BENCH_MARGIN (default 60), PYTEST_WORKERS
+# (default 8), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
 
 MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
-STAGES="all|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|quick|verify"
+STAGES="all|check|test-gpu|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|quick|verify"
 usage() { echo "usage: $0 [$STAGES] OUTDIR [pytest arguments]" >&2; exit 2; }
 [[ $# -eq 1 ]] && set -- all "$1"
 [[ $# -ge 2 ]] || usage
@@ -124,19 +133,38 @@ bench_args() {
         models) echo "--suite models --dtype bf16 --batch 1 --batch 256 --compile default --compile max-autotune" ;;
         graphs) echo "--suite models --dtype bf16 --batch 1 --cuda-graphs" ;;
         quick) echo "--quick --compile default" ;;
+        check) echo "--suite ops --suite blocks --suite convs --quick --conv-mode inference --conv-mode training --compile default --known-compile benchmarks/results" ;;
     esac
 }
 
-run_bench() {  # one part
-    local part=$1 t0=$SECONDS dir
-    section "bench $part: $(bench_args "$part") ${BENCH_ARGS:-}"
+run_bench() {  # one part [seconds]
+    local part=$1 limit=${2:-${BENCH_TIMEOUT:-540}} margin=${BENCH_MARGIN:-60} t0=$SECONDS dir deadline
+    deadline=$(( limit > 2 * margin ? limit - margin : limit / 2 ))
+    section "bench $part: $(bench_args "$part") ${BENCH_ARGS:-} (deadline ${deadline} s, killed at ${limit} s)"
     dir=$(mktemp -d)
+    rm -f "$out/rows.jsonl" "$out/results-$part.json"  # the previous part's rows are in its results-<part>.json
     # shellcheck disable=SC2046
-    timeout "${BENCH_TIMEOUT:-540}" $PY -m resnet_fused.bench --out "$dir" $(bench_args "$part") ${BENCH_ARGS:-} 2>&1 \
-        | grep -vE "it/s\]|s/it\]" >>"$log"
+    timeout -k 10 "$limit" $PY -m resnet_fused.bench --out "$dir" --rows "$out/rows.jsonl" --deadline "$deadline" \
+        $(bench_args "$part") ${BENCH_ARGS:-} 2>&1 | grep -vE "it/s\]|s/it\]" >>"$log"
     local rc=${PIPESTATUS[0]}
-    note "bench $part: rc=$rc in $((SECONDS - t0)) s"
+    if [[ ! -f $dir/results.json && -f $out/rows.jsonl ]]; then  # killed: the rows it had flushed
+        $PY -m resnet_fused.bench --from-rows "$out/rows.jsonl" --out "$dir" >>"$log" 2>&1
+    fi
     cp "$dir/results.json" "$out/results-$part.json" 2>/dev/null
+    rm -rf "$dir"
+    note "bench $part: rc=$rc in $((SECONDS - t0)) s; $($PY -c 'import json, sys
+d = json.load(open(sys.argv[1])); rows = d["results"]
+print(len(rows), "rows,", sum("error" in r for r in rows), "failed,", d.get("stopped", "complete"))' \
+        "$out/results-$part.json" 2>/dev/null || echo "no rows")"
+    return $rc
+}
+
+run_check() {  # build, then the check part in what is left of CHECK_BUDGET
+    local t0=$SECONDS rc=0
+    run_build || rc=1  # without the extension the bench still measures eager, Triton and compile
+    export RESNET_FUSED_TRITON_MAX_CONFIGS=${RESNET_FUSED_TRITON_MAX_CONFIGS:-3}
+    local left=$(( ${CHECK_BUDGET:-540} - (SECONDS - t0) ))
+    run_bench check $(( left > 60 ? left : 60 )) || rc=1
     return $rc
 }
 
@@ -148,6 +176,8 @@ run_targets() {
 
 rc=0
 case $stage in
+    check) run_check || rc=1 ;;
+    test-gpu) { run_build && TEST_TIMEOUT=${TEST_TIMEOUT:-300} run_tests tests/gpu --ignore=tests/gpu/test_gpu_xl_tensors.py; } || rc=1 ;;
     build) run_build || rc=1 ;;
     test) run_tests "$@" || rc=1 ;;
     sanitize) run_sanitize || rc=1 ;;

@@ -17,12 +17,16 @@ def _table(rows: list[dict]) -> list[str]:
     lines = ["| suite | case | shape | dtype | mode / layout | provider | median ms | rate | vs eager |",
              "|---|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['suite']} | {r.get('case') or r.get('op')} | {r['shape']} | {r['dtype']} | "
+                         f"{r.get('mode') or r.get('layout')} | {r['provider']} | failed: {r['error'][:80].replace('|', '/')} | | |")
+            continue
         rate = f"{r['gbps']:.1f} GB/s ({r['pct_of_copy']:.0f}% of copy)" if "gbps" in r else \
             f"{r['tflops']:.3f} TFLOP/s ({r['pct_of_matmul']:.0f}% of matmul)" if "tflops" in r else \
             f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else ""
         lines.append(f"| {r['suite']} | {r.get('case') or r.get('op')} | {r['shape']} | {r['dtype']} | "
                      f"{r.get('mode') or r.get('layout')} | {r['provider']} | {r['median_ms']:.2f} | {rate} | "
-                     f"{r['speedup_vs_eager']:.2f}x |")
+                     f"{'-' if r['speedup_vs_eager'] is None else format(r['speedup_vs_eager'], '.2f') + 'x'} |")
     return lines
 
 

@@ -40,6 +40,7 @@ def targets(kernels: list[dict], models: list[dict], graphs: list[dict]) -> list
     """(target, provider, measured, required, met) for every target the files can answer; measured is
     None (and met None) where the rows it needs are missing."""
     out = []
+    kernels, models, graphs = ([r for r in rows if "error" not in r] for rows in (kernels, models, graphs))
 
     def add(what, row, value, need, ok):
         out.append((what, row["provider"] if row else "-", value if row else None, need, ok if row else None))

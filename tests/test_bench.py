@@ -1,12 +1,18 @@
-"""The benchmark harness: a tiny run writes well-formed JSON/CSV; the byte counts are the floor."""
+"""The benchmark harness: a tiny run writes well-formed JSON/CSV; the byte counts are the floor; rows are
+written as they are measured, a failing provider is an error row, a deadline stops a run cleanly."""
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from resnet_fused.bench import __main__ as bench
+from resnet_fused.bench import rows as bench_rows
 from resnet_fused.bench.convs import RESNET50_CONVS, ConvShape
 from resnet_fused.bench.ops import OpCase
 
@@ -53,11 +59,13 @@ def test_conv_flops_and_shapes():
 FLOPS_OF = {s.name: s.flops(1) for s in RESNET50_CONVS}  # batch 1, forward
 
 
-def test_convs_suite_counts_training_flops_three_times():
+def test_convs_suite_counts_training_flops_three_times(tmp_path):
     from resnet_fused.bench import convs
 
     shape = ConvShape("tiny", 4, 6, 8, 3)
-    rows = convs.run([shape], 1, [torch.float32], convs.MODES, torch.device("cpu"), [], True, progress=lambda: None)
+    rec = bench_rows.Recorder(str(tmp_path / "rows.jsonl"), {})
+    convs.run([shape], 1, [torch.float32], convs.MODES, torch.device("cpu"), [], True, rec)
+    rows = rec.rows
     assert {r["mode"] for r in rows} == set(convs.MODES)
     for r in rows:  # forward; training adds the input and the weight gradients, each a forward's worth
         assert r["flops"] == (3 if r["mode"] == "training" else 1) * shape.flops(1) == (3 if r["mode"] == "training" else 1) * 2 * 36 * 8 * 4 * 9
@@ -81,6 +89,8 @@ def test_quick_run_writes_results(tmp_path, capsys):
         if r["suite"] == "models":
             assert abs(r["images_per_s"] - 1 / r["median_ms"] * 1e3) < 1e-6 * r["images_per_s"]
     assert {(r["provider"], r["mode"]) for r in rows if r["suite"] == "blocks"} >= {("eager", "inference"), ("fused-cpu", "training")}
+    env_, rows_, end = bench_rows.read(str(tmp_path / "rows.jsonl"))  # the same rows, as they were measured
+    assert (env_, rows_, end) == (env, rows, "complete") and "stopped" not in data
     with open(tmp_path / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and csv_rows[0]["device"] == env["device"]
@@ -127,3 +137,140 @@ def test_anchor_runs_the_model_and_is_checked(engine):
     anchors.check_output(engine, torch.as_tensor(run()), model, x)  # a second run, within the same float64 bound
     with pytest.raises(RuntimeError, match="output differs"):
         anchors.check_output(engine, torch.as_tensor(run()) + 1e-2, model, x)
+
+
+def _ms(**kw):
+    return dict(median_ms=1.0, p20_ms=1.0, p80_ms=1.0, runs=1, **kw)
+
+
+def test_a_failing_provider_is_an_error_row_and_the_others_go_on(tmp_path, capsys):
+    """A step that raises takes its provider out of the case with the exception as its row's "error";
+    the other providers are measured and recorded; an exception leaving the case fails the providers
+    still without a result, and the next case runs. Rows reach the file when their case ends."""
+    path = tmp_path / "rows.jsonl"
+    known = {bench_rows.row_key(dict(suite="s", case="c", shape="1", dtype="d", mode="m", provider="compile-default")):
+             dict(suite="s", case="c", shape="1", dtype="d", mode="m", provider="compile-default", median_ms=0.5,
+                  speedup_vs_eager=4.0, **{"from": "old/results.json"})}
+    rec = bench_rows.Recorder(str(path), {"device": "x"}, known=known)
+    fields = dict(suite="s", case="c", shape="1", dtype="d", mode="m")
+    built = []
+
+    def build(p):
+        if p == "fused-a":
+            raise RuntimeError("boom")
+        built.append(p)
+        return p
+
+    with rec.case(fields, ["eager", "compile-default", "fused-a", "fused-b"]) as c:
+        made = c.each(build)
+        assert c.live == ["eager", "fused-b"] and set(made) == {"eager", "fused-b"}
+        c.result("eager", **_ms())
+        c.result("fused-b", median_ms=0.25, p20_ms=0.2, p80_ms=0.3, runs=3)
+        assert len(path.read_text().splitlines()) == 1  # only the header until the case ends
+    assert built == ["eager", "fused-b"]  # the reused provider is not built
+    eager, compiled, failed, b = rec.rows
+    assert compiled == known[bench_rows.row_key(compiled)]
+    assert failed == {**fields, "provider": "fused-a", "error": "RuntimeError: boom"}
+    assert eager["speedup_vs_eager"] == 1.0 and b["speedup_vs_eager"] == 4.0
+    with rec.case({**fields, "case": "d"}, ["eager", "fused-b"]) as c:
+        c.result("fused-b", **_ms())
+        raise ValueError("late")
+    assert [(r["provider"], r.get("error")) for r in rec.rows[4:]] == [("eager", "ValueError: late"), ("fused-b", None)]
+    assert rec.rows[5]["speedup_vs_eager"] is None  # no eager to compare with
+    rec.close("complete")
+    assert bench_rows.read(str(path)) == ({"device": "x"}, rec.rows, "complete")
+    table = bench.format_table(rec.rows)
+    assert "failed: RuntimeError: boom" in table and "failed: ValueError: late" in table and " *" in table
+    assert "bench: fused-a failed" in capsys.readouterr().err  # with its traceback, for the log
+
+
+def test_a_provider_that_raises_in_a_suite(tmp_path, monkeypatch):
+    """In a real suite: the failing provider's row names the exception; eager and the others are timed."""
+    from resnet_fused.bench import convs
+
+    real = convs._forward
+
+    def forward(shape, provider, *args):
+        if provider == "fused-cpu":
+            raise RuntimeError("no kernel for this")
+        return real(shape, provider, *args)
+
+    monkeypatch.setattr(convs, "_forward", forward)
+    rec = bench_rows.Recorder(str(tmp_path / "rows.jsonl"), {})
+    convs.run([ConvShape("tiny", 4, 6, 8, 3)], 1, [torch.float32], ["inference"], torch.device("cpu"), [], True, rec)
+    by = {r["provider"]: r for r in rec.rows}
+    assert set(by) == {"conv only", "eager", "fused-cpu", "tuned"}
+    assert by["fused-cpu"]["error"] == "RuntimeError: no kernel for this" and "median_ms" not in by["fused-cpu"]
+    assert all(by[p]["median_ms"] > 0 and by[p]["speedup_vs_eager"] > 0 for p in ("conv only", "eager", "tuned"))
+
+
+def test_the_deadline_stops_the_run_cleanly(tmp_path, monkeypatch, capsys):
+    """A fake clock one second further at every look: with --deadline 2.5 two cases start (at 1 and 2 s),
+    the third does not; the run writes those rows as results and returns."""
+    ticks = iter(range(1000))
+    monkeypatch.setattr(bench_rows, "clock", lambda: next(ticks))
+    bench.main(["--suite", "ops", "--quick", "--batch", "1", "--device", "cpu", "--no-compile", "--deadline", "2.5",
+                "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["stopped"] == "deadline"
+    assert [(r["op"], r["provider"]) for r in data["results"]] == [
+        ("bn_act eval", "eager"), ("bn_act eval", "cpu"), ("bn_act train", "eager"), ("bn_act train", "cpu")]
+    assert bench_rows.read(str(tmp_path / "rows.jsonl"))[1:] == (data["results"], "deadline")
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "ops.png").exists()
+    assert "stopped at the deadline (2.5 s): 4 of 16 rows" in capsys.readouterr().out
+
+
+def test_a_killed_run_leaves_its_rows(tmp_path):
+    """SIGKILL after the first case's rows reach rows.jsonl: the file is valid JSON lines without an end
+    line, and --from-rows turns it into results marked "killed"."""
+    rows_path = tmp_path / "rows.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_fused.bench", "--suite", "ops", "--quick", "--batch", "1",
+                             "--device", "cpu", "--no-compile", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (rows_path.exists() and '"suite"' in rows_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no row within 60 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    lines = rows_path.read_text().splitlines()
+    objs = [json.loads(line) for line in lines]  # every line whole
+    assert "environment" in objs[0] and 2 <= len(objs) < 17 and all("suite" in o for o in objs[1:])
+    env, rows, end = bench_rows.read(str(rows_path))
+    assert end is None and rows == objs[1:]
+    assert not (tmp_path / "results.json").exists()
+    bench.main(["--from-rows", str(rows_path), "--out", str(tmp_path / "table")])
+    data = json.loads((tmp_path / "table" / "results.json").read_text())
+    assert data == {"environment": env, "results": rows, "stopped": "killed"}
+
+
+def test_rows_file_reader_drops_a_line_cut_short(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"environment": {"device": "x"}}\n{"suite": "ops", "provider": "eager"}\n{"suite": "ops", "prov')
+    assert bench_rows.read(str(path)) == ({"device": "x"}, [{"suite": "ops", "provider": "eager"}], None)
+
+
+def test_known_compile_rows_come_from_the_same_device_and_versions(tmp_path):
+    """Only compile-<mode> rows of the eager module, measured on the same device with the same torch and
+    triton, not failed, not at eager's time (a compile that ran eager); each keeps the file it came from."""
+    env = dict(device="GPU X", torch="2.11", triton="3.6")
+    row = dict(suite="blocks", case="b", shape="1", dtype="bfloat16", mode="training", median_ms=1.0)
+    rows = [dict(row, provider=p, median_ms=ms) for p, ms in (("eager", 2.0), ("compile-default", 1.0),
+                                                             ("compile-fused", 1.0), ("tuned", 1.0))]
+    rows.append(dict(row, provider="compile-max-autotune", error="RuntimeError: x"))
+    rows += [dict(row, case="at eager", provider=p, median_ms=ms) for p, ms in (("eager", 1.0), ("compile-default", 1.01))]
+    for name, e in (("same", env), ("torch", {**env, "torch": "2.14"}), ("device", {**env, "device": "GPU Y"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"environment": e, "results": rows}))
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "rows.jsonl").write_text(
+        json.dumps({"environment": env}) + "\n" + json.dumps(dict(row, provider="compile-max-autotune", mode="inference")) + "\n")
+    known = bench_rows.measured_compile(str(tmp_path), env)
+    assert sorted((k[1], k[4], k[5]) for k in known) == [("b", "inference", "compile-max-autotune"),
+                                                        ("b", "training", "compile-default")]
+    assert {v["from"] for v in known.values()} == {str(tmp_path / "same" / "results.json"),
+                                                  str(tmp_path / "killed" / "rows.jsonl")}
+    assert bench_rows.measured_compile(str(tmp_path), {**env, "triton": "3.8"}) == {}

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -28,14 +29,41 @@ def test_bad_arguments_print_usage(args):
 
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the no-GPU message does not apply")
-@pytest.mark.parametrize("stage", ["all", "build", "test", "sanitize", "bench", "bench-kernels", "bench-blocks",
-                                   "bench-models", "bench-graphs", "quick"])
+@pytest.mark.parametrize("stage", ["all", "check", "test-gpu", "build", "test", "sanitize", "bench", "bench-kernels",
+                                   "bench-blocks", "bench-models", "bench-graphs", "quick"])
 def test_without_gpu_says_so_in_one_line(stage, tmp_path):
     r = _run(stage, tmp_path / "out")
     assert r.returncode == 3, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no NVIDIA GPU" in lines[0], r.stderr
     assert not (tmp_path / "out").exists(), "nothing should be written without a GPU"
+
+
+def _bench_parts() -> dict[str, str]:
+    """bench_args' parts and their arguments, as the script spells them."""
+    body = SCRIPT.read_text().split("bench_args() {", 1)[1].split("\n}", 1)[0]
+    return dict(re.findall(r'^\s+([\w-]+)\) echo "([^"]*)" ;;$', body, re.M))
+
+
+def test_every_bench_part_parses_as_bench_arguments():
+    """Each part's arguments are valid for the bench's command line (--rows and --deadline as run_bench
+    adds them); check reuses the committed compile numbers and measures eval and training convs."""
+    from resnet_fused.bench import __main__ as bench
+
+    parts = _bench_parts()
+    assert {"kernels", "blocks", "models", "graphs", "quick", "check"} <= set(parts)
+    for part, argv in parts.items():
+        args = bench.parse_args(["--out", "o", "--rows", "o/rows.jsonl", "--deadline", "480", *argv.split()])
+        assert args.deadline == 480.0, part
+    check = bench.parse_args(parts["check"].split())
+    assert check.suite == ["ops", "blocks", "convs"] and check.conv_mode == ["inference", "training"]
+    assert check.known_compile == "benchmarks/results" and (SCRIPT.parent / "results").is_dir()
+
+
+def test_stages_are_listed_in_usage():
+    r = _run("bogus", "out")
+    for stage in ("check", "test-gpu"):
+        assert f"|{stage}|" in r.stderr, r.stderr
 
 
 def test_verify_accepts_what_comes_back(tmp_path):
@@ -82,7 +110,9 @@ def test_targets_table_reads_every_target_from_the_files(tmp_path, capsys):
                _row("ops", "triton", 1.0, op="bn_act eval", shape="s", layout="NHWC", pct_of_copy=80.0),
                _row("ops", "eager", 1.0, op="add_relu", shape="s", layout="NHWC", pct_of_copy=50.0),
                _row("convs", "conv only", 1.0, **conv), _row("convs", "fused-cuda", 1.2, **conv),
-               _row("convs", "tuned", 1.04, **conv), _row("convs", "eager", 2.0, **conv)]
+               _row("convs", "tuned", 1.04, **conv), _row("convs", "eager", 2.0, **conv),
+               dict(suite="ops", provider="triton", op="add_relu", shape="s", layout="NHWC", dtype="bfloat16",
+                    error="RuntimeError: x")]  # a failed provider: no target
     m = dict(case="resnet50", shape="256x3x224x224")
     models = [_row("models", p, ms, mode="inference", **m) for p, ms in
               (("eager", 30.0), ("compile-max-autotune", 21.0), ("fused-cuda", 20.0), ("tuned", 19.0))]

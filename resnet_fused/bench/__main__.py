@@ -2,7 +2,8 @@
 
 Measures the fused kernels, blocks and models against eager PyTorch (and torch.compile, with
 --compile) on whatever machine it finds: a quick suite on a CPU, the ResNet shapes at batch 256 on a
-GPU. Shows progress, prints a table, and writes results.json, results.csv and plots into --out.
+GPU. Shows progress, writes each row to rows.jsonl as it is measured (bench/rows.py), then prints a
+table and writes results.json, results.csv and plots into --out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import torch
 
 from resnet_fused.bench import blocks, convs, coverage, environment, models, ops, plots, timing
+from resnet_fused.bench import rows as rows_
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
@@ -24,16 +26,26 @@ SUITES = ("ops", "convs", "blocks", "models", "coverage")  # coverage: only when
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m resnet_fused.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=SUITES, action="append", help="repeatable; default: all")
+    p.add_argument("--suite", choices=SUITES, action="append", help="repeatable, run in the order given; default: all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="repeatable; default: fp32 on CPU, bf16 and fp16 on GPU")
     p.add_argument("--batch", type=int, action="append", help="repeatable; default: CPU 32 (ops) / 8 (blocks, models); GPU 256, models 1, 32, 256")
     p.add_argument("--compile", choices=["default", "max-autotune"], action="append",
                    help="time torch.compile of the eager module in this mode (repeatable; default: default)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles every case: minutes)")
+    p.add_argument("--known-compile", metavar="DIR",
+                   help="reuse the torch.compile rows of the eager modules that the results.json / rows.jsonl files "
+                        "under DIR hold from this device, torch and triton, instead of compiling those cases again")
     p.add_argument("--quick", action="store_true", help="the first stage shapes only, short timings")
+    p.add_argument("--conv-mode", choices=convs.MODES, action="append",
+                   help="the convs suite's modes (repeatable; default: all, inference with --quick)")
     p.add_argument("--cuda-graphs", action="store_true", help="GPU: time every call as a CUDA graph replay")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="start no case later than SECONDS after measuring begins; then write what was measured and exit 0")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv and the plots")
+    p.add_argument("--rows", metavar="PATH", help="where each row is written as it is measured (default: OUT/rows.jsonl)")
+    p.add_argument("--from-rows", metavar="PATH",
+                   help="measure nothing: write results.json, results.csv and the plots into --out from a rows.jsonl")
     return p.parse_args(argv)
 
 
@@ -41,6 +53,10 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    if args.from_rows:
+        env, rows, end = rows_.read(args.from_rows)
+        write_results(rows, env, args.out, None if end == "complete" else end or "killed")
+        return
     # users compare against torch.compile first; CUDA graph replays leave it out unless asked for (and then refuse)
     args.compile = [] if args.no_compile or (args.cuda_graphs and not args.compile) else (args.compile or ["default"])
     # the "tuned" provider tunes afresh in every run (its tuning time is reported), unless told otherwise
@@ -61,7 +77,7 @@ def main(argv=None) -> None:
     if "convs" in suites:  # quick: the stem and layer1's convs, inference only
         plan["convs"] = dict(shapes=convs.RESNET50_CONVS[:6] if args.quick else convs.RESNET50_CONVS,
                              batch=(args.batch or [256 if gpu else 8])[0],
-                             modes=convs.MODES[:1] if args.quick else convs.MODES)
+                             modes=args.conv_mode or (convs.MODES[:1] if args.quick else convs.MODES))
     if "blocks" in suites:
         stages = [blocks.RESNET18_STAGES[0], blocks.RESNET50_STAGES[0]] if few else blocks.RESNET18_STAGES + blocks.RESNET50_STAGES
         plan["blocks"] = dict(stages=stages, batch=(args.batch or [256 if gpu else 8])[0])
@@ -79,50 +95,67 @@ def main(argv=None) -> None:
 
     env = environment.describe(device)
     print(f"resnet_fused bench on {env['device']}: torch {env['torch']}, triton {env['triton']}; "
-          f"suites {', '.join([*plan, *(['coverage'] if 'coverage' in suites else [])])}")
-    rows = []
+          f"suites {', '.join(dict.fromkeys(suites))}" + (f"; deadline {args.deadline:g} s" if args.deadline is not None else ""))
+    known = rows_.measured_compile(args.known_compile, env) if args.known_compile and args.compile else {}
     with tqdm(total=total, unit="case") as bar:
-        if "ops" in plan:
-            rows += ops.run(plan["ops"]["shapes"], dtypes, device, args.quick, progress=bar.update)
-        if "convs" in plan:
-            p = plan["convs"]
-            rows += convs.run(p["shapes"], p["batch"], dtypes, p["modes"], device, args.compile, args.quick,
-                              progress=bar.update)
-        if "blocks" in plan:
-            p = plan["blocks"]
-            rows += blocks.run(p["stages"], p["batch"], dtypes, device, args.compile, args.quick, progress=bar.update)
-        if "models" in plan:
-            p = plan["models"]
-            rows += models.run(p["names"], p["batches"], p["resolution"], dtypes, device, args.compile, args.quick,
-                               progress=bar.update)
-        if "coverage" in suites:  # CPU, fp32: its own table and files (coverage.json / .csv / .png)
-            cov_rows, cov_summary = coverage.run(args.quick, progress=bar.update)
-            cov_written = coverage.write(cov_rows, cov_summary, env, args.out)
-            print(coverage.format_table(cov_rows, cov_summary))
-            print("\nwrote " + ", ".join(cov_written))
-    if not rows:
+        rec = rows_.Recorder(args.rows or os.path.join(args.out, "rows.jsonl"), env, args.deadline, bar.update,
+                             known) if plan else None
+        try:
+            for suite in dict.fromkeys(suites):
+                p = plan.get(suite)
+                if suite == "ops":
+                    ops.run(p["shapes"], dtypes, device, args.quick, rec)
+                elif suite == "convs":
+                    convs.run(p["shapes"], p["batch"], dtypes, p["modes"], device, args.compile, args.quick, rec)
+                elif suite == "blocks":
+                    blocks.run(p["stages"], p["batch"], dtypes, device, args.compile, args.quick, rec)
+                elif suite == "models":
+                    models.run(p["names"], p["batches"], p["resolution"], dtypes, device, args.compile, args.quick, rec)
+                else:  # coverage (CPU, fp32): its own table and files (coverage.json / .csv / .png)
+                    cov_rows, cov_summary = coverage.run(args.quick, progress=bar.update)
+                    cov_written = coverage.write(cov_rows, cov_summary, env, args.out)
+                    print(coverage.format_table(cov_rows, cov_summary))
+                    print("\nwrote " + ", ".join(cov_written))
+            stopped = None
+        except rows_.DeadlineReached:
+            stopped = "deadline"
+    if rec is None:
         return
+    rec.close(stopped or "complete")
+    write_results(rec.rows, env, args.out, stopped)
+    if stopped:
+        print(f"stopped at the deadline ({args.deadline:g} s): {len(rec.rows)} of {total} rows measured, "
+              "no further case started")
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
+
+def write_results(rows: list[dict], env: dict, out: str, stopped: str | None = None) -> None:
+    """results.json, results.csv and the plots in `out`, and the table; stopped: why the rows end early
+    ("deadline", "killed"), recorded in results.json."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"environment": env, "results": rows, **({"stopped": stopped} if stopped else {})}, f, indent=1)
     fields = ["device", *dict.fromkeys(k for r in rows for k in r)]
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({"device": env["device"], **r} for r in rows)
-    written = plots.speedup_plots(rows, env, args.out)
+    written = plots.speedup_plots(rows, env, out)
     print(format_table(rows))
-    print(f"\nwrote {args.out}/results.json, {args.out}/results.csv" + "".join(f", {p}" for p in written))
+    print(f"\nwrote {out}/results.json, {out}/results.csv" + "".join(f", {p}" for p in written))
 
 
 def format_table(rows) -> str:
-    """One line per measurement: what, how long (median, 20-80 % range), the achieved rate, vs eager."""
+    """One line per measurement: what, how long (median, 20-80 % range), the achieved rate, vs eager; a
+    provider that failed shows its error, a row reused from an earlier run (--known-compile) ends in "*"."""
     head = f"{'suite':<7} {'case':<19} {'shape':<24} {'dtype':<8} {'mode':<12} {'provider':<13} {'median ms':>10} {'rate':>14} {'vs eager':>9}"
     lines = ["", head, "-" * len(head)]
     for r in rows:
         mode = r.get("mode") or r.get("layout", "")
         case = r.get("case") or r.get("op")
+        what = f"{r['suite']:<7} {case:<19} {r['shape']:<24} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
+        if "error" in r:
+            lines.append(what + f"failed: {r['error'][:120]}")
+            continue
         if "gbps" in r:
             rate = f"{r['gbps']:.1f} GB/s {r['pct_of_copy']:.0f}%"
         elif "tflops" in r:
@@ -131,8 +164,10 @@ def format_table(rows) -> str:
             rate = f"{r['images_per_s']:.1f} img/s"
         else:
             rate = ""
-        lines.append(f"{r['suite']:<7} {case:<19} {r['shape']:<24} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
-                     f"{r['median_ms']:>10.3f} {rate:>14} {r['speedup_vs_eager']:>8.2f}x")
+        speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
+        lines.append(what + f"{r['median_ms']:>10.3f} {rate:>14} {speedup:>9}" + (" *" if "from" in r else ""))
+    if any("from" in r for r in rows):
+        lines.append("* reused from an earlier run with the same device, torch and triton (its \"from\" field)")
     return "\n".join(lines)
 
 

@@ -56,40 +56,36 @@ def _step(block, x, grad, training: bool):
     return train
 
 
-def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: bool, progress) -> list[dict]:
-    rows = []
+def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: bool, rec) -> None:
+    names = providers(device, compile_modes)
     for name, kind, inplanes, planes, hw in stages:
         for dtype in dtypes:
             for training in (False, True):
                 shape = (batch, inplanes, hw, hw)
+                fields = dict(suite="blocks", case=name, block=kind, shape="x".join(map(str, shape)),
+                              dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference")
 
                 def make(block):
                     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
                     return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
 
-                names = providers(device, compile_modes)
-                fresh_compile_cache()
-                blocks_ = {p: _block(kind, inplanes, planes, p, device, dtype).train(training) for p in names}
-                tuning_s = {p: first_call_s(make(b), device) for p, b in blocks_.items() if p == "tuned"}
-                if device.type == "cuda":
-                    copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
-                    timings, mem = {}, {}
-                    for p, block in blocks_.items():
-                        fns = [make(block) for _ in range(copies)]
-                        timings[p], mem[p] = time_cuda(fns), peak_memory(fns[0], device)
-                else:
-                    timings = time_cpu_interleaved({p: make(b) for p, b in blocks_.items()}, 0.5 if quick else 2.0)
-                    mem = dict.fromkeys(names)
-                eager_ms = timings["eager"].median_ms
-                for p in names:
-                    t = timings[p]
-                    rows.append(dict(suite="blocks", case=name, block=kind, shape="x".join(map(str, shape)),
-                                     dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
-                                     provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                     peak_mem_mb=mem[p], speedup_vs_eager=eager_ms / t.median_ms,
-                                     **({"tuning_s": tuning_s[p]} if p in tuning_s else {})))
-                    progress()
-    return rows
+                with rec.case(fields, names) as c:
+                    fresh_compile_cache()
+                    blocks_ = c.each(lambda p: _block(kind, inplanes, planes, p, device, dtype).train(training))
+                    tuning_s = c.each(lambda p: first_call_s(make(blocks_[p]), device), among=["tuned"])
+                    if device.type == "cuda":
+                        copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
+                        fns = c.each(lambda p: [make(blocks_[p]) for _ in range(copies)])
+                        timings = c.each(lambda p: time_cuda(fns[p]))
+                        mem = c.each(lambda p: peak_memory(fns[p][0], device))
+                    else:
+                        calls = c.each(lambda p: make(blocks_[p]))
+                        c.each(lambda p: calls[p]())
+                        timings = time_cpu_interleaved({p: calls[p] for p in c.live}, 0.5 if quick else 2.0)
+                        mem = {}
+                    for p, t in timings.items():
+                        c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                 peak_mem_mb=mem.get(p), **({"tuning_s": tuning_s[p]} if p in tuning_s else {}))
 
 
 def x_bytes(shape, dtype) -> int:

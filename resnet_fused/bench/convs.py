@@ -141,42 +141,44 @@ def _matmul(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], obje
     return (lambda: a @ b), 2 * n**3
 
 
-def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, quick: bool, progress) -> list[dict]:
+def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, quick: bool, rec) -> None:
     names = providers(device, compile_modes)
-    rows = []
-    for dtype in dtypes:
-        matmul, matmul_flops = _matmul(dtype, device)
-        if device.type == "cuda":  # clocks are steady: one measurement per dtype
-            ceiling_ms = time_cuda([matmul]).median_ms
-        for shape in shapes:
+    matmuls, ceilings_ms = {}, {}  # per dtype: the ceiling's workload; on the GPU (steady clocks) its time
+    for shape in shapes:  # shapes outermost: a run cut short has every dtype and mode of its first shapes
+        for dtype in dtypes:
             nbytes = 2 * batch * shape.cin * shape.hw**2 * torch.finfo(dtype).bits // 8
             copies = copies_exceeding_l2(nbytes, device)
             for mode in modes:
-                fresh_compile_cache()
-                forwards = {p: _forward(shape, p, mode != "inference", device, dtype) for p in names}
-                tuning_s = {p: first_call_s(_call(shape, f, mode, batch, device, dtype), device)
-                            for p, f in forwards.items() if p == "tuned"}
-                if device.type == "cuda":  # inputs rotated past L2
-                    timings = {p: time_cuda([_call(shape, f, mode, batch, device, dtype) for _ in range(copies)])
-                               for p, f in forwards.items()}
-                else:  # alternating rounds (see time_cpu_interleaved), the matmul ceiling in the same rounds
-                    calls = {p: _call(shape, f, mode, batch, device, dtype) for p, f in forwards.items()}
-                    timings = time_cpu_interleaved({**calls, "matmul": matmul}, 0.5 if quick else 2.0)
-                    ceiling_ms = timings["matmul"].median_ms
-                ceiling = matmul_flops / ceiling_ms / 1e9
-                eager_ms = timings["eager"].median_ms
-                for p in names:
-                    t = timings[p]
+                fields = dict(suite="convs", case=shape.name, shape=shape.label(batch), dtype=str(dtype).removeprefix("torch."),
+                              mode=mode)
+                with rec.case(fields, names) as c:
+                    if dtype not in matmuls:
+                        mm = _matmul(dtype, device)
+                        mm[0]()  # warm-up
+                        ceilings_ms[dtype] = time_cuda([mm[0]]).median_ms if device.type == "cuda" else None
+                        matmuls[dtype] = mm
+                    matmul, matmul_flops = matmuls[dtype]
+                    fresh_compile_cache()
+                    forwards = c.each(lambda p: _forward(shape, p, mode != "inference", device, dtype))
+                    tuning_s = c.each(lambda p: first_call_s(_call(shape, forwards[p], mode, batch, device, dtype), device),
+                                      among=["tuned"])
+                    if device.type == "cuda":  # inputs rotated past L2
+                        timings = c.each(lambda p: time_cuda([_call(shape, forwards[p], mode, batch, device, dtype)
+                                                              for _ in range(copies)]))
+                        ceiling_ms = ceilings_ms[dtype]
+                    else:  # alternating rounds (see time_cpu_interleaved), the matmul ceiling in the same rounds
+                        calls = c.each(lambda p: _call(shape, forwards[p], mode, batch, device, dtype))
+                        c.each(lambda p: calls[p]())
+                        timings = time_cpu_interleaved({**{p: calls[p] for p in c.live}, "matmul": matmul},
+                                                       0.5 if quick else 2.0)
+                        ceiling_ms = timings.pop("matmul").median_ms
+                    ceiling = matmul_flops / ceiling_ms / 1e9
                     flops = shape.flops(batch) * (3 if mode == "training" else 1)  # + dgrad + wgrad
-                    tflops = flops / t.median_ms / 1e9
-                    rows.append(dict(
-                        suite="convs", case=shape.name, shape=shape.label(batch), dtype=str(dtype).removeprefix("torch."),
-                        mode=mode, provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                        flops=flops, tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
-                        speedup_vs_eager=eager_ms / t.median_ms, **({"tuning_s": tuning_s[p]} if p in tuning_s else {}),
-                    ))
-                    progress()
-    return rows
+                    for p, t in timings.items():
+                        tflops = flops / t.median_ms / 1e9
+                        c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                 flops=flops, tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
+                                 **({"tuning_s": tuning_s[p]} if p in tuning_s else {}))
 
 
 def count(shapes, dtypes, modes, device, compile_modes) -> int:

@@ -71,37 +71,35 @@ def _step(provider: str, model, x, labels, training: bool):
     return train
 
 
-def run(names, batches, resolution: int, dtypes, device: torch.device, compile_modes, quick: bool, progress) -> list[dict]:
-    rows = []
+def run(names, batches, resolution: int, dtypes, device: torch.device, compile_modes, quick: bool, rec) -> None:
     for name in names:
         for batch in batches:
             for dtype in dtypes:
                 for training in (False, True):
-                    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    labels = torch.randint(0, 1000, (batch,), device=device)
+                    fields = dict(suite="models", case=name, shape=f"{batch}x3x{resolution}x{resolution}",
+                                  dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference")
                     names_ = [p for p in providers(device, compile_modes, training)
                               if p not in ("ort", "openvino") or dtype == torch.float32]
-                    fresh_compile_cache()
-                    steps = {p: _step(p, _model(name, p, device, dtype), x, labels, training) for p in names_}
-                    first_s = {p: first_call_s(s, device) for p, s in steps.items() if p == "tuned" or p.startswith("compile")}
-                    if device.type == "cuda":
-                        timings = {p: time_cuda([s], warmup=5, reps=20) for p, s in steps.items()}
-                        mem = {p: peak_memory(s, device) for p, s in steps.items()}
-                    else:
-                        timings, mem = time_cpu_interleaved(steps, 1.0 if quick else 4.0), dict.fromkeys(names_)
-                    eager_ms = timings["eager"].median_ms
-                    for p in names_:
-                        t = timings[p]
-                        rows.append(dict(suite="models", case=name, shape=f"{batch}x3x{resolution}x{resolution}",
-                                         dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference",
-                                         provider=p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                         images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem[p],
-                                         speedup_vs_eager=eager_ms / t.median_ms,
-                                         **({"tuning_s": first_s[p]} if p == "tuned" else {}),
-                                         **({"compile_s": first_s[p]} if p.startswith("compile") else {})))
-                        progress()
-    return rows
+                    with rec.case(fields, names_) as c:
+                        x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
+                        x = x.contiguous(memory_format=torch.channels_last)
+                        labels = torch.randint(0, 1000, (batch,), device=device)
+                        fresh_compile_cache()
+                        steps = c.each(lambda p: _step(p, _model(name, p, device, dtype), x, labels, training))
+                        first_s = c.each(lambda p: first_call_s(steps[p], device),
+                                         among=[p for p in names_ if p == "tuned" or p.startswith("compile")])
+                        if device.type == "cuda":
+                            timings = c.each(lambda p: time_cuda([steps[p]], warmup=5, reps=20))
+                            mem = c.each(lambda p: peak_memory(steps[p], device))
+                        else:
+                            c.each(lambda p: steps[p](), among=[p for p in names_ if p not in first_s])
+                            timings = time_cpu_interleaved({p: steps[p] for p in c.live}, 1.0 if quick else 4.0)
+                            mem = {}
+                        for p, t in timings.items():
+                            c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                     images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem.get(p),
+                                     **({"tuning_s": first_s[p]} if p == "tuned" else {}),
+                                     **({"compile_s": first_s[p]} if p.startswith("compile") else {}))
 
 
 def count(names, batches, dtypes, device, compile_modes) -> int:

@@ -95,35 +95,33 @@ def fused_providers(device: torch.device) -> list[str]:
     return [n for n in names if avail[n]] or ["torch"]
 
 
-def run(shapes, dtypes, device: torch.device, quick: bool, progress) -> list[dict]:
+def run(shapes, dtypes, device: torch.device, quick: bool, rec) -> None:
     min_run_time = 0.5 if quick else 2.0
     names = ["bn_act eval", "bn_act train", "bn_act train+bwd", "add_relu"]
     providers = ["eager", *fused_providers(device)]
-    rows = []
     for shape in shapes:
         for dtype in dtypes:
             for channels_last in (True, False):
-                copy = time_copy(shape, dtype, channels_last, device, min_run_time)
-                copy_gbps = 2 * bytes_of(shape, dtype) / copy.median_ms / 1e6
+                copy_gbps = None  # measured in the first case of this shape, dtype and layout that gets that far
                 for name in names:
                     case = OpCase(name, shape, dtype, channels_last)
-                    if device.type == "cuda":
-                        timings = {p: time_case(case, p, device, min_run_time) for p in providers}
-                    else:  # alternating rounds: see time_cpu_interleaved
-                        timings = time_cpu_interleaved({p: _make_call(case, p, device) for p in providers}, min_run_time)
-                    eager_ms = timings["eager"].median_ms
-                    for provider in providers:
-                        t = timings[provider]
-                        gbps = case.bytes_moved() / t.median_ms / 1e6
-                        rows.append(dict(
-                            suite="ops", op=name, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
-                            layout="NHWC" if channels_last else "NCHW", provider=provider,
-                            median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                            bytes=case.bytes_moved(), gbps=gbps, copy_gbps=copy_gbps, pct_of_copy=100 * gbps / copy_gbps,
-                            speedup_vs_eager=eager_ms / t.median_ms,
-                        ))
-                        progress()
-    return rows
+                    fields = dict(suite="ops", op=name, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
+                                  layout="NHWC" if channels_last else "NCHW")
+                    with rec.case(fields, providers) as c:
+                        if copy_gbps is None:
+                            copy = time_copy(shape, dtype, channels_last, device, min_run_time)
+                            copy_gbps = 2 * bytes_of(shape, dtype) / copy.median_ms / 1e6
+                        if device.type == "cuda":
+                            timings = c.each(lambda p: time_case(case, p, device, min_run_time))
+                        else:  # alternating rounds: see time_cpu_interleaved
+                            calls = c.each(lambda p: _make_call(case, p, device))
+                            c.each(lambda p: calls[p]())
+                            timings = time_cpu_interleaved({p: calls[p] for p in c.live}, min_run_time)
+                        for p, t in timings.items():
+                            gbps = case.bytes_moved() / t.median_ms / 1e6
+                            c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                                     bytes=case.bytes_moved(), gbps=gbps, copy_gbps=copy_gbps,
+                                     pct_of_copy=100 * gbps / copy_gbps)
 
 
 def count(shapes, dtypes, device) -> int:

@@ -19,7 +19,8 @@ def speedup_plots(rows: list[dict], env: dict, out_dir: str) -> list[str]:
     written = []
     by_suite = defaultdict(list)
     for r in rows:
-        by_suite[r["suite"]].append(r)
+        if r.get("speedup_vs_eager") is not None:  # not failed, eager measured
+            by_suite[r["suite"]].append(r)
     for suite, suite_rows in by_suite.items():
         cases = list(dict.fromkeys(_label(r) for r in suite_rows))
         providers = [p for p in dict.fromkeys(r["provider"] for r in suite_rows) if p != "eager"]

@@ -37,9 +37,10 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0) -> dict[str, Timing]:
     """Per-call times of several providers of the same work, measured in alternating rounds (one
     block of each per round): a shared machine's speed drifts over seconds, and alternation spreads
-    that drift over every provider instead of handing it to whichever ran last."""
-    for fn in fns.values():  # warm-up: caches, first-call setup
-        fn()
+    that drift over every provider instead of handing it to whichever ran last. Each fn has been called
+    once before (warm-up: caches, first-call setup; the suites make that call per provider, guarded)."""
+    if not fns:
+        return {}
     per_call = {name: _seconds_per_call(fn) for name, fn in fns.items()}
     block = {name: max(1, int(0.05 / t)) for name, t in per_call.items()}  # ~50 ms blocks
     samples: dict[str, list[float]] = {name: [] for name in fns}
