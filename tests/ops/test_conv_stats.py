@@ -70,6 +70,28 @@ def results(fn, x, params, chain, residual, grad, backend, dtype=None):
     return res
 
 
+def bn_grad_resolutions(x, params, chain, residual, grad, ulps=2.0):
+    """{name: resolution} for every BN's grad weight (sum_i dy_i * xhat_i) and grad bias (sum_i dy_i): ulps x
+    fp32 eps x sum_i |term_i| per channel, from the float64 eager chain (dy: the gradient at the BN's output)."""
+    x, residual = x.detach().double(), residual.detach().double()
+    params = [{k: v.detach().double() for k, v in p.items()} for p in params]
+    y, seen = x, []
+    for i, (p, (_, _, s, pad, g)) in enumerate(zip(params, chain)):
+        conv = F.conv2d(y, p["w"], None, s, pad, 1, g)
+        mean, var = conv.mean((0, 2, 3), keepdim=True), conv.var((0, 2, 3), unbiased=False, keepdim=True)
+        xhat = ((conv - mean) / (var + 1e-5).sqrt()).requires_grad_()
+        bn = xhat * p["bw"].view(1, -1, 1, 1) + p["bb"].view(1, -1, 1, 1)
+        seen.append(xhat)
+        y = torch.relu(bn + residual if i == len(chain) - 1 else bn)
+    dxhat = torch.autograd.grad(y, seen, grad.double())
+    eps, out = torch.finfo(torch.float32).eps, {}
+    for i, (xhat, dx, p) in enumerate(zip(seen, dxhat, params)):
+        dy = dx / p["bw"].view(1, -1, 1, 1)  # d loss / d (BN output)
+        out[f"conv{i + 1} grad bn weight"] = ulps * eps * (dy * xhat).abs().sum((0, 2, 3))
+        out[f"conv{i + 1} grad bn bias"] = ulps * eps * dy.abs().sum((0, 2, 3))
+    return [out.get(n) for n in names(chain)]
+
+
 def names(chain):
     return ["output", "grad input", "grad residual"] + [f"conv{i + 1} {n}" for i in range(len(chain)) for n in
                                                          ("grad weight", "grad bn weight", "grad bn bias", "running_mean",
@@ -100,8 +122,11 @@ def test_deferred_chain_matches_eager(backend, fmt, chain):
         ref = results(eager_chain, x, params, chain, r, grad, backend)
         exact = results(eager_chain, x, params, chain, r, grad, backend, torch.float64)
         norm = "max" if dtype == torch.float32 else "fro"
+        # a BN's weight / bias gradient is a per-channel sum of N*H*W terms that cancel: in fp32 held to the
+        # resolution of that sum (how eager's own conv backward rounds those terms is the machine's business)
+        resolution = dict(zip(names(chain), bn_grad_resolutions(x, params, chain, r, grad))) if norm == "max" else {}
         for name, a, e, x64 in zip(names(chain), got, ref, exact):
-            assert_within_eager_error(a, e, x64, f"{backend} {dtype} {name}", norm=norm)
+            assert_within_eager_error(a, e, x64, f"{backend} {dtype} {name}", norm=norm, resolution=resolution.get(name))
 
 
 def _conv2d_stats_cases(backend):
