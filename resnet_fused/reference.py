@@ -26,7 +26,7 @@ __all__ = [
     "bn_act",
     "conv2d_stats",
     "conv_bn_act",
-    "cudnn_conv_act",
+    "cudnn_conv_add_relu",
 ]
 
 _CHANNEL = (0, 2, 3)  # reduce over N, H, W
@@ -249,17 +249,16 @@ def conv_bn_act(
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual, relu)
 
 
-def cudnn_conv_act(
+def cudnn_conv_add_relu(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
+    residual: torch.Tensor,
     stride,
     padding,
     dilation,
     groups: int,
 ) -> torch.Tensor:
-    """relu(conv2d(input, weight, bias) (+ residual)): what the op resnet_fused::cudnn_conv_act computes in
+    """relu(conv2d(input, weight, bias) + residual): what the op resnet_fused::cudnn_conv_add_relu computes in
     one cuDNN call (the `cuda` backend's inference, on BN-folded weights)."""
-    y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return torch.relu(y + residual if residual is not None else y)
+    return torch.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)

@@ -133,9 +133,11 @@ def test_cpp_op_errors_in_a_fresh_process():
     pytest.fail(f"{report}\n--- calls ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")
 
 
-def test_cudnn_conv_act_rejects_cpu_tensors():
-    """resnet_fused::cudnn_conv_act is CUDA-only (conv_act never routes other tensors to it): a CPU call
-    says which op and which backend."""
-    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
-    with pytest.raises(NotImplementedError, match=r"resnet_fused::cudnn_conv_act.*'CPU' backend"):
-        torch.ops.resnet_fused.cudnn_conv_act(x, w, None, None, [1, 1], [1, 1], [1, 1], 1)
+def test_cudnn_conv_add_relu_rejects_cpu_tensors():
+    """resnet_fused::cudnn_conv_add_relu is CUDA-only (conv_act never routes other tensors to it): a CPU call
+    says which op and which backend, under autocast too (its autocast rule is registered for CUDA only)."""
+    x, w, r = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(1, 3, 4, 4)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(NotImplementedError, match=r"resnet_fused::cudnn_conv_add_relu.*'CPU' backend"):
+                torch.ops.resnet_fused.cudnn_conv_add_relu(x, w, None, r, [1, 1], [1, 1], [1, 1], 1)

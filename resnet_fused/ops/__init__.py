@@ -5,11 +5,13 @@ functions that validate arguments, pick the backend and call them. One module pe
   bn_act.py       bn_act (ops bn_act_train, bn_act_eval)     act(batch_norm(input) + residual)
   sync_bn.py      bn_act's synchronized twin (nn.SyncBatchNorm semantics)
   conv_stats.py   conv2d_stats, conv_bn_defer, DeferredBnReLU  conv with its output's batch statistics
-  conv_bn_act.py  conv_bn_act, conv_act, route(), cudnn_conv_act
+  conv_bn_act.py  conv_bn_act, conv_act, route()
+  cudnn.py        CUDA inference: cuDNN conv + epilogue, cudnn_conv_add_relu
   onednn.py       CPU inference through oneDNN, weight prepacking
   arena.py        CPU inference outputs in reused memory (csrc/cpu_arena.cpp)
   triton.py       the Triton launchers as ops (resnet_fused::triton_*)
-  kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks
+  kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks;
+                  _autocast.py: conv2d's autocast rule for the conv ops
 
 The kernel ops' schemas are in csrc/ops.cpp, their fakes in resnet_fused/_kernel_fakes.py. The public
 functions are re-exported by resnet_fused.functional (this package holds the modules only, so that
@@ -17,7 +19,7 @@ functions are re-exported by resnet_fused.functional (this package holds the mod
 """
 
 from resnet_fused import backends
-from resnet_fused.ops import add_relu, arena, bn_act, conv_bn_act, conv_stats, onednn, sync_bn  # noqa: F401  (registers the ops)
+from resnet_fused.ops import add_relu, arena, bn_act, conv_bn_act, conv_stats, cudnn, onednn, sync_bn  # noqa: F401  (registers the ops)
 
 if backends.has_triton():
     from resnet_fused.ops import triton  # noqa: F401  (registers the resnet_fused::triton_* ops)

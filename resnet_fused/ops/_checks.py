@@ -84,3 +84,13 @@ def check_residual_of_conv(residual: Tensor | None, input: Tensor, weight: Tenso
     if residual is not None:
         out_shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
         check_matches(residual, out_shape, input.dtype, input.device, fn, "residual", "the convolution's output")
+
+
+def residual_for(residual: Tensor | None, y: Tensor, fn: str) -> Tensor | None:
+    """The residual to add to y: under autocast y may come out in the autocast dtype while the
+    residual does not; it is then cast to y's dtype, as ``y += residual`` would. Else it must match y."""
+    if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+        residual = residual.to(y.dtype)
+    if residual is not None:
+        check_like(residual, y, fn, "residual")
+    return residual

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused._layout import conv_output_shape, pair
-from resnet_fused.ops import onednn
+from resnet_fused._layout import pair
+from resnet_fused.ops import cudnn, onednn
 from resnet_fused.ops._bn_math import fold_bn
-from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_like, check_residual_of_conv, check_running_args
+from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_residual_of_conv, check_running_args, residual_for
 from resnet_fused.ops.add_relu import add_relu
 from resnet_fused.ops.bn_act import bn_act, bn_act_train, update_running_stats
 from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_with_stats, materialize, prologue_fusable
@@ -115,17 +115,7 @@ def conv_bn_act(
     # "batch_stats" and "unfolded": the convolution, then the fused bn_act
     y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps,
-                  _residual_for(residual, y, fn), relu, backend=impl, process_group=process_group)
-
-
-def _residual_for(residual: Tensor | None, y: Tensor, fn: str) -> Tensor | None:
-    """The residual to add to y: under autocast y may come out in the autocast dtype while the
-    residual does not; it is then cast to y's dtype, as ``y += residual`` would. Else it must match y."""
-    if residual is not None and residual.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
-        residual = residual.to(y.dtype)
-    if residual is not None:
-        check_like(residual, y, fn, "residual")
-    return residual
+                  residual_for(residual, y, fn), relu, backend=impl, process_group=process_group)
 
 
 def conv_act(
@@ -153,43 +143,10 @@ def conv_act(
         return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     if onednn.onednn_inference(input, weight, bias, residual, backend):
         return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
-    if _cudnn_fused_applies(input, weight, bias, residual, relu, backend):
-        check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
-        return cudnn_conv_act(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
+    if cudnn.applies(input, weight, bias, residual, backend):
+        return cudnn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    residual = _residual_for(residual, y, "conv_act")
+    residual = residual_for(residual, y, "conv_act")
     if residual is not None:
         return add_relu(y, residual, backend=backend) if relu else y + residual
     return torch.relu(y) if relu else y
-
-
-# relu(conv(input, weight) + bias (+ residual)) in one cuDNN call: cudnnConvolutionBiasActivationForward
-# semantics (aten's cudnn_convolution_relu / cudnn_convolution_add_relu), so the conv output is written
-# once instead of being re-read by a bias, add and ReLU pass. CUDA inference only: aten gives these ops
-# neither autograd nor a fake kernel, hence this wrapper op with a fake and no autograd.
-@torch.library.custom_op("resnet_fused::cudnn_conv_act", mutates_args=(), device_types="cuda")
-def cudnn_conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, stride: list[int],
-                   padding: list[int], dilation: list[int], groups: int) -> Tensor:
-    if residual is None:
-        return torch.cudnn_convolution_relu(input, weight, bias, stride, padding, dilation, groups)
-    return torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, stride, padding, dilation, groups)
-
-
-@cudnn_conv_act.register_fake
-def _cudnn_conv_act_fake(input, weight, bias, residual, stride, padding, dilation, groups):
-    out = input.new_empty(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
-    # cuDNN's rule (cudnn_conv_suggest_memory_format): channels_last if the input or the weight is
-    channels_last = any(torch._prims_common.suggest_memory_format(t) == torch.channels_last for t in (input, weight))
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-def _cudnn_fused_applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, relu: bool,
-                         backend: str | None) -> bool:
-    """Whether conv_act runs cuDNN's fused conv + bias (+ add) + ReLU: the `cuda` backend's inference
-    with a ReLU, one floating dtype throughout, cuDNN enabled, and no gradient needed."""
-    return (relu and input.is_cuda and input.dim() == 4 and torch.backends.cudnn.enabled
-            and backends.variant().cudnn_fused is not False
-            and backends.resolve(backend, input) == "cuda"
-            and input.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and all(t is None or (t.dtype == input.dtype and t.device == input.device) for t in (weight, bias, residual))
-            and not _requires_grad(input, weight, bias, residual))

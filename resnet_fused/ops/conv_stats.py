@@ -13,6 +13,7 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape, pair, per_channel_empty
+from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._bn_math import bn_act_grads
 from resnet_fused.ops._checks import check_batch, check_channel_vector, check_channel_vectors, check_conv, check_running_args
 from resnet_fused.ops.bn_act import bn_act_train, update_running_stats
@@ -104,6 +105,7 @@ def _conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 conv2d_stats.register_autograd(_conv2d_stats_backward, setup_context=_conv2d_stats_setup)
+lower_precision_fp("conv2d_stats", cast=(0, 1))  # conv2d's autocast rule: input and weight (not the input BN's statistics)
 
 
 class DeferredBnReLU(NamedTuple):
@@ -192,9 +194,6 @@ def conv_with_stats(input: Tensor, conv_weight: Tensor, stride, padding, dilatio
     the caller's to update (conv_bn_defer, conv_bn_act)."""
     if input_bn is not None and not prologue_fusable(input, None, None):
         input, input_bn = materialize(input, input_bn, impl), None
-    if torch.is_autocast_enabled(input.device.type):  # the op runs outside autocast: cast as F.conv2d would
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, conv_weight = input.to(dtype), conv_weight.to(dtype)
     y, mean, var = conv2d_stats(input, conv_weight, list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups,
                                 impl, *(input_bn or ()))
     check_batch(y, fn)

@@ -1,0 +1,103 @@
+"""CUDA inference on the `cuda` backend, BN folded: cuDNN's convolution, then the bias, the residual add
+and the ReLU in one pass of our epilogue kernel; or all of it in one cuDNN call (conv + add + bias +
+ReLU, ``resnet_fused::cudnn_conv_add_relu``) where a block's residual joins and cuDNN has an engine.
+
+No cuDNN call for conv + bias + ReLU alone: aten's ``cudnn_convolution_relu`` is its add + ReLU graph
+with alpha = 0 and the output's own uninitialized memory as the addend (aten/src/ATen/native/cudnn/
+ConvShared.cpp; the graph in Conv_v8.cpp adds alpha * z as a pointwise operand): one more read of an
+output-sized tensor, and 0 * NaN = NaN wherever that memory held a NaN. aten has no zero-free fused
+path, so that case runs the conv and the epilogue pass."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from resnet_fused import backends
+from resnet_fused._layout import conv_output_shape
+from resnet_fused.ops._autocast import lower_precision_fp
+from resnet_fused.ops._checks import check_residual_of_conv, residual_for
+from resnet_fused.ops.kernels import kernels
+
+# cuDNN's runtime-fusion engines (the ones that take a conv + pointwise graph) read and write 16-byte channel
+# vectors of NHWC tensors: channel counts a multiple of 8 in fp16 / bf16; fp32 runs on their tensor-core
+# (TF32) engines only, 4 channels per vector
+CHANNEL_MULTIPLE = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}
+
+
+def cudnn_fuses(input_shape, weight_shape, dtype: torch.dtype, channels_last: bool, groups: int, allow_tf32: bool) -> bool:
+    """Whether cuDNN has a fused conv + add + bias + ReLU engine for a convolution of input (N, Cin, H, W) with
+    weight (Cout, Cin / groups, KH, KW) computing in `dtype` (cudnn_convolution_add_relu raises where none
+    takes the graph): NHWC (`channels_last`: cuDNN's layout rule, input or weight channels_last), groups = 1,
+    Cin and Cout multiples of CHANNEL_MULTIPLE[dtype], fp32 only with TF32 allowed. Not: the RGB stem
+    (Cin = 3), grouped convolutions, NCHW, IEEE fp32; conv_act runs the conv and the epilogue pass there."""
+    multiple = CHANNEL_MULTIPLE.get(dtype) if dtype != torch.float32 or allow_tf32 else None
+    return (multiple is not None and channels_last and groups == 1 and len(input_shape) == 4
+            and input_shape[1] % multiple == 0 and weight_shape[0] % multiple == 0)
+
+
+def _channels_last(input: Tensor, weight: Tensor) -> bool:
+    # cuDNN's layout rule (cudnn_conv_suggest_memory_format): channels_last if the input or the weight is
+    return any(torch._prims_common.suggest_memory_format(t) == torch.channels_last for t in (input, weight))
+
+
+def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:
+    """conv_act runs here: 4-D CUDA tensors on the `cuda` backend, no gradient needed (neither the epilogue
+    kernel nor cuDNN's fused call has a backward)."""
+    return (input.is_cuda and input.dim() == 4 and backends.resolve(backend, input) == "cuda"
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))))
+
+
+def _fused_call(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, groups: int) -> bool:
+    """cudnn_conv_add_relu computes this call: cuDNN enabled, an engine for it (cudnn_fuses), one dtype
+    throughout (under autocast the op's rule casts input, weight and bias), unless a tuner's Variant says no."""
+    autocast = torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if autocast else input.dtype
+    return (torch.backends.cudnn.enabled and backends.variant().cudnn_fused is not False
+            and residual.dtype == input.dtype and residual.device == input.device
+            and (autocast or all(t is None or t.dtype == input.dtype for t in (weight, bias)))
+            and cudnn_fuses(input.shape, weight.shape, dtype, _channels_last(input, weight), groups,
+                            torch.backends.cudnn.allow_tf32))
+
+
+@functools.cache
+def _ones(channels: int, device: torch.device) -> Tensor:
+    # the epilogue kernel's per-channel scale: the BN scale is in the folded weight already. Kept for good (never
+    # freed, so also safe when first made inside a CUDA graph capture: its replays write the same ones again)
+    return torch.ones(channels, device=device)
+
+
+def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+             residual: Tensor | None, relu: bool) -> Tensor:
+    """act(conv2d(input, weight) + bias (+ residual)) where applies(): with a residual and a ReLU where cuDNN
+    fuses, one cuDNN call (the conv output written once); otherwise cuDNN's conv without bias (aten's conv
+    adds a bias in a pass of its own), then one epilogue pass act(y * 1 + bias (+ residual)), fp32 math."""
+    if relu and residual is not None and _fused_call(input, weight, bias, residual, groups):
+        check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
+        return cudnn_conv_add_relu(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
+    y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
+    residual = residual_for(residual, y, "conv_act")
+    if bias is None and residual is None:
+        return torch.relu(y) if relu else y
+    shift = bias.float() if bias is not None else torch.zeros(y.shape[1], device=y.device)
+    return kernels("cuda").bn_act_apply(y, _ones(y.shape[1], y.device), shift, residual, relu)
+
+
+# relu(conv(input, weight) + residual + bias) in one cuDNN call (aten's cudnn_convolution_add_relu, alpha 1: a
+# conv + pointwise graph), so the conv output is written once. aten gives it neither autograd nor a fake
+# kernel nor an autocast rule, hence this wrapper op with a fake, conv2d's autocast rule and no autograd.
+@torch.library.custom_op("resnet_fused::cudnn_conv_add_relu", mutates_args=(), device_types="cuda")
+def cudnn_conv_add_relu(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, stride: list[int],
+                        padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return torch.cudnn_convolution_add_relu(input, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+
+
+@cudnn_conv_add_relu.register_fake
+def _cudnn_conv_add_relu_fake(input, weight, bias, residual, stride, padding, dilation, groups):
+    out = input.new_empty(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(input, weight) else out
+
+
+lower_precision_fp("cudnn_conv_add_relu", cast=(0, 1, 2, 3), device_types=("cuda",))
