@@ -32,7 +32,7 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average; a 0-dim tensor keeps torch.compile graphs whole
             momentum = 1.0 / bn.num_batches_tracked
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_batch_stats = uses_batch_stats(bn)
     tracked = not bn.training or bn.track_running_stats
     return BatchNormCall(
         bn.running_mean if tracked else None,
@@ -43,6 +43,11 @@ def batch_norm_call(bn: nn.BatchNorm2d) -> BatchNormCall:
         momentum,
         bn.eps,
     )
+
+
+def uses_batch_stats(bn) -> bool:
+    """Whether bn's forward normalizes with batch statistics (training, or no running statistics kept)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
 def is_plain_batchnorm(module: nn.Module) -> bool:

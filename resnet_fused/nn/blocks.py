@@ -13,7 +13,7 @@ from torch import nn
 
 from resnet_fused import backends, tuning
 from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
-from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, is_fusable_conv
+from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, conv_bn_projection_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -60,7 +60,6 @@ class _FusedBlock(nn.Module):
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
         BN + ReLU to the next conv's loads where _defers says so."""
-        identity = self._identity(x, backend)
         defer = self._defers(x, backend)
         out, deferred = x, None
         for i in range(1, self.num_convs):
@@ -69,7 +68,12 @@ class _FusedBlock(nn.Module):
                                                       input_bn=deferred)
             else:
                 out = self._conv_bn(i, out, backend)
-        return self._conv_bn(self.num_convs, out, backend, residual=identity, input_bn=deferred)
+        n, ds = self.num_convs, self._projection()
+        conv, bn = getattr(self, f"conv{n}"), getattr(self, f"bn{n}")
+        if ds is not None and is_fusable_conv(conv) and is_plain_batchnorm(bn):  # the shortcut's BN shift may join conv{n}'s bias
+            return conv_bn_projection_forward(conv, bn, out, ds[0], ds[1], x, backend=backend, cache=self._folds, name=f"conv{n}",
+                                              shortcut_name="downsample", process_group=self.process_group, input_bn=deferred)
+        return self._conv_bn(n, out, backend, residual=self._identity(x, backend), input_bn=deferred)
 
     def _norms(self) -> list[nn.Module]:
         ds = self.downsample
@@ -90,16 +94,20 @@ class _FusedBlock(nn.Module):
             out += x if self.downsample is None else self.downsample(x)
         return torch.relu_(out)
 
+    def _projection(self) -> nn.Sequential | None:
+        """The downsample when it is a fusable conv -> BN pair (and the shortcut is on)."""
+        ds = self.downsample
+        fusable = isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1])
+        return ds if self.shortcut and fusable else None
+
     def _identity(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
         if not self.shortcut:
             return None
-        ds = self.downsample
-        if ds is None:
-            return x
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and is_fusable_conv(ds[0]) and is_plain_batchnorm(ds[1]):
+        ds = self._projection()
+        if ds is not None:
             return conv_bn_forward(ds[0], ds[1], x, relu=False, backend=backend, cache=self._folds, name="downsample",
                                    process_group=self.process_group)
-        return ds(x)
+        return x if self.downsample is None else self.downsample(x)
 
 
 class FusedBasicBlock(_FusedBlock):

@@ -10,7 +10,7 @@ from resnet_fused.ops import arena
 from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
-from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor
+from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor, uses_batch_stats
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -43,24 +43,56 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     come from `cache` (computed once, refreshed when a parameter or buffer changes; on the CPU also
     prepacked for oneDNN once per input shape)."""
     call = batch_norm_call(bn)
-    args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-    # route() can answer "fold" only with running statistics: training goes straight to conv_bn_act
-    if cache is not None and input_bn is None and not call.use_batch_stats and not torch.compiler.is_compiling():
-        grad = torch.is_grad_enabled()
-        params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
-        path = route(x, conv.groups, call.use_batch_stats, backends.resolve(backend, x), conv_bias=conv.bias,
-                     process_group=process_group, params_need_grad=params_need_grad,
-                     any_needs_grad=params_need_grad or grad and any(t is not None and t.requires_grad for t in (x, residual)))
-        if path == "fold":
-            weight, bias = cache.get(name, conv, bn)
-            if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
-                weight = cache.prepacked(name, x.shape, lambda: prepack_conv_weight(
-                    weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
-            with arena.scope(x):  # CPU: the output in memory the last call freed (no page faults)
-                return conv_act(x, weight, bias, residual=residual, relu=relu, backend=backend, **args)
+    if folds(conv, bn, x, residual, backend=backend, cache=cache, process_group=process_group, input_bn=input_bn):
+        weight, bias = cache.get(name, conv, bn)
+        return _folded_conv_act(conv, x, weight, bias, residual, relu, backend, cache, name)
     return conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
                        training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
-                       input_bn=input_bn, backend=backend, process_group=process_group, **args)
+                       input_bn=input_bn, backend=backend, process_group=process_group, stride=conv.stride,
+                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def folds(conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = None, *, backend: str | None,
+          cache: FoldCache | None, process_group=None, input_bn: DeferredBnReLU | None = None) -> bool:
+    """Whether fused_conv_bn_forward runs this pair on route()'s "fold" path (the folded weights from `cache`):
+    route() can answer "fold" only with running statistics, so training goes straight to conv_bn_act."""
+    if cache is None or input_bn is not None or uses_batch_stats(bn) or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+    return route(x, conv.groups, False, backends.resolve(backend, x), conv_bias=conv.bias, process_group=process_group,
+                 params_need_grad=params_need_grad, any_needs_grad=params_need_grad or grad and any(
+                     t is not None and t.requires_grad for t in (x, residual))) == "fold"
+
+
+def _folded_conv_act(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     residual: torch.Tensor | None, relu: bool, backend: str | None, cache: FoldCache, name: str) -> torch.Tensor:
+    if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
+        weight = cache.prepacked(name, x.shape, lambda: prepack_conv_weight(
+            weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
+    with arena.scope(x):  # CPU: the output in memory the last call freed (no page faults)
+        return conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu, backend=backend)
+
+
+def conv_bn_projection_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, a: torch.Tensor, shortcut_conv: nn.Conv2d,
+                               shortcut_bn: nn.BatchNorm2d, x: torch.Tensor, *, backend: str | None, cache: FoldCache,
+                               name: str, shortcut_name: str, process_group=None,
+                               input_bn: DeferredBnReLU | None = None) -> torch.Tensor:
+    """relu(bn(conv(a)) + shortcut_bn(shortcut_conv(x))): a block's last stage and its projection shortcut, both
+    pairs fusable. Where both fold, relu(conv(a, W s) + b + conv(x, W_d s_d) + b_d) runs as
+    relu(conv(a, W s) + conv(x, W_d s_d) + (b + b_d)): the shortcut's conv without a bias (on cuDNN a bias is a
+    pass of its own) feeds the residual, and its BN shift b_d rides on the last conv's bias."""
+    # the shortcut's output needs a gradient exactly when x does (its parameters need none where it folds)
+    if folds(shortcut_conv, shortcut_bn, x, backend=backend, cache=cache, process_group=process_group) and folds(
+            conv, bn, a, x, backend=backend, cache=cache, process_group=process_group, input_bn=input_bn):
+        shortcut_weight, shortcut_shift = cache.get(shortcut_name, shortcut_conv, shortcut_bn)
+        identity = _folded_conv_act(shortcut_conv, x, shortcut_weight, None, None, False, backend, cache, shortcut_name)
+        weight, bias = cache.get(name, conv, bn)
+        return _folded_conv_act(conv, a, weight, cache.summed(name, bias, shortcut_shift), identity, True, backend, cache, name)
+    identity = fused_conv_bn_forward(shortcut_conv, shortcut_bn, x, relu=False, backend=backend, cache=cache,
+                                     name=shortcut_name, process_group=process_group)
+    return fused_conv_bn_forward(conv, bn, a, identity, backend=backend, cache=cache, name=name, process_group=process_group,
+                                 input_bn=input_bn)
 
 
 def can_defer(conv: nn.Module, bn: nn.Module) -> bool:

@@ -37,12 +37,14 @@ def _same(refs: tuple, tensors: tuple) -> bool:
 
 
 class FoldCache:
-    """name -> (identities, stamps, folded weight, folded bias), and name -> (folded weight, input shape,
-    the weight prepacked for that shape). Not saved: pickling or copying starts it empty."""
+    """name -> (identities, stamps, folded weight, folded bias); name -> (folded weight, input shape, the
+    weight prepacked for that shape); name -> (folded bias, shift, their sum). Not saved: pickling or copying
+    starts it empty."""
 
     def __init__(self):
         self._entries: dict[str, tuple] = {}
         self._prepacked: dict[str, tuple] = {}
+        self._sums: dict[str, tuple] = {}
 
     def get(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = _inputs(conv, bn)
@@ -66,8 +68,18 @@ class FoldCache:
         self._prepacked[name] = (folded, input_shape, packed)
         return packed
 
+    def summed(self, name: str, bias: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """bias + shift, rounded once from fp64 (name's folded bias, and the folded BN shift of a projection
+        shortcut that joins its output); made again when either is refolded."""
+        hit = self._sums.get(name)
+        if hit is not None and hit[0] is bias and hit[1] is shift:
+            return hit[2]
+        total = (bias.double() + shift.double()).to(bias.dtype)
+        self._sums[name] = (bias, shift, total)
+        return total
+
     def __getstate__(self):
-        return {"_entries": {}, "_prepacked": {}}
+        return {"_entries": {}, "_prepacked": {}, "_sums": {}}
 
     def __deepcopy__(self, memo):
         return FoldCache()
