@@ -71,6 +71,16 @@ inline void check_bn_act_apply(const at::Tensor& input, const at::Tensor& scale,
   if (residual.has_value()) check_like(*residual, input, op, "residual", "input");
 }
 
+inline void check_act_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale,
+                               const at::Tensor& shift, const std::optional<at::Tensor>& residual) {
+  const char* op = "act_backward";
+  check_activation(input, op, "input");
+  check_like(grad_out, input, op, "grad_out", "input");
+  check_channel_vector(scale, input, op, "scale");
+  check_channel_vector(shift, input, op, "shift");
+  if (residual.has_value()) check_like(*residual, input, op, "residual", "input");
+}
+
 inline void check_bn_act_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                                          const std::optional<at::Tensor>& output) {
   const char* op = "bn_act_backward_reduce";

@@ -35,8 +35,10 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("add_relu_forward(Tensor input, Tensor residual) -> Tensor");
   // per-channel (mean, biased variance) over N, H, W, fp32
   m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
-  // act(input * scale[c] + shift[c] (+ residual)), act = relu if relu else identity
-  m.def("bn_act_apply(Tensor input, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  // act(input * scale[c] + shift[c] (+ residual)); act: a name of resnet_fused/activations.py, alpha its parameter
+  m.def("bn_act_apply(Tensor input, Tensor scale, Tensor shift, Tensor? residual, str act, float alpha) -> Tensor");
+  // grad_out * act'(z), z = input * scale[c] + shift[c] (+ residual): the gradient reaching the normalization
+  m.def("act_backward(Tensor grad_out, Tensor input, Tensor scale, Tensor shift, Tensor? residual, str act, float alpha) -> Tensor");
   // (sum dy, sum dy * (input - mean)) per channel, dy = grad_out, 0 where output <= 0 (output=None: no relu)
   m.def("bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor? output) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   // grad_input = dy * dy_scale[c] (+ (input - mean[c]) * x_scale[c] + shift[c]); grad_residual = dy if need_grad_residual

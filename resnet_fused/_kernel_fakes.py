@@ -20,8 +20,12 @@ def bn_stats(input):
     return per_channel_empty(input), per_channel_empty(input)
 
 
-def bn_act_apply(input, scale, shift, residual, relu):
+def bn_act_apply(input, scale, shift, residual, act, alpha):
     return torch.empty_like(input, memory_format=memory_format(input))
+
+
+def act_backward(grad_out, input, scale, shift, residual, act, alpha):
+    return torch.empty_like(grad_out, memory_format=memory_format(input))
 
 
 def bn_act_backward_reduce(grad_out, input, mean, output):
@@ -44,8 +48,8 @@ def bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training):
 
 
 # the kernel ops by name: what every backend implements (C++ CPU / CUDA, Triton, reference)
-FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_elemt,
-                                 bn_scale_shift, bn_backward_coeffs)}
+FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, act_backward, bn_act_backward_reduce,
+                                 bn_act_backward_elemt, bn_scale_shift, bn_backward_coeffs)}
 
 
 def register() -> None:

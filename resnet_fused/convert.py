@@ -145,7 +145,7 @@ class _FusedConvBNReLUHead(nn.Conv2d):
 
     def _run_fused(self, x, backend):
         bn = self._resnet_fused_bn
-        return fused_conv_bn_forward(self, norm_view(bn), x, relu=self._resnet_fused_relu, backend=backend,
+        return fused_conv_bn_forward(self, norm_view(bn), x, act=self._resnet_fused_relu, backend=backend,
                                      cache=self._resnet_fused_folds, name="conv",
                                      process_group=None if is_frozen_bn(bn) else self._resnet_fused_group)
 

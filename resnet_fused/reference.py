@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from resnet_fused._layout import memory_format, stat_dtype
+from resnet_fused.activations import Activation, activation
 
 __all__ = [
     "add_relu",
     "bn_stats",
     "bn_act_apply",
+    "act_backward",
     "bn_act_backward_reduce",
     "bn_act_backward_elemt",
     "bn_scale_shift",
@@ -68,16 +70,37 @@ def bn_act_apply(
     scale: torch.Tensor,
     shift: torch.Tensor,
     residual: torch.Tensor | None,
-    relu: bool,
+    act: str,
+    alpha: float,
 ) -> torch.Tensor:
-    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format."""
+    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format; math in fp32
+    (fp64 for fp64 input). act, alpha: an Activation's name and parameter (resnet_fused/activations.py)."""
+    return Activation(act, alpha)(_pre_activation(input, scale, shift, residual)).to(input.dtype).contiguous(
+        memory_format=memory_format(input))
+
+
+def _pre_activation(input, scale, shift, residual) -> torch.Tensor:
+    # z = input * scale[c] + shift[c] (+ residual), in fp32 (fp64 for fp64 input)
     acc = stat_dtype(input)
-    y = input.to(acc) * _per_channel(scale) + _per_channel(shift)
-    if residual is not None:
-        y = y + residual.to(acc)
-    if relu:
-        y = torch.relu(y)
-    return y.to(input.dtype).contiguous(memory_format=memory_format(input))
+    z = input.to(acc) * _per_channel(scale) + _per_channel(shift)
+    return z + residual.to(acc) if residual is not None else z
+
+
+def act_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    act: str,
+    alpha: float,
+) -> torch.Tensor:
+    """grad_out * act'(z), z = input * scale[c] + shift[c] (+ residual) recomputed in fp32 (aten's
+    backward formula of the activation at z), in grad_out's dtype and input's memory format: the
+    gradient reaching the normalization (and the residual) of bn_act_apply."""
+    z = _pre_activation(input, scale, shift, residual)
+    dz = Activation(act, alpha).backward(grad_out.to(z.dtype), z)
+    return dz.to(grad_out.dtype).contiguous(memory_format=memory_format(input))
 
 
 def bn_act_backward_reduce(
@@ -194,13 +217,14 @@ def bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
-    relu: bool = True,
+    act="relu",
 ) -> torch.Tensor:
-    """act(batch_norm(input, ...) + residual) in eager PyTorch: the composition the fused op replaces."""
+    """act(batch_norm(input, ...) + residual) in eager PyTorch: the composition the fused op replaces
+    (act: anything resnet_fused.activations.activation takes)."""
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if relu else y
+    return activation(act)(y)
 
 
 def conv2d_stats(
@@ -221,7 +245,7 @@ def conv2d_stats(
     a = input
     if input_mean is not None:  # batch_norm(x) = x * scale + shift, per channel
         scale, shift = scale_shift_fp64(input_mean, input_var, input_weight, input_bias, input_eps)
-        a = bn_act_apply(input, scale.to(input_mean.dtype), shift.to(input_mean.dtype), None, True)
+        a = bn_act_apply(input, scale.to(input_mean.dtype), shift.to(input_mean.dtype), None, "relu", 0.0)
     y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
     return (y, *bn_stats(y))
 
@@ -242,11 +266,11 @@ def conv_bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
-    relu: bool = True,
+    act="relu",
 ) -> torch.Tensor:
     """act(batch_norm(conv2d(input, ...)) + residual) in eager PyTorch: what the fused convolution replaces."""
     y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual, relu)
+    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual, act)
 
 
 def cudnn_conv_add_relu(

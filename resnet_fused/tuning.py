@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends
+from resnet_fused.activations import Activation
 from resnet_fused.backends import RULES, Variant
 from resnet_fused._layout import memory_format
 
@@ -103,7 +104,8 @@ def _device_name(device: torch.device) -> str:
 
 def _layer_config(layer: nn.Module) -> list:
     """What decides a layer's speed: its convolutions, its BN settings, its shortcut and activation."""
-    config: list = [type(layer).__name__, getattr(layer, "shortcut", None), getattr(layer, "relu", None) is True]
+    act = getattr(layer, "act", None)
+    config: list = [type(layer).__name__, getattr(layer, "shortcut", None), str(act) if isinstance(act, Activation) else None]
     for name, m in layer.named_modules():
         if isinstance(m, nn.Conv2d):
             config.append([name, list(m.weight.shape), list(m.stride), list(m.padding), list(m.dilation), m.groups,

@@ -1,7 +1,7 @@
 """The package's shape: one import direction, no import circle, small modules, a short call path.
 
 Layers, lowest first (a module imports only from its own layer or below):
-  leaves   resnet_fused._layout, _kernel_fakes, backends, reference, triton/*, _C
+  leaves   resnet_fused._layout, activations, _kernel_fakes, backends, reference, triton/*, _C
   ops      resnet_fused.ops.*            (the torch ops, their autograd, the public functions)
   nn       resnet_fused.nn.*, tuning, convert, models.*, functional (re-exports)
   tools    resnet_fused.bench.*
@@ -24,7 +24,7 @@ def _layer(module: str) -> int:
     if not parts or parts[0] in ("__init__", "__main__"):
         return LAYERS["nn"]  # the package root re-exports everything
     head = parts[0]
-    if head in ("_layout", "_kernel_fakes", "backends", "reference", "triton", "_C"):
+    if head in ("_layout", "activations", "_kernel_fakes", "backends", "reference", "triton", "_C"):
         return LAYERS["leaf"]
     if head == "ops":
         return LAYERS["ops"]

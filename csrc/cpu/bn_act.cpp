@@ -1,10 +1,11 @@
-// Batch-norm + (residual add) + ReLU on the CPU: statistics, the fused apply pass, and the two
-// backward passes (one reduction, one elementwise). Math in fp32, chunk combines in fp64.
+// Batch-norm + (residual add) + activation on the CPU: statistics, the fused apply pass, the activation's
+// backward, and the normalization's two backward passes (one reduction, one elementwise). Math in fp32, chunk combines in fp64.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "checks.h"
+#include "cpu/activation_vec.h"
 #include "cpu/channel_map.h"
 
 namespace resnet_fused::cpu {
@@ -84,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
 }
 
 at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                        const std::optional<at::Tensor>& residual, bool relu_out) {
+                        const std::optional<at::Tensor>& residual, c10::string_view act, double alpha) {
   check_bn_act_apply(input, scale, shift, residual);
+  const Act a = parse_act(act, "bn_act_apply");
   const auto fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt), r = dense(residual, fmt);
   const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
@@ -93,19 +95,55 @@ at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const 
   if (x.numel() == 0) return out;
   const Runs g(x, fmt);
   const std::array<const float*, 2> params{sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
+  const float al = static_cast<float>(alpha);
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_apply_cpu", [&] {
     const std::array<scalar_t*, 1> o{out.mutable_data_ptr<scalar_t>()};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    // y = x * scale + shift (+ residual); out = relu(y) or y
-    auto act = [relu_out](auto y) { return relu_out ? relu(y) : y; };
-    if (r.defined()) {
+    dispatch_act(a, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      // out = act(x * scale + shift (+ residual))
+      if (r.defined()) {
         channel_map(g, std::array<const scalar_t*, 2>{xp, r.const_data_ptr<scalar_t>()}, params, o,
-                           [&](auto v, auto p) { return std::array{act(v[0] * p[0] + p[1] + v[1])}; });
-    } else {
-      channel_map(g, std::array<const scalar_t*, 1>{xp}, params, o, [&](auto v, auto p) { return std::array{act(v[0] * p[0] + p[1])}; });
-    }
+                    [al](auto v, auto p) { return std::array{act_fwd<A>(v[0] * p[0] + p[1] + v[1], al)}; });
+      } else {
+        channel_map(g, std::array<const scalar_t*, 1>{xp}, params, o,
+                    [al](auto v, auto p) { return std::array{act_fwd<A>(v[0] * p[0] + p[1], al)}; });
+      }
+    });
   });
   return out;
+}
+
+at::Tensor act_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale,
+                        const at::Tensor& shift, const std::optional<at::Tensor>& residual, c10::string_view act,
+                        double alpha) {
+  check_act_backward(grad_out, input, scale, shift, residual);
+  const Act a = parse_act(act, "act_backward");
+  const auto fmt = layout_of(input);
+  const at::Tensor x = dense(input, fmt), r = dense(residual, fmt), dout = dense(grad_out, fmt);
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+  at::Tensor dz = at::empty_like(x, fmt);
+  if (x.numel() == 0) return dz;
+  const Runs g(x, fmt);
+  const std::array<const float*, 2> params{sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
+  const float al = static_cast<float>(alpha);
+  RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "act_backward_cpu", [&] {
+    const std::array<scalar_t*, 1> o{dz.mutable_data_ptr<scalar_t>()};
+    const scalar_t* gp = dout.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    dispatch_act(a, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      // dz = grad * act'(z), z = x * scale + shift (+ residual) recomputed in fp32
+      if (r.defined()) {
+        channel_map(g, std::array<const scalar_t*, 3>{gp, xp, r.const_data_ptr<scalar_t>()}, params, o,
+                    [al](auto v, auto p) { return std::array{act_grad<A>(v[0], v[1] * p[0] + p[1] + v[2], al)}; });
+      } else {
+        channel_map(g, std::array<const scalar_t*, 2>{gp, xp}, params, o,
+                    [al](auto v, auto p) { return std::array{act_grad<A>(v[0], v[1] * p[0] + p[1], al)}; });
+      }
+    });
+  });
+  return dz;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
@@ -229,6 +267,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_act_apply", &bn_act_apply);
+  m.impl("act_backward", &act_backward);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
   m.impl("bn_act_backward_elemt", &bn_act_backward_elemt);
 }

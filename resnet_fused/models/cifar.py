@@ -41,7 +41,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv_bn_forward(self.conv1, self.bn1, x, relu=True, backend=self.backend, cache=self._folds, name="conv1")
+        x = conv_bn_forward(self.conv1, self.bn1, x, act="relu", backend=self.backend, cache=self._folds, name="conv1")
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

@@ -105,7 +105,7 @@ class _FusedBlock(nn.Module):
             return None
         ds = self._projection()
         if ds is not None:
-            return conv_bn_forward(ds[0], ds[1], x, relu=False, backend=backend, cache=self._folds, name="downsample",
+            return conv_bn_forward(ds[0], ds[1], x, act=None, backend=backend, cache=self._folds, name="downsample",
                                    process_group=self.process_group)
         return x if self.downsample is None else self.downsample(x)
 

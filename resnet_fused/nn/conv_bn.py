@@ -1,4 +1,4 @@
-"""Conv2d -> BatchNorm2d (-> + residual) (-> ReLU) as one fused call, and FusedConvBNReLU."""
+"""Conv2d -> BatchNorm2d (-> + residual) (-> activation) as one fused call: FusedConvBNAct, FusedConvBNReLU."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from resnet_fused import backends, tuning
+from resnet_fused.activations import activation
 from resnet_fused.ops import arena
 from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
@@ -20,23 +21,23 @@ def is_fusable_conv(conv: nn.Module) -> bool:
 
 
 def conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
-                    relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
+                    act="relu", *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
                     process_group=None, input_bn: DeferredBnReLU | None = None) -> torch.Tensor:
-    """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (process_group: batch
-    statistics synchronized across ranks, as nn.SyncBatchNorm; input_bn: a BN + ReLU deferred by
-    conv_bn_defer, which conv applies to x as it loads). An unfused pair runs module by module."""
+    """act(bn(conv(x)) + residual), with bn's exact training / eval semantics (act: anything
+    resnet_fused.activations.activation takes; process_group: batch statistics synchronized across
+    ranks, as nn.SyncBatchNorm; input_bn: a BN + ReLU deferred by conv_bn_defer, which conv applies to
+    x as it loads). An unfused pair runs module by module."""
     if not (is_fusable_conv(conv) and is_plain_batchnorm(bn)):  # a correct unfused path
         if input_bn is not None:
             x = input_bn.materialize(x, backend=backend)
         y = bn(conv(x))
-        y = y + residual if residual is not None else y
-        return torch.relu(y) if relu else y
-    return fused_conv_bn_forward(conv, bn, x, residual, relu, backend=backend, cache=cache, name=name,
+        return activation(act)(y + residual if residual is not None else y)
+    return fused_conv_bn_forward(conv, bn, x, residual, act, backend=backend, cache=cache, name=name,
                                  process_group=process_group, input_bn=input_bn)
 
 
 def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
-                          relu: bool = True, *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
+                          act="relu", *, backend: str | None = None, cache: FoldCache | None = None, name: str = "",
                           process_group=None, input_bn: DeferredBnReLU | None = None) -> torch.Tensor:
     """conv_bn_forward for a pair known to have nn.Conv2d (zero padding) and nn.BatchNorm2d semantics
     (bn may be a view with BatchNorm2d's attributes). On route()'s "fold" path the folded weights
@@ -45,9 +46,9 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     call = batch_norm_call(bn)
     if folds(conv, bn, x, residual, backend=backend, cache=cache, process_group=process_group, input_bn=input_bn):
         weight, bias = cache.get(name, conv, bn)
-        return _folded_conv_act(conv, x, weight, bias, residual, relu, backend, cache, name)
+        return _folded_conv_act(conv, x, weight, bias, residual, act, backend, cache, name)
     return conv_bn_act(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
-                       training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, relu=relu,
+                       training=call.use_batch_stats, momentum=call.momentum, eps=call.eps, residual=residual, act=act,
                        input_bn=input_bn, backend=backend, process_group=process_group, stride=conv.stride,
                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
@@ -66,12 +67,12 @@ def folds(conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = 
 
 
 def _folded_conv_act(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     residual: torch.Tensor | None, relu: bool, backend: str | None, cache: FoldCache, name: str) -> torch.Tensor:
+                     residual: torch.Tensor | None, act, backend: str | None, cache: FoldCache, name: str) -> torch.Tensor:
     if onednn_inference(x, weight, bias, residual, backend):  # reordered for oneDNN once, not per call
         weight = cache.prepacked(name, x.shape, lambda: prepack_conv_weight(
             weight, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape))
     with arena.scope(x):  # CPU: the output in memory the last call freed (no page faults)
-        return conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu, backend=backend)
+        return conv_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, act, backend=backend)
 
 
 def conv_bn_projection_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, a: torch.Tensor, shortcut_conv: nn.Conv2d,
@@ -89,7 +90,7 @@ def conv_bn_projection_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, a: torch.Ten
         identity = _folded_conv_act(shortcut_conv, x, shortcut_weight, None, None, False, backend, cache, shortcut_name)
         weight, bias = cache.get(name, conv, bn)
         return _folded_conv_act(conv, a, weight, cache.summed(name, bias, shortcut_shift), identity, True, backend, cache, name)
-    identity = fused_conv_bn_forward(shortcut_conv, shortcut_bn, x, relu=False, backend=backend, cache=cache,
+    identity = fused_conv_bn_forward(shortcut_conv, shortcut_bn, x, act=None, backend=backend, cache=cache,
                                      name=shortcut_name, process_group=process_group)
     return fused_conv_bn_forward(conv, bn, a, identity, backend=backend, cache=cache, name=name, process_group=process_group,
                                  input_bn=input_bn)
@@ -110,19 +111,21 @@ def conv_bn_defer_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
                              momentum=call.momentum, eps=call.eps, input_bn=input_bn, backend=backend)
 
 
-class FusedConvBNReLU(nn.Module):
-    """Conv2d -> BatchNorm2d (-> ReLU) in one fused call; submodules `conv` and `bn` are the ordinary
+class FusedConvBNAct(nn.Module):
+    """Conv2d -> BatchNorm2d (-> activation) in one fused call; submodules `conv` and `bn` are the ordinary
     nn.Conv2d and nn.BatchNorm2d, so optimizers, initializers and checkpoints see what they expect.
-    forward(x, residual=None) also takes a residual added before the ReLU."""
+    ``act``: a name of resnet_fused.activations.ACTIVATIONS, an activation module or None (see
+    activations.activation); kept as ``self.act``, an Activation. forward(x, residual=None) also takes a
+    residual added before the activation."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-                 bias: bool = False, relu: bool = True, eps: float = 1e-5, momentum: float | None = 0.1,
+                 bias: bool = False, act="relu", eps: float = 1e-5, momentum: float | None = 0.1,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
-        self.relu = relu
+        self.act = activation(act)
         self.backend = backend
         self.process_group = None  # set to synchronize BN statistics across ranks (nn.SyncBatchNorm)
         self._folds = FoldCache()
@@ -136,14 +139,28 @@ class FusedConvBNReLU(nn.Module):
 
     # the tuner's two ways to run this layer: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return conv_bn_forward(self.conv, self.bn, x, residual, self.relu, backend=backend, cache=self._folds, name="conv",
+        return conv_bn_forward(self.conv, self.bn, x, residual, self.act, backend=backend, cache=self._folds, name="conv",
                                process_group=self.process_group)
 
     def _run_eager(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.bn(self.conv(x))  # a fresh tensor: the add and the ReLU in place, as an eager model would
+        y = self.bn(self.conv(x))  # a fresh tensor: the add (and a ReLU) in place, as an eager model would
         if residual is not None:
             y += residual
-        return torch.relu_(y) if self.relu else y
+        return torch.relu_(y) if self.act.name == "relu" else self.act(y)
 
     def extra_repr(self) -> str:
-        return f"relu={self.relu}, backend={self.backend!r}"
+        return f"act={self.act}, backend={self.backend!r}"
+
+
+class FusedConvBNReLU(FusedConvBNAct):
+    """FusedConvBNAct with ReLU (``relu=True``) or no activation (``relu=False``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = False, relu: bool = True, eps: float = 1e-5, momentum: float | None = 0.1,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         "relu" if relu else "none", eps, momentum, backend, device, dtype)
+
+    @property
+    def relu(self) -> bool:
+        return self.act.name == "relu"

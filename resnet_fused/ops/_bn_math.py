@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from resnet_fused._layout import memory_format, stat_dtype
+from resnet_fused.activations import Activation
 from resnet_fused.ops.kernels import kernels
 from resnet_fused.reference import backward_coeffs_fp64, scale_shift_fp64
 
@@ -25,26 +26,35 @@ def fold_bn(conv_weight: Tensor, conv_bias: Tensor | None, running_mean: Tensor,
 
 def bn_act_grads(
     backend: str, grad_out: Tensor, x: Tensor, out: Tensor | None, mean: Tensor, var: Tensor, weight: Tensor | None,
-    eps: float, relu: bool, training: bool, needs: tuple[bool, bool, bool, bool], bias_dtype: torch.dtype | None,
-    sync: tuple[object, Tensor] | None = None,
+    eps: float, act: Activation, training: bool, needs: tuple[bool, bool, bool, bool], bias_dtype: torch.dtype | None,
+    sync: tuple[object, Tensor] | None = None, *, bias: Tensor | None = None, residual: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(grad_input, grad_weight, grad_bias, grad_residual) of out = act(x * scale + shift + residual),
     scale and shift from (batch or running) statistics `mean`, `var`; `needs` says which are wanted.
-    sync = (process group, global count): statistics over every rank's batch (nn.SyncBatchNorm), so
-    grad_input takes the sums of all ranks (one all_reduce); grad_weight and grad_bias stay local
-    (DDP averages parameter gradients itself).
+    `out`: the saved output, read for ReLU's mask (None otherwise); `bias`, `residual`: the forward's,
+    read to recompute z for any other activation. sync = (process group, global count): statistics over
+    every rank's batch (nn.SyncBatchNorm), so grad_input takes the sums of all ranks (one all_reduce);
+    grad_weight and grad_bias stay local (DDP averages parameter gradients itself).
 
-    One reduction pass gives sum dy and sum dy (x - mean) per channel, dy = grad_out where out > 0 or NaN, else 0;
-    one elementwise pass writes grad_input (and grad_residual = dy when a ReLU masks it):
-      training: dx = w invstd (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
-                   = dy * dy_scale + (x - mean) * x_scale + shift
-      eval:     dx = dy * w invstd
-      grad_weight = invstd sum dy (x - mean),  grad_bias = sum dy
+    dz = d out / dz: ReLU reads it off `out` inside the two passes below (grad_out where out > 0 or NaN,
+    else 0); another activation takes one pass first, dz = act_backward(grad_out, x, scale, shift,
+    residual) (z recomputed in fp32), which is also grad_residual. Then one reduction pass gives sum dz
+    and sum dz (x - mean) per channel and one elementwise pass writes grad_input (and grad_residual = dz
+    under a ReLU):
+      training: dx = w invstd (dz - sum dz / M - (x - mean) invstd^2 sum dz (x - mean) / M)
+                   = dz * dy_scale + (x - mean) * x_scale + shift
+      eval:     dx = dz * w invstd
+      grad_weight = invstd sum dz (x - mean),  grad_bias = sum dz
     """
     needs_x, needs_w, needs_b, needs_r = needs
     k = kernels(backend)
     acc = stat_dtype(x)
     grad_out = grad_out.contiguous(memory_format=memory_format(x))  # one layout for both passes
+    relu = act.backward_reads_output
+    out = out if relu else None
+    if act.backward_reads_input:  # dz = grad_out * act'(z): the gradient of the normalization's output
+        scale, shift = k.bn_scale_shift(mean, var, weight, bias, eps)
+        grad_out = k.act_backward(grad_out, x, scale, shift, residual, act.name, act.alpha)
 
     # per-channel (C,) coefficients: fp64 math, handed to the kernels in acc (fp32; fp64 on the torch backend)
     dy_scale = x_scale = shift = grad_weight = sum_dy = None

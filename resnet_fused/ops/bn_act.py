@@ -1,9 +1,10 @@
 """bn_act: act(batch_norm(input) + residual), training and eval, as two autograd ops
 (``resnet_fused::bn_act_train``, ``resnet_fused::bn_act_eval``) and the public function.
 
-Each op takes the concrete backend as its last argument and runs that backend's kernel ops:
-forward = statistics (training), one per-channel scale/shift, one fused normalize + add + ReLU pass;
-backward = one reduction pass and one elementwise pass (_bn_math.bn_act_grads).
+Each op takes the activation as (name, alpha) and the concrete backend as its last arguments, and runs
+that backend's kernel ops: forward = statistics (training), one per-channel scale/shift, one fused
+normalize + add + activation pass; backward = one reduction pass and one elementwise pass, after one
+act_backward pass for an activation other than ReLU (_bn_math.bn_act_grads).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import memory_format, per_channel_empty
+from resnet_fused.activations import Activation, activation
 from resnet_fused.ops._bn_math import bn_act_grads
 from resnet_fused.ops._checks import check_activation, check_batch, check_channel_vectors, check_like, check_running_args
 from resnet_fused.ops.kernels import kernels
@@ -26,7 +28,8 @@ def bn_act_train(
     bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
-    relu: bool,
+    act: str,
+    alpha: float,
     backend: str,
     batch_mean: Tensor | None = None,
     batch_var: Tensor | None = None,
@@ -43,11 +46,11 @@ def bn_act_train(
     else:
         mean, var = batch_mean.clone(), batch_var.clone()  # an op's outputs may not alias its inputs
     scale, shift = k.bn_scale_shift(mean, var, weight, bias, eps)
-    return k.bn_act_apply(input, scale, shift, residual, relu), mean, var
+    return k.bn_act_apply(input, scale, shift, residual, act, alpha), mean, var
 
 
 @bn_act_train.register_fake
-def _bn_act_train_fake(input, weight, bias, residual, eps, relu, backend, batch_mean=None, batch_var=None):
+def _bn_act_train_fake(input, weight, bias, residual, eps, act, alpha, backend, batch_mean=None, batch_var=None):
     out = torch.empty_like(input, memory_format=memory_format(input))
     return out, per_channel_empty(input), per_channel_empty(input)
 
@@ -61,55 +64,65 @@ def bn_act_eval(
     bias: Tensor | None,
     residual: Tensor | None,
     eps: float,
-    relu: bool,
+    act: str,
+    alpha: float,
     backend: str,
 ) -> Tensor:
     """act(batch_norm(input) with running statistics + residual)"""
     k = kernels(backend)
     scale, shift = k.bn_scale_shift(running_mean, running_var, weight, bias, eps)
-    return k.bn_act_apply(input, scale, shift, residual, relu)
+    return k.bn_act_apply(input, scale, shift, residual, act, alpha)
 
 
 @bn_act_eval.register_fake
-def _bn_act_eval_fake(input, running_mean, running_var, weight, bias, residual, eps, relu, backend):
+def _bn_act_eval_fake(input, running_mean, running_var, weight, bias, residual, eps, act, alpha, backend):
     return torch.empty_like(input, memory_format=memory_format(input))
 
 
+def _save_for_act(ctx, act: Activation, input, weight, bias, residual, out, mean, var) -> None:
+    # ReLU's backward reads the output; another activation's recomputes z from input, bias and residual
+    needs_z = act.backward_reads_input
+    ctx.act = act
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(input, weight, out if act.backward_reads_output else None, mean, var,
+                          bias if needs_z else None, residual if needs_z else None)
+
+
 def _bn_act_train_setup(ctx, inputs, output):
-    input, weight, bias, residual, eps, relu, backend, _, _ = inputs
+    input, weight, bias, residual, eps, act, alpha, backend, _, _ = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var (two launches each step)
-    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(input, weight, out if relu else None, mean, var)
+    ctx.eps, ctx.backend = eps, backend
+    _save_for_act(ctx, Activation(act, alpha), input, weight, bias, residual, out, mean, var)
 
 
 def _bn_act_train_backward(ctx, grad_out, _grad_mean, _grad_var):
     if grad_out is None:  # out took no gradient (set_materialize_grads(False))
-        return (None,) * 9
-    x, weight, out, mean, var = ctx.saved_tensors
+        return (None,) * 10
+    x, weight, out, mean, var, bias, residual = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:4])  # input, weight, bias, residual
     grad_input, grad_weight, grad_bias, grad_residual = bn_act_grads(
-        ctx.backend, grad_out, x, out, mean, var, weight, ctx.eps, ctx.relu, True, needs, ctx.bias_dtype)
-    # input, weight, bias, residual, eps, relu, backend, batch_mean, batch_var
-    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+        ctx.backend, grad_out, x, out, mean, var, weight, ctx.eps, ctx.act, True, needs, ctx.bias_dtype, bias=bias,
+        residual=residual)
+    # input, weight, bias, residual, eps, act, alpha, backend, batch_mean, batch_var
+    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None
 
 
 def _bn_act_eval_setup(ctx, inputs, output):
-    input, running_mean, running_var, weight, bias, residual, eps, relu, backend = inputs
-    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(input, weight, output if relu else None, running_mean, running_var)
+    input, running_mean, running_var, weight, bias, residual, eps, act, alpha, backend = inputs
+    ctx.eps, ctx.backend = eps, backend
+    _save_for_act(ctx, Activation(act, alpha), input, weight, bias, residual, output, running_mean, running_var)
 
 
 def _bn_act_eval_backward(ctx, grad_out):
-    x, weight, out, running_mean, running_var = ctx.saved_tensors
+    x, weight, out, running_mean, running_var, bias, residual = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[i] for i in (0, 3, 4, 5))  # input, weight, bias, residual
     grad_input, grad_weight, grad_bias, grad_residual = bn_act_grads(
-        ctx.backend, grad_out, x, out, running_mean, running_var, weight, ctx.eps, ctx.relu, False, needs, ctx.bias_dtype)
-    # input, running_mean, running_var, weight, bias, residual, eps, relu, backend
-    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None
+        ctx.backend, grad_out, x, out, running_mean, running_var, weight, ctx.eps, ctx.act, False, needs, ctx.bias_dtype,
+        bias=bias, residual=residual)
+    # input, running_mean, running_var, weight, bias, residual, eps, act, alpha, backend
+    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None, None
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
@@ -139,7 +152,7 @@ def bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     residual: Tensor | None = None,
-    relu: bool = True,
+    act="relu",
     *,
     backend: str | None = None,
     process_group=None,
@@ -151,7 +164,9 @@ def bn_act(
     in place with ``momentum`` (unbiased variance); in eval the running statistics normalize. For
     nn.BatchNorm2d's ``momentum=None`` (cumulative average), pass ``1 / num_batches_tracked`` (a float
     or a 0-dim tensor), as nn.BatchNorm2d does. ``residual`` (input's shape) is added after the
-    normalization, then ReLU if ``relu``. Statistics are computed in fp32 (two-level, numerically
+    normalization, then the activation ``act``: a name of resnet_fused.activations.ACTIVATIONS ("relu",
+    "silu", "leaky_relu", ...), an activation module (``nn.LeakyReLU(0.2)``), None for none, or a bool
+    (the former ``relu`` flag: True is ReLU). Statistics are computed in fp32 (two-level, numerically
     stable). ``process_group`` (training, torch.distributed initialized): batch statistics over every
     rank's batch, with nn.SyncBatchNorm's semantics.
     """
@@ -162,19 +177,20 @@ def bn_act(
     if residual is not None:
         check_like(residual, input, fn, "residual")
     check_running_args(running_mean, running_var, momentum, fn)
+    act = activation(act)
     impl = backends.resolve(backend, input)
 
     if not training:
         if running_mean is None:
             raise ValueError(f"resnet_fused.{fn}: running_mean and running_var must be given in evaluation mode")
-        return bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, relu, impl)
+        return bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, act.name, act.alpha, impl)
 
     if process_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(process_group) > 1:
         # as nn.SyncBatchNorm: no host-side check of the global count (it would sync every step)
-        out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, relu, impl, process_group)
+        out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, act, impl, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return out
     check_batch(input, fn)
-    out, mean, var = bn_act_train(input, weight, bias, residual, eps, relu, impl)
+    out, mean, var = bn_act_train(input, weight, bias, residual, eps, act.name, act.alpha, impl)
     update_running_stats(running_mean, running_var, mean, var, input.numel() // max(input.shape[1], 1), momentum)
     return out

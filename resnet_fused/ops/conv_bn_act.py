@@ -19,6 +19,7 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import pair
+from resnet_fused.activations import activation
 from resnet_fused.ops import cudnn, onednn
 from resnet_fused.ops._bn_math import fold_bn
 from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_residual_of_conv, check_running_args, residual_for
@@ -63,7 +64,7 @@ def conv_bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     residual: Tensor | None = None,
-    relu: bool = True,
+    act="relu",
     *,
     input_bn: DeferredBnReLU | None = None,
     backend: str | None = None,
@@ -73,8 +74,9 @@ def conv_bn_act(
 
     Equal in value and in its side effects on the running statistics to the eager composition, with
     autograd for every tensor argument. Eval: BN is folded into the convolution (one conv with bias,
-    then one fused add + ReLU pass at most). Training: the convolution, then ``bn_act`` (statistics,
-    one fused normalize + add + ReLU pass; fused two-pass backward). ``process_group``: as in bn_act.
+    then one fused add + activation pass at most). Training: the convolution, then ``bn_act`` (statistics,
+    one fused normalize + add + activation pass; fused two-pass backward). ``act`` and ``process_group``:
+    as in bn_act.
 
     ``input_bn`` (from conv_bn_defer): the convolution's input is relu(batch_norm(input)) with those
     batch statistics, applied as the input loads (Triton prologue) and recomputed in the backward.
@@ -86,6 +88,7 @@ def conv_bn_act(
     check_input_bn(input_bn, input, fn)
     check_running_args(running_mean, running_var, momentum, fn)
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    act = activation(act)
     impl = backends.resolve(backend, input)
     use_batch_stats = training or running_mean is None
     path = route(input, groups, use_batch_stats, impl, conv_bias=conv_bias, input_bn=input_bn, process_group=process_group,
@@ -98,7 +101,7 @@ def conv_bn_act(
         check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
         y, mean, var = conv_with_stats(input, conv_weight, stride, padding, dilation, groups, impl, input_bn, fn)
         update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
-        return bn_act_train(y, bn_weight, bn_bias, residual, eps, relu, impl, mean, var)[0]
+        return bn_act_train(y, bn_weight, bn_bias, residual, eps, act.name, act.alpha, impl, mean, var)[0]
     if input_bn is not None:
         input = materialize(input, input_bn, impl)
     if path == "triton_epilogue":
@@ -108,14 +111,14 @@ def conv_bn_act(
         scale, shift = k.bn_scale_shift(mean, running_var, bn_weight, bn_bias, eps)
         check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
         return k.fused_conv(input, conv_weight, list(stride), list(padding), list(dilation),
-                                             None, None, False, scale, shift, residual, relu, False)[0]
+                                             None, None, False, scale, shift, residual, act.name, act.alpha, False)[0]
     if path == "fold":
         weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu, backend=impl)
+        return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act, backend=impl)
     # "batch_stats" and "unfolded": the convolution, then the fused bn_act
     y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps,
-                  residual_for(residual, y, fn), relu, backend=impl, process_group=process_group)
+                  residual_for(residual, y, fn), act, backend=impl, process_group=process_group)
 
 
 def conv_act(
@@ -127,26 +130,28 @@ def conv_act(
     dilation=1,
     groups: int = 1,
     residual: Tensor | None = None,
-    relu: bool = True,
+    act="relu",
     *,
     backend: str | None = None,
 ) -> Tensor:
     """``act(conv2d(input, weight, bias, ...) + residual)``: the eval form of conv_bn_act once BN is
-    folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the ReLU ride on
-    one pass after the convolution. ``weight`` may be prepacked by prepack_conv_weight (CPU inference)."""
+    folded into (weight, bias) (see fold_bn); the conv's bias, the residual add and the activation ride
+    on one pass after the convolution (``act`` as in bn_act). ``weight`` may be prepacked by
+    prepack_conv_weight (CPU inference)."""
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    act = activation(act)
     if weight.layout == torch._mkldnn:
         if not onednn.applies(input, weight, bias, residual, backend):
             needs_grad = [n for n, t in (("input", input), ("bias", bias), ("residual", residual)) if t is not None and t.requires_grad]
             raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, fp32, without "
                              f"gradients; got {input.dtype} input on {input.device}, requiring grad: {needs_grad or 'none'}")
-        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act)
     if onednn.onednn_inference(input, weight, bias, residual, backend):
-        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act)
     if cudnn.applies(input, weight, bias, residual, backend):
-        return cudnn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return cudnn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act)
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = residual_for(residual, y, "conv_act")
-    if residual is not None:
-        return add_relu(y, residual, backend=backend) if relu else y + residual
-    return torch.relu(y) if relu else y
+    if residual is not None and act.name == "relu":
+        return add_relu(y, residual, backend=backend)
+    return act(y + residual if residual is not None else y)

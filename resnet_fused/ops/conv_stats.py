@@ -13,6 +13,7 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape, pair, per_channel_empty
+from resnet_fused.activations import RELU
 from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._bn_math import bn_act_grads
 from resnet_fused.ops._checks import check_batch, check_channel_vector, check_channel_vectors, check_conv, check_running_args
@@ -49,8 +50,8 @@ def conv2d_stats(
         in_scale, in_shift = k.bn_scale_shift(input_mean, input_var, input_weight, input_bias, input_eps)
     if triton_conv_applies(backend, groups):
         in_bn = (in_scale, in_shift, True) if prologue else (None, None, False)
-        return k.fused_conv(input, weight, stride, padding, dilation, *in_bn, None, None, None, False, True)
-    a = k.bn_act_apply(input, in_scale, in_shift, None, True) if prologue else input
+        return k.fused_conv(input, weight, stride, padding, dilation, *in_bn, None, None, None, "none", 0.0, True)
+    a = k.bn_act_apply(input, in_scale, in_shift, None, "relu", 0.0) if prologue else input
     y = torch.nn.functional.conv2d(a, weight, None, stride, padding, dilation, groups)
     return (y, *k.bn_stats(y))
 
@@ -90,7 +91,7 @@ def _conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
     if prologue:  # a = relu(input * scale + shift), recomputed: one elementwise pass instead of a saved tensor
         k = kernels(ctx.backend)
         in_scale, in_shift = k.bn_scale_shift(in_mean, in_var, in_weight, in_bias, ctx.in_eps)
-        a = k.bn_act_apply(input, in_scale, in_shift, None, True)
+        a = k.bn_act_apply(input, in_scale, in_shift, None, "relu", 0.0)
     needs_a = needs_input or (prologue and (needs_in_w or needs_in_b))
     grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_out, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_a, needs_weight, False])
@@ -99,7 +100,7 @@ def _conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
         grad_input = grad_a
     elif needs_a:  # through relu(batch_norm(input)) in training: the batch statistics depend on input
         grad_input, grad_in_weight, grad_in_bias, _ = bn_act_grads(
-            ctx.backend, grad_a, input, a, in_mean, in_var, in_weight, ctx.in_eps, True, True,
+            ctx.backend, grad_a, input, a, in_mean, in_var, in_weight, ctx.in_eps, RELU, True,
             (needs_input, needs_in_w, needs_in_b, False), ctx.in_bias_dtype)
     return grad_input, grad_weight, None, None, None, None, None, None, None, grad_in_weight, grad_in_bias, None
 
@@ -144,7 +145,7 @@ def prologue_fusable(input: Tensor, conv_bias: Tensor | None, process_group) -> 
 
 def materialize(input: Tensor, input_bn: DeferredBnReLU, backend: str) -> Tensor:
     """relu(batch_norm(input)) with input_bn's batch statistics, written (autograd as bn_act training)."""
-    return bn_act_train(input, input_bn.weight, input_bn.bias, None, input_bn.eps, True, backend, input_bn.mean,
+    return bn_act_train(input, input_bn.weight, input_bn.bias, None, input_bn.eps, "relu", 0.0, backend, input_bn.mean,
                         input_bn.var)[0]
 
 

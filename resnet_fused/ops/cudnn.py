@@ -17,6 +17,7 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape
+from resnet_fused.activations import Activation
 from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._checks import check_residual_of_conv, residual_for
 from resnet_fused.ops.kernels import kernels
@@ -70,19 +71,19 @@ def _ones(channels: int, device: torch.device) -> Tensor:
 
 
 def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
-             residual: Tensor | None, relu: bool) -> Tensor:
+             residual: Tensor | None, act: Activation) -> Tensor:
     """act(conv2d(input, weight) + bias (+ residual)) where applies(): with a residual and a ReLU where cuDNN
     fuses, one cuDNN call (the conv output written once); otherwise cuDNN's conv without bias (aten's conv
     adds a bias in a pass of its own), then one epilogue pass act(y * 1 + bias (+ residual)), fp32 math."""
-    if relu and residual is not None and _fused_call(input, weight, bias, residual, groups):
+    if act.name == "relu" and residual is not None and _fused_call(input, weight, bias, residual, groups):
         check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
         return cudnn_conv_add_relu(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
     y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
     residual = residual_for(residual, y, "conv_act")
-    if bias is None and residual is None:
-        return torch.relu(y) if relu else y
+    if bias is None and residual is None and act.name in ("none", "relu"):
+        return torch.relu(y) if act.name == "relu" else y
     shift = bias.float() if bias is not None else torch.zeros(y.shape[1], device=y.device)
-    return kernels("cuda").bn_act_apply(y, _ones(y.shape[1], y.device), shift, residual, relu)
+    return kernels("cuda").bn_act_apply(y, _ones(y.shape[1], y.device), shift, residual, act.name, act.alpha)
 
 
 # relu(conv(input, weight) + residual + bias) in one cuDNN call (aten's cudnn_convolution_add_relu, alpha 1: a

@@ -9,12 +9,20 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import pair
+from resnet_fused.activations import Activation
 from resnet_fused.ops._checks import check_residual_of_conv
 
 # oneDNN's fused convolution has a fixed cost per call of ~40 us (2 AVX2 cores, prepacked weight: 56 us
 # at 1x8x4x4 -> 8 channels 3x3, against 14 us for aten conv + relu; about even at 1x64x14x14 with a
 # ReLU, and ahead there with a residual). Below this many outputs (at stride 1) aten's conv runs.
 MIN_OUTPUT = 1 << 13
+
+# each activation as oneDNN's eltwise post-op: (unary_attr, scalars, algorithm) of mkldnn._convolution_pointwise
+_POST_OPS = {
+    "none": ("none", [], ""), "relu": ("relu", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "leaky_relu": ("leaky_relu", None, ""), "silu": ("swish", [], ""), "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"), "hardswish": ("hardswish", [], ""), "hardsigmoid": ("hardsigmoid", [], ""),
+}
 
 
 def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:
@@ -52,11 +60,17 @@ def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, 
 
 
 def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
-             residual: Tensor | None, relu: bool) -> Tensor:
-    """act(conv2d(input, weight, bias) (+ residual)) in one oneDNN call; weight dense or prepacked."""
+             residual: Tensor | None, act: Activation) -> Tensor:
+    """act(conv2d(input, weight, bias) (+ residual)) in one oneDNN call; weight dense or prepacked. With a
+    residual oneDNN fuses ReLU alone after the add: another activation then takes one pass of its own."""
     stride, padding, dilation = list(pair(stride)), list(pair(padding)), list(pair(dilation))
-    ops, unary = torch.ops.mkldnn._convolution_pointwise, "relu" if relu else "none"
+    ops = torch.ops.mkldnn._convolution_pointwise
+    unary, scalars, algorithm = _POST_OPS[act.name]
+    scalars = [act.alpha] if scalars is None else scalars
     if residual is None:
-        return ops(input, weight, bias, padding, stride, dilation, groups, unary, [], "")
+        return ops(input, weight, bias, padding, stride, dilation, groups, unary, scalars, algorithm)
     check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
-    return ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, unary if relu else None, [], "")
+    relu = act.name == "relu"
+    out = ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0,
+                     "relu" if relu else None, [], "")
+    return out if relu or act.is_identity else act(out)

@@ -29,21 +29,25 @@ class SyncBnAct(torch.autograd.Function):
     """act(batch_norm(x) with statistics over every rank's batch + residual) -> (out, mean, var, count)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, eps, relu, backend, group):
+    def forward(ctx, input, weight, bias, residual, eps, act, backend, group):
         k = kernels(backend)
         mean, var = k.bn_stats(input)
         mean, var, count = global_stats(mean, var, input.numel() // input.shape[1], group)
         scale, shift = k.bn_scale_shift(mean, var, weight, bias, eps)
-        out = k.bn_act_apply(input, scale, shift, residual, relu)
-        ctx.save_for_backward(input, weight, out if relu else None, mean, var)
-        ctx.eps, ctx.relu, ctx.backend, ctx.group, ctx.count = eps, relu, backend, group, count
+        out = k.bn_act_apply(input, scale, shift, residual, act.name, act.alpha)
+        # ReLU's backward reads the output; another activation's recomputes z from input, bias and residual
+        needs_z = act.backward_reads_input
+        ctx.save_for_backward(input, weight, out if act.backward_reads_output else None, mean, var,
+                              bias if needs_z else None, residual if needs_z else None)
+        ctx.eps, ctx.act, ctx.backend, ctx.group, ctx.count = eps, act, backend, group, count
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, var, count)
         return out, mean, var, count
 
     @staticmethod
     def backward(ctx, grad_out, _mean, _var, _count):
-        x, weight, out, mean, var = ctx.saved_tensors
-        grads = bn_act_grads(ctx.backend, grad_out, x, out, mean, var, weight, ctx.eps, ctx.relu, True,
-                             tuple(ctx.needs_input_grad[:4]), ctx.bias_dtype, sync=(ctx.group, ctx.count))
+        x, weight, out, mean, var, bias, residual = ctx.saved_tensors
+        grads = bn_act_grads(ctx.backend, grad_out, x, out, mean, var, weight, ctx.eps, ctx.act, True,
+                             tuple(ctx.needs_input_grad[:4]), ctx.bias_dtype, sync=(ctx.group, ctx.count), bias=bias,
+                             residual=residual)
         return (*grads, None, None, None, None)

@@ -35,7 +35,7 @@ def _tail(x, skip, p, backend):
     """A residual tail: BN (batch statistics, running statistics updated in place) + residual + ReLU,
     then BN with running statistics without ReLU, then add + ReLU."""
     y = functional.bn_act(x, p["rm1"], p["rv1"], p["w1"], p["b1"], True, 0.1, 1e-5, residual=skip, backend=backend)
-    z = functional.bn_act(y, p["rm2"], p["rv2"], p["w2"], p["b2"], False, 0.1, 1e-5, relu=False, backend=backend)
+    z = functional.bn_act(y, p["rm2"], p["rv2"], p["w2"], p["b2"], False, 0.1, 1e-5, act=None, backend=backend)
     return functional.add_relu(z, skip, backend=backend)
 
 

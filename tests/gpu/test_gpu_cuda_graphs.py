@@ -79,7 +79,7 @@ def _ops_step(x, r, g, p, backend, training):
     for t in leaves:
         t.grad = None  # the backward allocates fresh gradients (from the graph's pool when capturing)
     y = functional.bn_act(x, p["rm1"], p["rv1"], p["w1"], p["b1"], training, 0.1, 1e-5, residual=r, backend=backend)
-    z = functional.bn_act(y, p["rm2"], p["rv2"], p["w2"], p["b2"], training, 0.1, 1e-5, relu=False, backend=backend)
+    z = functional.bn_act(y, p["rm2"], p["rv2"], p["w2"], p["b2"], training, 0.1, 1e-5, act=None, backend=backend)
     out = functional.add_relu(z, r, backend=backend)
     out.backward(g)
     return [out.detach()] + [t.grad for t in leaves]

@@ -118,7 +118,7 @@ def test_bn_act_eval_xl(device, backend, fmt, poisoned):
         rm = 6.0 + torch.randn(C, device=device) * 0.3  # near the data's mean (6) and variance (21)
         rv = 21.0 * (torch.rand(C, device=device) + 0.5)
         w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device) * 0.3
-        out = functional.bn_act(x, rm, rv, w, b, False, 0.1, EPS, residual=r, relu=True, backend=backend)
+        out = functional.bn_act(x, rm, rv, w, b, False, 0.1, EPS, residual=r, act="relu", backend=backend)
         assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(memory_format=fmt)
         scale = _vec(w) / torch.sqrt(_vec(rv) + EPS)
         for idx in _chunks(shape):

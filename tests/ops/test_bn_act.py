@@ -114,7 +114,7 @@ def test_running_stats_follow_batchnorm2d(backend, momentum):
 def test_running_stats_optional_in_training(backend):
     """track_running_stats=False: no buffers, batch statistics, like F.batch_norm(None, None)."""
     x = activation((2, 4, 3, 3), torch.float32, torch.contiguous_format, device_of(backend))
-    out = functional.bn_act(x, None, None, training=True, relu=False, backend=backend)
+    out = functional.bn_act(x, None, None, training=True, act=None, backend=backend)
     exact = F.batch_norm(x.double(), None, None, training=True)
     assert_within_eager_error(out, F.batch_norm(x, None, None, training=True), exact, "batch statistics, no buffers")
 

@@ -175,7 +175,7 @@ def test_gradcheck_deferred_chain_float64():
 
     def fn(x, w1, bw1, bb1, w2, bw2, bb2):
         y, d = functional.conv_bn_defer(x, w1, None, None, bw1, bb1, 1, 1)
-        return functional.conv_bn_act(y, w2, None, None, None, bw2, bb2, training=True, relu=False, input_bn=d)
+        return functional.conv_bn_act(y, w2, None, None, None, bw2, bb2, training=True, act=None, input_bn=d)
 
     assert torch.autograd.gradcheck(fn, (x, w1, bw1, bb1, w2, bw2, bb2))
 

@@ -31,8 +31,12 @@ def _kernel_op_cases(prefix, device):
         x, r, g, y = (activation(SHAPE, torch.float32, fmt, device) for _ in range(4))
         yield op("add_relu_forward"), (x, r)
         yield op("bn_stats"), (x,)
-        yield op("bn_act_apply"), (x, vec(), vec(), r, True)
-        yield op("bn_act_apply"), (x, vec(), vec(), None, False)
+        yield op("bn_act_apply"), (x, vec(), vec(), r, "relu", 0.0)
+        yield op("bn_act_apply"), (x, vec(), vec(), None, "none", 0.0)
+        yield op("bn_act_apply"), (x, vec(), vec(), r, "leaky_relu", 0.2)
+        yield op("bn_act_apply"), (x, vec(), vec(), None, "silu", 0.0)
+        yield op("act_backward"), (g, x, vec(), vec(), r, "gelu", 0.0)
+        yield op("act_backward"), (g, x, vec(), vec(), None, "hardswish", 0.0)
         yield op("bn_act_backward_reduce"), (g, x, vec(), y)
         yield op("bn_act_backward_reduce"), (g, x, vec(), None)
         yield op("bn_act_backward_elemt"), (g, y, x, vec(), vec(), vec(), vec(), True)
@@ -67,10 +71,12 @@ def _autograd_op_cases(backend):
         w, b = _vec(device).requires_grad_(), _vec(device).requires_grad_()
         rm, rv = _vec(device), _vec(device, positive=True)
         yield OPS.add_relu, (act(), act(), backend)
-        yield OPS.bn_act_train, (act(), w, b, act(), 1e-5, True, backend)
-        yield OPS.bn_act_train, (act(), None, None, None, 1e-3, False, backend)
-        yield OPS.bn_act_eval, (act(), rm, rv, w, b, act(), 1e-5, True, backend)
-        yield OPS.bn_act_eval, (act(), rm.clone(), rv.clone(), None, None, None, 1e-5, False, backend)
+        yield OPS.bn_act_train, (act(), w, b, act(), 1e-5, "relu", 0.0, backend)
+        yield OPS.bn_act_train, (act(), None, None, None, 1e-3, "none", 0.0, backend)
+        yield OPS.bn_act_train, (act(), w, b, act(), 1e-5, "silu", 0.0, backend)
+        yield OPS.bn_act_eval, (act(), rm, rv, w, b, act(), 1e-5, "relu", 0.0, backend)
+        yield OPS.bn_act_eval, (act(), rm.clone(), rv.clone(), None, None, None, 1e-5, "none", 0.0, backend)
+        yield OPS.bn_act_eval, (act(), rm.clone(), rv.clone(), w, b, act(), 1e-5, "leaky_relu", 0.2, backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(include_triton=True))
@@ -175,7 +181,7 @@ def test_torch_compile_fullgraph(fmt):
     def tail(x, skip, training):
         y = functional.bn_act(x, bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, training, 0.1, 1e-5, residual=skip)
         return functional.add_relu(
-            functional.bn_act(y, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, training, 0.1, 1e-5, relu=False), skip
+            functional.bn_act(y, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, training, 0.1, 1e-5, act=None), skip
         )
 
     compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
