@@ -1,4 +1,5 @@
-// Batch-norm + activation ops on CUDA: bn_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_elemt.
+// Batch-norm + activation ops on CUDA: bn_stats, bn_act_apply, act_backward, bn_act_backward_reduce,
+// bn_act_backward_elemt.
 //
 // A dense activation is a matrix of rows of contiguous items (see Shape):
 //   channels_last: M = N*H*W rows of C channels,    channel of item j of a row = j;
@@ -7,15 +8,17 @@
 // (C, resp. HW) is a multiple of it and every pointer is 16-byte aligned, else V = 1. So a V-vector
 // never straddles two rows, and in channels_last its V lanes are V consecutive channels.
 //
-// The two elementwise ops are functors F run by channel_map_kernel; the two reductions are
+// The three elementwise ops are functors F run by channel_map_kernel; the two reductions are
 // reducers R run by channel_reduce_kernel (per-block partial states) + channel_finalize_kernel (one
-// block per channel merges the partials): deterministic, no atomics.
+// block per channel merges the partials): deterministic, no atomics. The activation (activation.h) is
+// a template parameter of the apply and act_backward functors: one kernel per activation.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
 
+#include "../activation.h"
 #include "../checks.h"
 #include "common.cuh"
 
@@ -40,7 +43,10 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(F f, Shape s) {
       P p[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) p[v] = f.param(c0 + v);
-      for (int64_t row = blockIdx.x * by + threadIdx.y; row < rows; row += gridDim.x * by) f(row * s.C + c0, p);
+      // element offset i = row * C + c0 stepped directly (i < rows * C <=> row < rows): the row form
+      // made ptxas spill a loop invariant in some V = 1 fp32 kernels
+      const int64_t end = rows * s.C, step = gridDim.x * by * s.C;
+      for (int64_t i = (blockIdx.x * by + threadIdx.y) * s.C + c0; i < end; i += step) f(i, p);
     }
   } else {
     const int64_t n_hwv = s.HW / V, planes = s.N * s.C;
@@ -58,38 +64,72 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(F f, Shape s) {
   }
 }
 
-// out = act(x * scale[c] + shift[c] (+ residual)), act = relu or identity.
-template <typename T>
+// The per-channel affine map of the normalization, z = x * scale[c] + shift[c].
+struct ScaleShift {
+  float scale, shift;
+};
+
+// z[v] = x * scale[c] + shift[c] (+ residual) in fp32, for the V-vector at element offset i
+// (residual nullptr: none).
+template <int V, typename T>
+__device__ __forceinline__ void pre_activation(const T* x, const T* residual, int64_t i, const ScaleShift (&p)[V],
+                                               float (&z)[V]) {
+  load_f32<V>(x + i, z);
+#pragma unroll
+  for (int v = 0; v < V; ++v) z[v] = z[v] * p[v].scale + p[v].shift;
+  if (residual != nullptr) {
+    float r[V];
+    load_f32<V>(residual + i, r);
+#pragma unroll
+    for (int v = 0; v < V; ++v) z[v] += r[v];
+  }
+}
+
+// out = act_A(x * scale[c] + shift[c] (+ residual)); alpha: the activation's parameter.
+template <typename T, Act A>
 struct ApplyOp {
-  struct Param {
-    float scale, shift;
-  };
+  using Param = ScaleShift;
   const T* x;
   const T* residual;  // nullptr: none
   T* out;
   const float* scale;
   const float* shift;
-  bool apply_relu;
+  float alpha;
 
   __device__ Param param(int64_t c) const { return {scale[c], shift[c]}; }
 
   template <int V>
   __device__ __forceinline__ void operator()(int64_t i, const Param (&p)[V]) const {
     float y[V];
-    load_f32<V>(x + i, y);
+    pre_activation<V>(x, residual, i, p, y);
 #pragma unroll
-    for (int v = 0; v < V; ++v) y[v] = y[v] * p[v].scale + p[v].shift;
-    if (residual != nullptr) {
-      float r[V];
-      load_f32<V>(residual + i, r);
-#pragma unroll
-      for (int v = 0; v < V; ++v) y[v] += r[v];
-    }
-    if (apply_relu) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) y[v] = relu(y[v]);
-    }
+    for (int v = 0; v < V; ++v) y[v] = act_fwd<A>(y[v], alpha);
     store_f32<V>(out + i, y);
+  }
+};
+
+// grad_z = grad_out * act_A'(z), z = x * scale[c] + shift[c] (+ residual) recomputed in fp32.
+template <typename T, Act A>
+struct ActBackwardOp {
+  using Param = ScaleShift;
+  const T* grad_out;
+  const T* x;
+  const T* residual;  // nullptr: none
+  T* grad_z;
+  const float* scale;
+  const float* shift;
+  float alpha;
+
+  __device__ Param param(int64_t c) const { return {scale[c], shift[c]}; }
+
+  template <int V>
+  __device__ __forceinline__ void operator()(int64_t i, const Param (&p)[V]) const {
+    float z[V], g[V];
+    pre_activation<V>(x, residual, i, p, z);
+    load_f32<V>(grad_out + i, g);
+#pragma unroll
+    for (int v = 0; v < V; ++v) g[v] = act_grad<A>(g[v], z[v], alpha);
+    store_f32<V>(grad_z + i, g);
   }
 };
 
@@ -428,8 +468,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
 }
 
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                             const std::optional<at::Tensor>& residual, bool relu) {
+                             const std::optional<at::Tensor>& residual, c10::string_view act, double alpha) {
   check_bn_act_apply(input, scale, shift, residual);
+  const Act a = parse_act(act, "bn_act_apply");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
@@ -443,12 +484,47 @@ at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, c
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_apply", [&] {
     constexpr int VW = vec_width<scalar_t>();
-    const ApplyOp<scalar_t> f{x.const_data_ptr<scalar_t>(),     ptr_or_null<scalar_t>(res),
-                              out.mutable_data_ptr<scalar_t>(), scale_c.const_data_ptr<float>(),
-                              shift_c.const_data_ptr<float>(),  relu};
-    launch_channel_map<VW>(f, s, cl, vectorizable(s, cl, VW, {f.x, f.residual, f.out}));
+    dispatch_act(a, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      const ApplyOp<scalar_t, A> f{x.const_data_ptr<scalar_t>(),     ptr_or_null<scalar_t>(res),
+                                   out.mutable_data_ptr<scalar_t>(), scale_c.const_data_ptr<float>(),
+                                   shift_c.const_data_ptr<float>(),  static_cast<float>(alpha)};
+      launch_channel_map<VW>(f, s, cl, vectorizable(s, cl, VW, {f.x, f.residual, f.out}));
+    });
   });
   return out;
+}
+
+// Laid out like input (grad_out and residual follow it), in grad_out's dtype (= input's, checked).
+at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale,
+                             const at::Tensor& shift, const std::optional<at::Tensor>& residual, c10::string_view act,
+                             double alpha) {
+  check_act_backward(grad_out, input, scale, shift, residual);
+  const Act a = parse_act(act, "act_backward");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::MemoryFormat fmt = layout_of(input);
+  const at::Tensor g = dense(grad_out, fmt);
+  const at::Tensor x = dense(input, fmt);
+  const at::Tensor res = dense(residual, fmt);
+  at::Tensor grad_z = at::empty_like(g, fmt);
+  if (x.numel() == 0) return grad_z;
+
+  const at::Tensor scale_c = scale.contiguous();
+  const at::Tensor shift_c = shift.contiguous();
+  const Shape s = shape_of(x);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "act_backward", [&] {
+    constexpr int VW = vec_width<scalar_t>();
+    dispatch_act(a, [&](auto tag) {
+      constexpr Act A = decltype(tag)::value;
+      const ActBackwardOp<scalar_t, A> f{g.const_data_ptr<scalar_t>(),        x.const_data_ptr<scalar_t>(),
+                                         ptr_or_null<scalar_t>(res),          grad_z.mutable_data_ptr<scalar_t>(),
+                                         scale_c.const_data_ptr<float>(),     shift_c.const_data_ptr<float>(),
+                                         static_cast<float>(alpha)};
+      launch_channel_map<VW>(f, s, cl, vectorizable(s, cl, VW, {f.grad_out, f.x, f.residual, f.grad_z}));
+    });
+  });
+  return grad_z;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
@@ -526,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bn_stats", &resnet_fused::gpu::bn_stats_cuda);
   m.impl("bn_act_apply", &resnet_fused::gpu::bn_act_apply_cuda);
+  m.impl("act_backward", &resnet_fused::gpu::act_backward_cuda);
   m.impl("bn_act_backward_reduce", &resnet_fused::gpu::bn_act_backward_reduce_cuda);
   m.impl("bn_act_backward_elemt", &resnet_fused::gpu::bn_act_backward_elemt_cuda);
 }

@@ -54,7 +54,7 @@ def test_opcheck_cuda_kernel_ops():
         for op, args in [
             (ops.add_relu_forward, (x, r)),
             (ops.bn_stats, (x,)),
-            (ops.bn_act_apply, (x, v(), v(), r, True)),
+            (ops.bn_act_apply, (x, v(), v(), r, "relu", 0.0)),
             (ops.bn_act_backward_reduce, (g, x, v(), y)),
             (ops.bn_act_backward_elemt, (g, y, x, v(), v(), v(), v(), True)),
             (ops.bn_act_backward_elemt, (g, None, None, None, v(), None, None, False)),
