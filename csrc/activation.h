@@ -86,13 +86,14 @@ RF_HOST_DEVICE float act_fwd(float z, float alpha) {
   if constexpr (A == Act::Hardsigmoid) return clamp_nan(z + 3.f, 0.f, 6.f) / 6.f;
 }
 
-// grad * d act/dz at z (ReLU: z may be the output, relu(z) > 0 <=> z > 0), as aten's *_backward
+// grad * d act/dz at z (ReLU: z may be the output, relu(z) > 0 <=> z > 0), as aten's vectorized CPU
+// *_backward kernels, NaN included (ReLU6 / Hardsigmoid: 0, LeakyReLU: alpha grad, the others: NaN)
 template <Act A>
 RF_HOST_DEVICE float act_grad(float grad, float z, float alpha) {
   using namespace act_math;
   if constexpr (A == Act::None) return grad;
   if constexpr (A == Act::Relu) return z <= 0.f ? 0.f : grad;
-  if constexpr (A == Act::Relu6) return (z <= 0.f || z >= 6.f) ? 0.f : grad;
+  if constexpr (A == Act::Relu6) return (z > 0.f && z < 6.f) ? grad : 0.f;
   if constexpr (A == Act::LeakyRelu) return z > 0.f ? grad : grad * alpha;
   if constexpr (A == Act::Silu) {
     const float s = 1.f / (1.f + exp_(-z));
@@ -109,7 +110,7 @@ RF_HOST_DEVICE float act_grad(float grad, float z, float alpha) {
     const float dt = (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kKappa * z2);
     return grad * (0.5f * (1.f + t) + 0.5f * z * dt);
   }
-  if constexpr (A == Act::Hardswish) return z < -3.f ? 0.f : (z <= 3.f ? grad * (z / 3.f + 0.5f) : grad);
+  if constexpr (A == Act::Hardswish) return z <= -3.f ? 0.f : (z >= 3.f ? grad : grad * (z / 3.f + 0.5f));
   if constexpr (A == Act::Hardsigmoid) return (z > -3.f && z < 3.f) ? grad / 6.f : 0.f;
 }
 

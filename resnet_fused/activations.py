@@ -7,15 +7,17 @@ module a model uses: ``act=nn.LeakyReLU(0.2)``) down to every kernel op, whose s
   name          act(z)                                   d act / dz, from z (ReLU: from the output)
   none          z                                        1
   relu          z < 0 ? 0 : z                            out <= 0 ? 0 : 1   (aten threshold_backward)
-  relu6         z < 0 ? 0 : z > 6 ? 6 : z                (z <= 0 or z >= 6) ? 0 : 1  (hardtanh_backward)
+  relu6         z < 0 ? 0 : z > 6 ? 6 : z                0 < z < 6 ? 1 : 0  (aten hardtanh_backward)
   leaky_relu    z > 0 ? z : alpha z                      z > 0 ? 1 : alpha
   silu          z / (1 + exp(-z))                        s (1 + z (1 - s)),  s = 1 / (1 + exp(-z))
   gelu          z/2 (1 + erf(z / sqrt 2))                (1 + erf(z / sqrt 2)) / 2 + z exp(-z^2 / 2) / sqrt(2 pi)
   gelu_tanh     z/2 (1 + tanh(k (z + 0.044715 z^3)))     k = sqrt(2 / pi); aten gelu_backward(approximate="tanh")
-  hardswish     z min(max(z + 3, 0), 6) / 6              z < -3 ? 0 : z <= 3 ? z / 3 + 1/2 : 1
+  hardswish     z min(max(z + 3, 0), 6) / 6              z <= -3 ? 0 : z >= 3 ? 1 : z / 3 + 1/2
   hardsigmoid   min(max(z + 3, 0), 6) / 6                -3 < z < 3 ? 1/6 : 0
 
-NaN in gives NaN out, as torch's activations (a clamp that keeps NaN). The backward of ReLU reads the
+NaN in gives NaN out, as torch's activations (a clamp that keeps NaN); a NaN z gets the derivative of
+aten's vectorized CPU kernels (ReLU6, Hardsigmoid: 0; LeakyReLU: alpha; the others NaN; ReLU reads the
+output: NaN passes the gradient), which the float64 reference also takes. The backward of ReLU reads the
 saved output (as aten's); every other activation's backward recomputes z from the saved input (and
 residual) and reads it, as aten's backward formulas read the activation's input.
 """

@@ -1,7 +1,7 @@
 """The fused functions, as users call them (the op layer lives in resnet_fused.ops)::
 
     add_relu(input, residual)                               relu(input + residual)
-    bn_act(input, running_mean, running_var, ...)           act(F.batch_norm(input, ...) + residual)
+    bn_act(input, running_mean, running_var, ..., act=)     act(F.batch_norm(input, ...) + residual)
     conv_bn_act(input, conv_weight, conv_bias, ...)         act(batch_norm(conv2d(input, ...)) + residual)
     conv_bn_defer(...) -> (y, DeferredBnReLU)               a conv whose BN + ReLU the next conv applies
     fold_bn(...), conv_act(...)                             eval: BN folded into the conv, then the epilogue

@@ -38,7 +38,7 @@ inline fVec act_grad(fVec grad, fVec z, float alpha) {
   const fVec zero(0.f), one(1.f), three(3.f), six(6.f);
   if constexpr (A == Act::None) return grad;
   if constexpr (A == Act::Relu) return fVec::blendv(grad, zero, z <= zero);
-  if constexpr (A == Act::Relu6) return fVec::blendv(grad, zero, (z <= zero) | (z >= six));
+  if constexpr (A == Act::Relu6) return fVec::blendv(zero, grad, (z > zero) & (z < six));
   if constexpr (A == Act::LeakyRelu) return fVec::blendv(grad * fVec(alpha), grad, z > zero);
   if constexpr (A == Act::Silu) {
     const fVec s = one / (one + z.neg().exp());
@@ -55,9 +55,9 @@ inline fVec act_grad(fVec grad, fVec z, float alpha) {
     const fVec dt = (one - t * t) * fVec(kSqrt2OverPi) * (one + fVec(3.f * kKappa) * z2);
     return grad * (fVec(0.5f) * (one + t) + fVec(0.5f) * z * dt);
   }
-  if constexpr (A == Act::Hardswish) {  // z < -3: 0; z <= 3: grad (z / 3 + 1/2); else (NaN too): grad
-    const fVec inner = fVec::blendv(grad, grad * (z / three + fVec(0.5f)), z <= three);
-    return fVec::blendv(inner, zero, z < three.neg());
+  if constexpr (A == Act::Hardswish) {  // z <= -3: 0; z >= 3: grad; else (NaN too) grad (z / 3 + 1/2)
+    const fVec inner = fVec::blendv(grad * (z / three + fVec(0.5f)), grad, z >= three);
+    return fVec::blendv(inner, zero, z <= three.neg());
   }
   if constexpr (A == Act::Hardsigmoid) return fVec::blendv(zero, grad / six, (z > three.neg()) & (z < three));
 }

@@ -126,7 +126,7 @@ NAN_SHAPES = [(2, 11, 3, 5), (2, 16, 4, 4)]
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_nan_propagation(act, dtype, fmt, with_residual):
     """A NaN in x gives NaN out of bn_act_apply (every activation, as torch's) and the other elements
-    match the reference; act_backward has NaN exactly where the reference (aten's backward at z = NaN) has."""
+    match the reference; act_backward has NaN exactly where the reference (aten's CPU backward at z = NaN) has."""
     alpha = ALPHA.get(act, 0.0)
     for shape in NAN_SHAPES:
         x, scale, shift, residual = _inputs(shape, dtype, NCHW, with_residual)
@@ -139,8 +139,11 @@ def test_nan_propagation(act, dtype, fmt, with_residual):
                             f"bn_act_apply {act} {shape} {dtype}")
         g = activation(shape, dtype, fmt, "cuda")
         dz = OPS.act_backward(g, x, scale, shift, residual, act, alpha)
-        spec = reference.act_backward(g, x, scale, shift, residual, act, alpha)
-        assert dz.isnan().equal(spec.isnan()), f"act_backward {act} {shape} {dtype}: NaN positions differ"
+        # the derivative at z = NaN is aten's vectorized CPU kernels' on every device (resnet_fused/activations.py);
+        # aten's own CUDA kernels differ there (hardswish: grad, relu6: grad), so the spec runs on the CPU
+        cpu = [t.cpu() if t is not None else None for t in (g, x, scale, shift, residual)]
+        spec = reference.act_backward(*cpu, act, alpha)
+        assert dz.isnan().cpu().equal(spec.isnan()), f"act_backward {act} {shape} {dtype}: NaN positions differ"
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from helpers import FORMATS, activation, assert_within_eager_error, needs_extension
 from resnet_fused import backends
+from resnet_fused.activations import activation as activation_spec
 from resnet_fused.ops import cudnn
 from resnet_fused.ops.cudnn import cudnn_fuses
 
@@ -52,7 +53,7 @@ def test_conv_then_epilogue_composition(bias, residual, relu, fmt, dtype):
         return torch.relu(y) if relu else y
 
     with backends.use_variant(backends.Variant(cudnn_fused=False)):
-        out = cudnn.conv_act(x, w, b, (2, 2), (1, 1), (1, 1), 1, r, relu)
+        out = cudnn.conv_act(x, w, b, (2, 2), (1, 1), (1, 1), 1, r, activation_spec(relu))
     e = eager(x, w, b, r)
     assert out.is_contiguous(memory_format=fmt) and e.is_contiguous(memory_format=fmt)
     assert_within_eager_error(out, e, eager(*(t.double() if t is not None else None for t in (x, w, b, r))), "conv + epilogue")
