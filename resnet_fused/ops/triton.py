@@ -22,7 +22,7 @@ def _op(name: str, launcher, fake, schema: str | None = None):
 
 
 def _conv_bn_act_fake(input, weight, stride, padding, dilation, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-                      relu, stats):
+                      act, alpha, stats):
     out = input.new_empty(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
     n = weight.shape[0] if stats else 0
     return out.contiguous(memory_format=torch.channels_last), input.new_empty(n, dtype=torch.float32), input.new_empty(n, dtype=torch.float32)
@@ -32,6 +32,7 @@ def _conv_bn_act_fake(input, weight, stride, padding, dilation, in_scale, in_shi
 add_relu_forward = _op("add_relu_forward", _add_relu.add_relu, fakes.add_relu_forward)
 bn_stats = _op("bn_stats", _bn_act.bn_stats, fakes.bn_stats)
 bn_act_apply = _op("bn_act_apply", _bn_act.bn_act_apply, fakes.bn_act_apply)
+act_backward = _op("act_backward", _bn_act.act_backward, fakes.act_backward)
 bn_act_backward_reduce = _op("bn_act_backward_reduce", _bn_act.bn_act_backward_reduce, fakes.bn_act_backward_reduce)
 bn_act_backward_elemt = _op("bn_act_backward_elemt", _bn_act.bn_act_backward_elemt, fakes.bn_act_backward_elemt)
 bn_scale_shift = _op("bn_scale_shift", _bn_coeffs.bn_scale_shift, fakes.bn_scale_shift)
@@ -40,4 +41,5 @@ bn_backward_coeffs = _op("bn_backward_coeffs", _bn_coeffs.bn_backward_coeffs, fa
 # act(conv2d(in_act(input * in_scale + in_shift), weight) * out_scale + out_shift (+ residual)) -> (out, mean, var)
 fused_conv = _op("conv_bn_act", _conv.fused_conv, _conv_bn_act_fake, schema=(
     "(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, Tensor? in_scale, Tensor? in_shift, "
-    "bool in_relu, Tensor? out_scale, Tensor? out_shift, Tensor? residual, bool relu, bool stats) -> (Tensor, Tensor, Tensor)"))
+    "bool in_relu, Tensor? out_scale, Tensor? out_shift, Tensor? residual, str act, float alpha, bool stats) "
+    "-> (Tensor, Tensor, Tensor)"))

@@ -11,8 +11,11 @@ BLOCK_S rows of the (N*H*W, C) matrix, contiguous tiles are BLOCK_P planes x BLO
 per-channel vector is gathered once per tile as (BLOCK_P,) and broadcast along pixels. Math runs in
 fp32; per-channel vectors are fp32 (C,); offsets are int64.
 
-ReLU is torch.relu's, NaN included: relu(y) = 0 where y < 0, else y (NaN stays NaN, -0.0 stays -0.0),
-and its gradient is threshold_backward's: dy = 0 where out <= 0, else grad_out (a NaN out passes it).
+Activations: bn_act_apply and act_backward take any activation of resnet_fused/activations.py
+(activation.py: a constexpr code ACT, LeakyReLU's slope alpha), NaN in giving NaN out; act_backward
+recomputes z = x * scale[c] + shift[c] (+ residual) instead of reading a saved one. The BN backward
+passes take ReLU's mask from the saved output, as threshold_backward: dy = 0 where out <= 0, else
+grad_out (a NaN out passes it).
 
 Reductions (over N, H, W = over pixels, then over the planes of one channel) are two-level and
 deterministic: each program reduces BLOCK_P planes over one chunk of pixels into fp32 partials of
@@ -30,6 +33,7 @@ import triton.language as tl
 from .._layout import dense as _dense
 from .._layout import memory_format as _memory_format
 from ._launch import launcher
+from .activation import act_code, act_fwd, act_grad
 from .welford import chan_merge, merge_stats
 
 _TILE = 2048  # elements per (BLOCK_P, BLOCK_S) tile
@@ -63,24 +67,43 @@ def _tile(P, S, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _pre_activation(x_ptr, scale_ptr, shift_ptr, res_ptr, p, offs, mask, C):
+    # z = x * scale[c] + shift[c] (+ res), fp32 (BLOCK_P, BLOCK_S), c = p % C (always in range: no mask)
+    c = p % C
+    z = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * tl.load(scale_ptr + c)[:, None]
+    z += tl.load(shift_ptr + c)[:, None]
+    if res_ptr is not None:
+        z += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _bn_act_apply_kernel(
     x_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,  # res_ptr: None without residual
-    P, S, C,
-    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    P, S, C, alpha,
+    ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # out = act(x * scale[c] + shift[c] (+ res)),  act = relu or identity
+    # out = act(z),  z = x * scale[c] + shift[c] (+ res)
     p, s = _tile(P, S, BLOCK_P, BLOCK_S)
     offs = _offsets(p, s, S, C, CHANNELS_LAST)
     mask = (p < P)[:, None] & (s < S)[None, :]
-    c = p % C  # always in range: no mask needed for per-channel loads
-    scale = tl.load(scale_ptr + c)[:, None]
-    shift = tl.load(shift_ptr + c)[:, None]
-    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * scale + shift
-    if res_ptr is not None:
-        y += tl.load(res_ptr + offs, mask=mask).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0, 0.0, y)  # not tl.maximum(y, 0), which maps NaN to 0
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    z = _pre_activation(x_ptr, scale_ptr, shift_ptr, res_ptr, p, offs, mask, C)
+    tl.store(out_ptr + offs, act_fwd(z, ACT, alpha).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_backward_kernel(
+    g_ptr, x_ptr, scale_ptr, shift_ptr, res_ptr, grad_ptr,  # res_ptr: None without residual
+    P, S, C, alpha,
+    ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grad = g * act'(z),  z = x * scale[c] + shift[c] (+ res) recomputed
+    p, s = _tile(P, S, BLOCK_P, BLOCK_S)
+    offs = _offsets(p, s, S, C, CHANNELS_LAST)
+    mask = (p < P)[:, None] & (s < S)[None, :]
+    z = _pre_activation(x_ptr, scale_ptr, shift_ptr, res_ptr, p, offs, mask, C)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(grad_ptr + offs, act_grad(g, z, ACT, alpha).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -242,9 +265,12 @@ def bn_act_apply(
     scale: torch.Tensor,
     shift: torch.Tensor,
     residual: torch.Tensor | None,
-    relu: bool,
+    act: str,
+    alpha: float,
 ) -> torch.Tensor:
-    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format."""
+    """act(input * scale[c] + shift[c] (+ residual)), in input's dtype and memory format; act, alpha: an
+    activation of resnet_fused/activations.py by name, and LeakyReLU's negative slope."""
+    code = act_code("resnet_fused::triton_bn_act_apply", act)
     fmt = _memory_format(input)
     x, res = _dense(input, fmt), _dense(residual, fmt)
     out = torch.empty_like(x, memory_format=fmt)
@@ -252,10 +278,36 @@ def bn_act_apply(
         return out
     plan = _plan(x, fmt)
     _bn_act_apply_kernel[(plan.num_p * triton.cdiv(plan.S, plan.block_s),)](
-        x, _dense(scale), _dense(shift), res, out, plan.P, plan.S, plan.C,
-        RELU=relu, CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+        x, _dense(scale), _dense(shift), res, out, plan.P, plan.S, plan.C, float(alpha),
+        ACT=code, CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
     )
     return out
+
+
+@launcher("resnet_fused::triton_act_backward", like=("input", "residual"), per_channel=("scale", "shift"))
+def act_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    act: str,
+    alpha: float,
+) -> torch.Tensor:
+    """grad_out * act'(z), z = input * scale[c] + shift[c] (+ residual) recomputed in fp32: the gradient
+    bn_act_apply's output passes to its normalization (and residual); in grad_out's dtype, input's format."""
+    code = act_code("resnet_fused::triton_act_backward", act)
+    fmt = _memory_format(input)
+    g, x, res = _dense(grad_out, fmt), _dense(input, fmt), _dense(residual, fmt)
+    grad = torch.empty_like(g, memory_format=fmt)
+    if g.numel() == 0:
+        return grad
+    plan = _plan(x, fmt)
+    _act_backward_kernel[(plan.num_p * triton.cdiv(plan.S, plan.block_s),)](
+        g, x, _dense(scale), _dense(shift), res, grad, plan.P, plan.S, plan.C, float(alpha),
+        ACT=code, CHANNELS_LAST=plan.channels_last, BLOCK_P=plan.block_p, BLOCK_S=plan.block_s,
+    )
+    return grad
 
 
 @launcher("resnet_fused::triton_bn_act_backward_reduce", like=("input", "output"), per_channel=("mean",))

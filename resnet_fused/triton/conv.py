@@ -16,10 +16,12 @@ configs, up to 2.8 KB per thread, where channels_last spilled in 2 of 6 (0.7 KB;
 tests/triton/test_triton_static.py). One copy (read + write of x) costs less.
 
 Prologue (on load, fp32 math, in-bounds elements only, so padding stays exactly zero):
-    x' = act(x * in_scale[ci] + in_shift[ci]),  act = relu or identity; then cast back to x's dtype.
+    x' = in_act(x * in_scale[ci] + in_shift[ci]),  in_act = relu or identity (the deferred BN + ReLU);
+    then cast back to x's dtype.
 Epilogue (on the fp32 accumulator acc = A @ B):
-    out = act(acc * out_scale[co] + out_shift[co] (+ residual)), cast to x's dtype, one store.
-relu is torch.relu: NaN stays NaN (tl.maximum would return 0), -0 stays -0.
+    out = act(acc * out_scale[co] + out_shift[co] (+ residual)), cast to x's dtype, one store; act any
+    activation of resnet_fused/activations.py (activation.py: constexpr code ACT, LeakyReLU's slope alpha).
+Activations keep NaN (relu is torch.relu: tl.maximum would return 0 for NaN; -0 stays -0).
 Statistics (training): per-channel count, mean and M2 = sum (acc - mean)^2 of acc (before the
 epilogue) for each BLOCK_M row tile, merged per channel by a tree of Chan combines (welford.merge_stats).
 
@@ -43,6 +45,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .._layout import conv_output_shape
 from .._layout import dense as _dense
 from ..backends import triton_interpreted
+from .activation import RELU, act_code, act_fwd
 from .welford import merge_stats
 
 _INTERPRET = triton_interpreted()
@@ -73,12 +76,6 @@ _CONFIGS = [
 # slices of A and B as well; the tiles above spilled there, these do not.
 _FMA_CONFIGS = [_config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3), _config(64, 128, 32, 8, 3)]
 _INTERPRET_CONFIGS = [_config(32, 16, 16, 4, 1)]  # the interpreter is slow: one small tile, no tuning
-
-
-@triton.jit
-def _relu(x):
-    # torch.relu: x < 0 -> 0; NaN (x < 0 is false) and -0 pass through
-    return tl.where(x < 0, 0.0, x)
 
 
 @triton.jit
@@ -116,8 +113,9 @@ def _conv_kernel(
     count_ptr, mean_ptr, m2_ptr,  # stats partials, fp32 (>= num_m_tiles, Cout) each; None: no stats
     M, M_BUCKET, OPERANDS, Cin, H, W, Cout, Ho, Wo,  # M_BUCKET, OPERANDS (_operands): autotune key, unused here
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    alpha,  # the epilogue activation's parameter (LeakyReLU's negative slope)
     KH: tl.constexpr, KW: tl.constexpr,
-    IN_RELU: tl.constexpr, RELU: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_RELU: tl.constexpr, ACT: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (pid_m, pid_n) computes the (BLOCK_M, BLOCK_N) tile out[m, co] of the GEMM. Cout tiles
@@ -153,7 +151,7 @@ def _conv_kernel(
             if in_shift_ptr is not None:
                 xf += tl.load(in_shift_ptr + ci, mask=k_ok, other=0.0)[None, :]
             if IN_RELU:
-                xf = _relu(xf)
+                xf = act_fwd(xf, RELU, 0.0)
             a = tl.where(a_ok, xf, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0, not act(shift)
         b = tl.load(w_ptr + k[:, None] * Cout + co[None, :], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
@@ -178,9 +176,7 @@ def _conv_kernel(
     out_ok = m_ok[:, None] & co_ok[None, :]
     if res_ptr is not None:
         y += tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = _relu(y)
-    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(out_ptr + out_offs, act_fwd(y, ACT, alpha).to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _padding(config, nargs, kwargs) -> float:
@@ -214,7 +210,7 @@ _conv = triton.autotune(
     configs=_INTERPRET_CONFIGS if _INTERPRET else _CONFIGS + _FMA_CONFIGS,
     # M bucketed: a new batch or image size reuses its bucket's choice (no re-tuning, no sync inside
     # a CUDA-graph capture); the fusion (activations, which optional operands) is in it, dtypes join it implicitly
-    key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION", "IN_RELU", "RELU", "OPERANDS"],
+    key=["M_BUCKET", "Cout", "Cin", "KH", "KW", "stride_h", "stride_w", "DOT_PRECISION", "IN_RELU", "ACT", "OPERANDS"],
     prune_configs_by=dict(early_config_prune=_prune),
 )(_conv_kernel)
 
@@ -273,18 +269,22 @@ def fused_conv(
     out_scale: torch.Tensor | None,
     out_shift: torch.Tensor | None,
     residual: torch.Tensor | None,
-    relu: bool,
+    act: str,
+    alpha: float,
     stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """act(conv2d(in_act(input * in_scale + in_shift), weight) * out_scale + out_shift (+ residual)).
+    """act(conv2d(in_act(input * in_scale + in_shift), weight) * out_scale + out_shift (+ residual)),
+    in_act = relu if in_relu else identity; act, alpha: an activation of resnet_fused/activations.py by
+    name, and LeakyReLU's negative slope.
 
     Returns (out, mean, var): out (N, Cout, Ho, Wo) channels_last in input's dtype; with stats, the
     fp32 (Cout,) mean and biased variance over (N, Ho, Wo) of the raw convolution (before out_scale,
-    out_shift, residual, relu), else two empty fp32 tensors. Inputs are validated by the op layer.
+    out_shift, residual, act), else two empty fp32 tensors. Inputs are validated by the op layer.
     """
     x = input.contiguous(memory_format=torch.channels_last)  # (N, H, W, Cin) in memory
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
+    code = act_code("resnet_fused::triton_conv_bn_act", act)
     if weight.dtype != x.dtype:
         raise RuntimeError(f"resnet_fused::triton_conv_bn_act: `weight` is {weight.dtype} but `input` is {x.dtype}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -315,8 +315,8 @@ def fused_conv(
             *((partials[0], partials[1], partials[2]) if stats else (None, None, None)),
             M, triton.next_power_of_2(M), _operands(in_scale, in_shift, out_scale, out_shift, residual, partials),
             Cin, H, W, Cout, Ho, Wo,
-            sh, sw, ph, pw, dh, dw,
-            KH=KH, KW=KW, IN_RELU=in_relu, RELU=relu, GATHER_K=Cin < _GATHER_MAX_CIN,
+            sh, sw, ph, pw, dh, dw, float(alpha),
+            KH=KH, KW=KW, IN_RELU=in_relu, ACT=code, GATHER_K=Cin < _GATHER_MAX_CIN,
             DOT_PRECISION=_dot_precision(x),
         )
         if not stats:

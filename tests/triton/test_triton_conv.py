@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from resnet_fused.triton import welford  # noqa: E402
 from resnet_fused import reference  # noqa: E402
+from resnet_fused.activations import ACTIVATIONS, Activation  # noqa: E402
 from resnet_fused.triton import conv  # noqa: E402
 
 DEVICE = TRITON_DEVICE
@@ -34,13 +35,15 @@ GEOMETRIES = {
     "7x7s2p3": (2, 3, 8, 8, 7, 7, 2, 3, 1),
     "3x3d2p2": (1, 5, 4, 7, 5, 3, 1, 2, 2),
 }
-# name: (prologue: "relu" | "affine" | None, out scale/shift, residual, relu, stats)
+# name: (prologue: "relu" | "affine" | None, out scale/shift, residual, epilogue activation, stats)
 FUSIONS = {
-    "plain": (None, False, False, False, False),
-    "prologue_relu+stats": ("relu", False, False, False, True),
-    "epilogue+stats": (None, True, False, True, True),
-    "all": ("affine", True, True, True, True),
+    "plain": (None, False, False, "none", False),
+    "prologue_relu+stats": ("relu", False, False, "none", True),
+    "epilogue+stats": (None, True, False, "relu", True),
+    "all": ("affine", True, True, "relu", True),
 }
+# N = 1, Cin = 3 (gathered K), Cout = 5, 9x9, 3x3 stride 2 -> 5x5: the epilogue activation tests' geometry
+ODD_GEOMETRY = (1, 3, 5, 9, 9, 3, 2, 1, 1)
 # fp32 runs in IEEE fp32 in the interpreter; on a GPU in TF32 (~1e-3 relative, as cuDNN's default).
 
 
@@ -56,7 +59,7 @@ def _rand(gen, shape, dtype=torch.float32, fmt=NCHW, scale=1.0, offset=0.0):
 
 def _args(gen, geo, fusion, dtype, fmt):
     N, Cin, Cout, H, W, k, s, p, d = geo
-    prologue, affine, residual, relu, stats = fusion
+    prologue, affine, residual, act, stats = fusion
     x = _rand(gen, (N, Cin, H, W), dtype, fmt)
     w = _rand(gen, (Cout, Cin, k, k), dtype, fmt, scale=0.5)
     Ho, Wo = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
@@ -69,7 +72,8 @@ def _args(gen, geo, fusion, dtype, fmt):
         out_scale=_rand(gen, (Cout,)) if affine else None,
         out_shift=_rand(gen, (Cout,)) if affine else None,
         residual=_rand(gen, (N, Cout, Ho, Wo), dtype, CL if fmt == NCHW else NCHW) if residual else None,
-        relu=relu, stats=stats,
+        act=act, alpha=0.2 if act == "leaky_relu" else 0.0,  # a slope other than nn.LeakyReLU's default
+        stats=stats,
     )
 
 
@@ -101,9 +105,7 @@ def _reference(a, compute_dtype, round_operands=None):
         y = y * _vec(a["out_scale"].to(epi)) + _vec(a["out_shift"].to(epi))
     if a["residual"] is not None:
         y = y + a["residual"].to(epi)
-    if a["relu"]:
-        y = torch.relu(y)
-    return y, acc
+    return Activation(a["act"], a["alpha"])(y), acc
 
 
 def _tf32(a) -> bool:
@@ -152,7 +154,7 @@ def test_conv(gen, geo, fusion, dtype, fmt):
 @pytest.mark.parametrize("in_relu", [False, True])
 def test_padding_stays_zero(gen, in_relu):
     """The prologue must skip padding: transforming it (act(0 * scale + shift)) is a wrong answer."""
-    a = _args(gen, GEOMETRIES["3x3s1p1"], (None, False, False, False, False), torch.float32, CL)
+    a = _args(gen, GEOMETRIES["3x3s1p1"], FUSIONS["plain"], torch.float32, CL)
     Cin = a["input"].shape[1]
     a.update(in_scale=_rand(gen, (Cin,)), in_shift=_rand(gen, (Cin,), scale=0.1, offset=2.0), in_relu=in_relu)
     out = _check(a)
@@ -188,7 +190,7 @@ def test_stats_large_mean(gen, monkeypatch):
 @pytest.mark.parametrize("stats", [False, True])
 def test_empty(stats):
     x, w = torch.empty((0, 3, 8, 8), device=DEVICE), torch.ones((4, 3, 3, 3), device=DEVICE)
-    out, mean, var = conv.fused_conv(x, w, (2, 2), (1, 1), (1, 1), None, None, False, None, None, None, True, stats)
+    out, mean, var = conv.fused_conv(x, w, (2, 2), (1, 1), (1, 1), None, None, False, None, None, None, "relu", 0.0, stats)
     assert out.shape == (0, 4, 4, 4) and out.is_contiguous(memory_format=CL)
     for t in (mean, var):
         assert t.dtype == torch.float32 and t.shape == ((4,) if stats else (0,)) and not t.any()
@@ -212,15 +214,15 @@ def test_relu_keeps_nan_and_inf(gen, where):
     if where == "prologue":
         a.update(in_scale=_rand(gen, (Cin,)).abs() + 0.5, in_shift=_rand(gen, (Cin,)), in_relu=True)
         a["input"][0, [1, 5, 9], [0, 3, 6], [2, 4, 7]] = special  # three pixels, far enough apart
-        x = reference.bn_act_apply(a["input"], a["in_scale"], a["in_shift"], None, True)
+        x = reference.bn_act_apply(a["input"], a["in_scale"], a["in_shift"], None, "relu", 0.0)
         acc = F.conv2d(x.double(), a["weight"].double(), None, 1, 1)
         exact = acc
     else:
-        a.update(out_scale=_rand(gen, (Cout,)), out_shift=_rand(gen, (Cout,)), relu=True,
+        a.update(out_scale=_rand(gen, (Cout,)), out_shift=_rand(gen, (Cout,)), act="relu",
                  residual=_rand(gen, (N, Cout, H, W), fmt=CL))
         a["residual"][0, [1, 2, 3], [0, 3, 6], [2, 4, 7]] = special
         acc = F.conv2d(a["input"].double(), a["weight"].double(), None, 1, 1)
-        exact = reference.bn_act_apply(acc, a["out_scale"], a["out_shift"], a["residual"], True)
+        exact = reference.bn_act_apply(acc, a["out_scale"], a["out_shift"], a["residual"], "relu", 0.0)
     out, _, _ = conv.fused_conv(**a)
     assert exact.isnan().any() and exact.isinf().any()  # the test has both to get right
     assert torch.equal(out.isnan(), exact.isnan()) and torch.equal(out.isinf(), exact.isinf()), "NaN / Inf moved"
@@ -232,9 +234,29 @@ def test_relu_keeps_nan_and_inf(gen, where):
         eager = eager_acc
     else:
         eager_acc = F.conv2d(a["input"].float(), a["weight"].float(), None, 1, 1)
-        eager = reference.bn_act_apply(eager_acc, a["out_scale"], a["out_shift"], a["residual"], True)
+        eager = reference.bn_act_apply(eager_acc, a["out_scale"], a["out_shift"], a["residual"], "relu", 0.0)
     assert_within_eager_error(out[finite], eager[finite].to(out.dtype), exact[finite], f"{where} finite outputs")
 
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_epilogue_activations(gen, act, dtype, fmt, residual):
+    """Every activation in the epilogue, act(acc * out_scale + out_shift (+ residual)), at most ~2x eager's
+    error (F.conv2d in the input's dtype, then the epilogue in fp32) against float64; N = 1, Cin = 3,
+    Cout = 5, 9x9, stride 2. |z| reaches ~10: every branch (ReLU6's 6, Hardswish's +-3) is taken."""
+    _check(_args(gen, ODD_GEOMETRY, (None, True, residual, act, False), dtype, fmt))
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_epilogue_activations_keep_nan(gen, act):
+    """A NaN in the residual gives NaN out, and only there, whatever the activation (no clamp drops it)."""
+    a = _args(gen, ODD_GEOMETRY, (None, True, True, act, False), torch.float32, CL)
+    a["residual"][0, [0, 2, 4], [0, 2, 4], [1, 3, 0]] = float("nan")
+    out, _, _ = conv.fused_conv(**a)
+    assert torch.equal(out.isnan(), a["residual"].isnan())
 
 def _b_matrix(w):
     return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
@@ -325,11 +347,26 @@ def test_autotune_key_buckets_m(gen):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times configs on a GPU only")
 def test_autotune_key_covers_the_fusion(gen):
     """One geometry under each fusion is tuned once per fusion: "prologue_relu+stats" and "epilogue+stats"
-    pass the same dtypes (two fp32 vectors and three fp32 partials) and differ only in which operands."""
+    pass the same dtypes (two fp32 vectors and three fp32 partials) and differ only in which operands;
+    "epilogue+stats" with SiLU differs from it only in the activation."""
     before = len(conv._conv.cache)
-    for fusion in FUSIONS.values():
+    for fusion in [*FUSIONS.values(), (None, True, False, "silu", True)]:
         _check(_args(gen, (1, 16, 24, 9, 9, 3, 1, 1, 1), fusion, torch.float16, CL))  # Cout 24: no other test's key
-    assert len(conv._conv.cache) == before + len(FUSIONS)
+    assert len(conv._conv.cache) == before + len(FUSIONS) + 1
+
+
+def test_autotune_key_covers_the_activation(gen, monkeypatch):
+    """The epilogue activation is part of the autotune key (its code changes the kernel's registers and
+    time); its parameter alpha is not. Two configs and a stand-in for the timing, so that the autotuner
+    keys its cache here too (the interpreter has one config: nothing is tuned)."""
+    configs = [conv._config(32, 16, 16, 4, 1), conv._config(16, 16, 16, 4, 1)]
+    monkeypatch.setattr(conv._conv, "configs", configs)
+    monkeypatch.setattr(conv._conv, "cache", {})
+    monkeypatch.setattr(conv._conv, "_bench", lambda *args, config, **kwargs: [float(configs.index(config))])
+    for act, alpha, entries in [("relu", 0.0, 1), ("silu", 0.0, 2), ("leaky_relu", 0.1, 3), ("leaky_relu", 0.3, 3),
+                                ("relu", 0.0, 3)]:
+        _check(_args(gen, ODD_GEOMETRY, (None, True, False, act, False), torch.float32, CL) | dict(alpha=alpha))
+        assert len(conv._conv.cache) == entries, (act, alpha)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -356,16 +393,16 @@ def test_autotune_off_keeps_one_config(monkeypatch):
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
 def test_opcheck_triton_conv_bn_act(gen, mode, fmt):
     """torch.ops.resnet_fused.triton_conv_bn_act through opcheck in each of its modes: the eval epilogue
-    (out_scale / out_shift / residual / relu, no statistics: conv_bn_act's inference path), the
+    (out_scale / out_shift / residual / an activation with its parameter, no statistics: conv_bn_act's inference path), the
     training prologue (in_scale / in_shift / in_relu, with statistics: conv2d_stats after a deferred
     BN + ReLU), plain with statistics. Odd channel counts, stride 2, the residual in the other layout."""
-    fusion = {"eval_epilogue": (None, True, True, True, False), "prologue_stats": ("affine", False, False, False, True),
-              "plain_stats": (None, False, False, False, True)}[mode]
+    fusion = {"eval_epilogue": (None, True, True, "leaky_relu", False), "prologue_stats": ("affine", False, False, "none", True),
+              "plain_stats": (None, False, False, "none", True)}[mode]
     a = _args(gen, GEOMETRIES["3x3s2p1"] if mode != "prologue_stats" else GEOMETRIES["1x1s2"], fusion, torch.float32, fmt)
     if mode == "prologue_stats":
         a["in_relu"] = True
     order = ("input", "weight", "stride", "padding", "dilation", "in_scale", "in_shift", "in_relu", "out_scale", "out_shift",
-             "residual", "relu", "stats")
+             "residual", "act", "alpha", "stats")
     args = tuple(list(a[k]) if k in ("stride", "padding", "dilation") else a[k] for k in order)
     torch.library.opcheck(torch.ops.resnet_fused.triton_conv_bn_act, args)
 

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from helpers import INTERPRET, TRITON_DEVICE, assert_matches_spec
+from helpers import INTERPRET, TRITON_DEVICE, assert_matches_spec, assert_within_eager_error, layout_of
 
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
 from resnet_fused import reference as ref  # noqa: E402
+from resnet_fused.activations import ACTIVATIONS, Activation  # noqa: E402
 from resnet_fused.triton import _launch, bn_act, bn_coeffs, welford  # noqa: E402
 from resnet_fused.triton.add_relu import add_relu  # noqa: E402
 
@@ -104,11 +105,11 @@ def test_bn_stats(gen, shape, fmt, dtype, special):
 
 @cases
 @specials
-@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False), (True, True)])
-def test_bn_act_apply(gen, shape, fmt, dtype, special, residual, relu):
+@pytest.mark.parametrize("residual,act", [(False, "none"), (False, "relu"), (True, "none"), (True, "relu")])
+def test_bn_act_apply(gen, shape, fmt, dtype, special, residual, act):
     x, scale, shift = _act(gen, shape, dtype, fmt, special=special), _vec(gen, shape[1]), _vec(gen, shape[1])
     res = _act(gen, shape, dtype, fmt, special=special) if residual else None
-    _check(bn_act.bn_act_apply(x, scale, shift, res, relu), ref.bn_act_apply(x, scale, shift, res, relu))
+    _check(bn_act.bn_act_apply(x, scale, shift, res, act, 0.0), ref.bn_act_apply(x, scale, shift, res, act, 0.0))
 
 
 @cases
@@ -146,6 +147,60 @@ def test_bn_act_backward_elemt(gen, shape, fmt, dtype, special, relu, training, 
         assert gr.numel() == 0 and gr.dtype == dtype
 
 
+# every activation; LeakyReLU with a slope other than its default
+ACTS = [(name, 0.2 if name == "leaky_relu" else 0.0) for name in ACTIVATIONS]
+acts = pytest.mark.parametrize("act,alpha", ACTS, ids=[name for name, _ in ACTS])
+
+
+def _act_operands(gen, shape, dtype, fmt, special):
+    """(g, x, scale, shift, res): x * scale + shift + res spread over about [-10, 10], so that every branch
+    (ReLU6's 6, Hardswish's +-3) is taken; scale of either sign, |scale| in [0.5, 1.5]; g in the other format."""
+    C, other = shape[1], CL if fmt == NCHW else NCHW
+    sign = torch.where(torch.rand(C, generator=gen) < 0.5, -1.0, 1.0)
+    scale = (sign * (0.5 + torch.rand(C, generator=gen))).to(DEVICE)
+    x, res = _act(gen, shape, dtype, fmt, scale=3.0, special=special), _act(gen, shape, dtype, fmt, special=special)
+    return _act(gen, shape, dtype, other), x, scale, _vec(gen, C), res
+
+
+def _eager_pre_activation(x, scale, shift, res):
+    # z as eager PyTorch forms it in x's dtype: batch norm (fp32 inside, rounded to x's dtype), + residual in x's dtype
+    z = (x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+    return z if res is None else z + res
+
+
+def _check_exact(fused, eager, exact, layout, what):
+    """Against float64: NaN exactly where it has NaN, the same infinities, the finite rest at most ~2x
+    eager's error (helpers.assert_within_eager_error); fused in `layout`."""
+    assert layout_of(fused) == layout, f"{what}: layout {layout_of(fused)}, expected {layout}"
+    assert torch.equal(fused.isnan(), exact.isnan()), f"{what}: NaN where float64 has none, or the reverse"
+    inf = exact.isinf()
+    assert torch.equal(fused.isinf(), inf) and torch.equal(fused[inf].double(), exact[inf]), f"{what}: infinities differ"
+    finite = exact.isfinite()
+    assert_within_eager_error(fused[finite], eager[finite], exact[finite], what)
+
+
+@acts
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@specials
+def test_activations(gen, act, alpha, residual, fmt, dtype, special):
+    """bn_act_apply and act_backward with every activation against the reference on float64 operands;
+    eager: z formed in the dtype (batch norm, then + residual), then torch's activation or aten's
+    backward in the dtype. N = 1, C = 3, 7x7 (ragged tiles in both layouts). nonfinite: NaN in gives NaN
+    out (input and residual), infinities land where torch's formulas put them."""
+    g, x, scale, shift, res = _act_operands(gen, (1, 3, 7, 7), dtype, fmt, special)
+    res = res if residual else None
+    spec = Activation(act, alpha)
+    exact_args = (x.double(), scale.double(), shift.double(), None if res is None else res.double(), act, alpha)
+    z = _eager_pre_activation(x, scale, shift, res)
+    _check_exact(bn_act.bn_act_apply(x, scale, shift, res, act, alpha), spec(z), ref.bn_act_apply(*exact_args),
+                 layout_of(x), f"bn_act_apply {act}")
+    _check_exact(bn_act.act_backward(g, x, scale, shift, res, act, alpha), spec.backward(g, z),
+                 ref.act_backward(g.double(), *exact_args), layout_of(x), f"act_backward {act}")
+
+
+
 def _check_stats_and_backward(stats_input, g, x, y, scale, shift):
     """bn_stats(stats_input), then bn_act_backward_reduce and bn_act_backward_elemt on (g, x, y) with
     scale standing in for the mean, against the reference (sums at the size of their terms)."""
@@ -170,7 +225,8 @@ def test_mixed_and_strided_layouts(gen, fmt):
     scale, shift = _vec(gen, C), _vec(gen, C)
     _check(add_relu(x, r), ref.add_relu(x, r))
     _check(add_relu(strided, r), ref.add_relu(strided, r))
-    _check(bn_act.bn_act_apply(x, scale, shift, r, True), ref.bn_act_apply(x, scale, shift, r, True))
+    _check(bn_act.bn_act_apply(x, scale, shift, r, "relu", 0.0), ref.bn_act_apply(x, scale, shift, r, "relu", 0.0))
+    _check(bn_act.act_backward(g, strided, scale, shift, r, "silu", 0.0), ref.act_backward(g, strided, scale, shift, r, "silu", 0.0))
     _check_stats_and_backward(strided, g, x, y, scale, shift)
 
 
@@ -191,7 +247,8 @@ def test_small_tiles(gen, fmt, monkeypatch):
     chunk_s, num_chunks = plan.reduce_chunks()
     assert num_chunks > 1 and chunk_s > plan.block_s and plan.P // C * num_chunks > 2  # paths exercised
     _check_stats_and_backward(x, g, x, y, scale, shift)
-    _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
+    _check(bn_act.bn_act_apply(x, scale, shift, g, "relu", 0.0), ref.bn_act_apply(x, scale, shift, g, "relu", 0.0))
+    _check(bn_act.act_backward(g, x, scale, shift, y, "gelu", 0.0), ref.act_backward(g, x, scale, shift, y, "gelu", 0.0))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -210,7 +267,9 @@ def test_empty():
     x = torch.empty((0, 4, 3, 3), device=DEVICE)
     for t in (*bn_act.bn_stats(x), *bn_act.bn_act_backward_reduce(x, x, torch.zeros(4, device=DEVICE), x)):
         assert t.shape == (4,) and t.dtype == torch.float32 and not t.any()
-    assert bn_act.bn_act_apply(x, torch.ones(4, device=DEVICE), torch.ones(4, device=DEVICE), None, True).shape == x.shape
+    ones = torch.ones(4, device=DEVICE)
+    assert bn_act.bn_act_apply(x, ones, ones, None, "relu", 0.0).shape == x.shape
+    assert bn_act.act_backward(x, x, ones, ones, x, "silu", 0.0).shape == x.shape
     assert add_relu(x, x).shape == x.shape
     gi, gr = bn_act.bn_act_backward_elemt(x, x, None, None, torch.ones(4, device=DEVICE), None, None, True)
     assert gi.shape == x.shape and gr.shape == x.shape
@@ -229,10 +288,11 @@ def test_relu_matches_eager(fmt, dtype):
     g[1] = float("nan")  # a NaN gradient is zeroed where out <= 0 and passed elsewhere
     eager_grad = torch.ops.aten.threshold_backward(g, torch.relu(x), 0)
     _check(add_relu(x, zero), torch.relu(x))
-    _check(bn_act.bn_act_apply(x, ones, ones * 0, None, True), torch.relu(x))
+    _check(bn_act.bn_act_apply(x, ones, ones * 0, None, "relu", 0.0), torch.relu(x))
     gi, gr = bn_act.bn_act_backward_elemt(g, x, None, None, ones, None, None, True)
     _check(gi, eager_grad)
     _check(gr, eager_grad)
+    _check(bn_act.act_backward(g, x, ones, ones * 0, None, "relu", 0.0), eager_grad)  # from z = x: the same mask
     sum_dy, _ = bn_act.bn_act_backward_reduce(g, x, ones * 0, x)
     _check(sum_dy, eager_grad.double().sum((0, 2, 3)).float(), eager_grad.double().abs().sum((0, 2, 3)), SUM_ULPS)
 
@@ -255,11 +315,19 @@ OPS = torch.ops.resnet_fused
         (lambda: OPS.triton_bn_stats(_x(dtype=torch.float64)), r"float32, float16 or bfloat16 tensor, got .* torch.float64"),
         (lambda: OPS.triton_add_relu_forward(_x(), _x(2, 4, 3, 2)),
          r"triton_add_relu_forward: `residual` is torch.float32 of shape \[2, 4, 3, 2\] but `input` is .* \[2, 4, 3, 3\]"),
-        (lambda: OPS.triton_bn_act_apply(_x(), _c(3), _c(), None, True), r"`scale` to be float32 of shape \[4\].*got .* shape \[3\]"),
-        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(dtype=torch.float16), None, True), r"`shift` to be float32.*got torch.float16"),
-        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(), _x(dtype=torch.bfloat16), True), r"`residual` is torch.bfloat16"),
-        (lambda: bn_act.bn_act_apply(_x(), _c(), _c(device="meta"), None, True),  # the op would dispatch to its fake
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(3), _c(), None, "relu", 0.0), r"`scale` to be float32 of shape \[4\].*got .* shape \[3\]"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(dtype=torch.float16), None, "relu", 0.0), r"`shift` to be float32.*got torch.float16"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(), _x(dtype=torch.bfloat16), "relu", 0.0), r"`residual` is torch.bfloat16"),
+        (lambda: bn_act.bn_act_apply(_x(), _c(), _c(device="meta"), None, "relu", 0.0),  # the op would dispatch to its fake
          r"triton_bn_act_apply: expected all tensors on one device, got .*`shift` on meta"),
+        (lambda: OPS.triton_bn_act_apply(_x(), _c(), _c(), None, "swish", 0.0),
+         r"triton_bn_act_apply: unknown activation 'swish'; known: none, relu, relu6, leaky_relu, silu, gelu, gelu_tanh, "
+         r"hardswish, hardsigmoid"),
+        (lambda: OPS.triton_act_backward(_x(dtype=torch.float16), _x(), _c(), _c(), None, "silu", 0.0),
+         r"triton_act_backward: `input` is torch.float32 of shape \[2, 4, 3, 3\] but `grad_out` is torch.float16"),
+        (lambda: OPS.triton_act_backward(_x(), _x(), _c(), _c(5), None, "silu", 0.0), r"`shift` to be float32 of shape \[4\]"),
+        (lambda: OPS.triton_act_backward(_x(), _x(), _c(), _c(), _x(2, 4, 3, 2), "silu", 0.0), r"`residual` is .* \[2, 4, 3, 2\]"),
+        (lambda: OPS.triton_act_backward(_x(), _x(), _c(), _c(), None, "tanh", 0.0), r"triton_act_backward: unknown activation 'tanh'"),
         (lambda: OPS.triton_bn_act_backward_reduce(_x(), _x(), _c(), _x(1, 4, 3, 3)), r"`output` is .* of shape \[1, 4, 3, 3\]"),
         (lambda: OPS.triton_bn_act_backward_elemt(_x(), None, _x(), None, _c(), None, None, False),
          r"triton_bn_act_backward_elemt: `input`, `mean`, `x_scale`, `shift` are given together or not at all"),
@@ -282,6 +350,15 @@ def test_bad_arguments_raise(call, message):
         call()
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_opcheck_activation_ops(gen, fmt):
+    """triton_bn_act_apply and triton_act_backward through opcheck (schema, fakes, their strides) with an
+    activation and slope other than ReLU's, grad_out in the other layout."""
+    g, x, scale, shift, res = _act_operands(gen, (2, 5, 4, 3), torch.float32, fmt, False)
+    torch.library.opcheck(OPS.triton_bn_act_apply, (x, scale, shift, res, "leaky_relu", 0.2))
+    torch.library.opcheck(OPS.triton_act_backward, (g, x, scale, shift, res, "gelu_tanh", 0.0))
+
+
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     """On a GPU machine (no TRITON_INTERPRET), CPU tensors reaching the compiled kernels are an error
     naming the op, the device and what it takes; here the interpreter's flag is turned off to show it."""
@@ -290,7 +367,8 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     for op, args in [
         ("add_relu_forward", (x, x)),
         ("bn_stats", (x,)),
-        ("bn_act_apply", (x, c, c, None, True)),
+        ("bn_act_apply", (x, c, c, None, "relu", 0.0)),
+        ("act_backward", (x, x, c, c, None, "silu", 0.0)),
         ("bn_act_backward_reduce", (x, x, c, x)),
         ("bn_act_backward_elemt", (x, x, x, c, c, c, c, True)),
         ("bn_scale_shift", (c, c, c, c, 1e-5)),
@@ -313,7 +391,8 @@ def test_runs_on_the_tensors_device(gen, fmt):
     x, g, y, scale, shift = on1
     with torch.cuda.device(0):
         _check(add_relu(x, g), ref.add_relu(x, g))
-        _check(bn_act.bn_act_apply(x, scale, shift, g, True), ref.bn_act_apply(x, scale, shift, g, True))
+        _check(bn_act.bn_act_apply(x, scale, shift, g, "relu", 0.0), ref.bn_act_apply(x, scale, shift, g, "relu", 0.0))
+        _check(bn_act.act_backward(g, x, scale, shift, y, "gelu", 0.0), ref.act_backward(g, x, scale, shift, y, "gelu", 0.0))
         _check_stats_and_backward(x, g, x, y, scale, shift)
         torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
@@ -331,7 +410,8 @@ def test_over_2_31_elements(fmt):
     x = ((torch.arange(C * 16384 * 16385, device="cuda") % 511) - 255).half().view(shape).contiguous(memory_format=fmt)
     scale = 2.0 ** (torch.arange(C, device="cuda") % 4 - 2)
     assert torch.equal(add_relu(x, x), torch.relu(x + x))
-    assert torch.equal(bn_act.bn_act_apply(x, scale, scale * 0, None, True), torch.relu(x * scale.half().view(1, C, 1, 1)))
+    assert torch.equal(bn_act.bn_act_apply(x, scale, scale * 0, None, "relu", 0.0), torch.relu(x * scale.half().view(1, C, 1, 1)))
+    assert torch.equal(bn_act.act_backward(x, x, scale, scale * 0, None, "relu", 0.0), torch.relu(x))  # scale > 0: z > 0 iff x > 0
     mean, var = bn_act.bn_stats(x)
     var_ref, mean_ref = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, mean_ref, rtol=0, atol=1e-3)

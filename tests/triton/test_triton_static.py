@@ -49,6 +49,7 @@ def _meta(shape, dtype, channels_last=True):
 
 def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
     """Call every launcher of resnet_fused.triton once per kind of launch, on meta tensors; case[1]: the launch."""
+    from resnet_fused.activations import ACTIVATIONS
     from resnet_fused.triton import add_relu, bn_act, bn_coeffs, conv
 
     def vec(c):
@@ -56,29 +57,38 @@ def _drive_launchers(dtype: torch.dtype, ieee: bool, case: list):
 
     with _tf32(not ieee):
         # all fusions a launch can combine (training: prologue + statistics; eval: epilogue + residual;
-        # one launch with all of them bounds the registers of both), blocked K (Cin = 64); and the 7x7
-        # stem (Cin = 3: gathered K), which has no BN before it (no prologue) and no residual
+        # one launch with all of them bounds the registers of both), blocked K (Cin = 64), with ReLU and,
+        # for fp16 (wgmma tiles) and IEEE fp32 (FMA tiles), with GELU (the longest activation math: erf);
+        # and the 7x7 stem (Cin = 3: gathered K), which has no BN before it (no prologue) and no residual
         x, w, c = _meta((32, 64, 56, 56), dtype), _meta((64, 64, 3, 3), dtype), vec(64)
-        case[1] = "3x3 all fusions"
-        conv.fused_conv(x, w, (1, 1), (1, 1), (1, 1), c, c, True, c, c, x, True, True)
+        for act in ("relu", "gelu") if dtype == torch.float16 or ieee else ("relu",):
+            case[1] = f"3x3 all fusions {act}"
+            conv.fused_conv(x, w, (1, 1), (1, 1), (1, 1), c, c, True, c, c, x, act, 0.0, True)
         case[1] = "7x7 stem stats+epilogue"
         conv.fused_conv(_meta((32, 3, 224, 224), dtype), _meta((64, 3, 7, 7), dtype), (2, 2), (3, 3), (1, 1),
-                         None, None, False, c, c, None, True, True)
+                         None, None, False, c, c, None, "relu", 0.0, True)
     if ieee:
         return
     # the normalization launchers, past their argument checks (which accept CUDA tensors only)
-    stats, apply, reduce, elemt, add = (getattr(f, "__wrapped__", f) for f in (
-        bn_act.bn_stats, bn_act.bn_act_apply, bn_act.bn_act_backward_reduce, bn_act.bn_act_backward_elemt,
-        add_relu.add_relu))
+    stats, apply, act_backward, reduce, elemt, add = (getattr(f, "__wrapped__", f) for f in (
+        bn_act.bn_stats, bn_act.bn_act_apply, bn_act.act_backward, bn_act.bn_act_backward_reduce,
+        bn_act.bn_act_backward_elemt, add_relu.add_relu))
     for cl in (True, False):
         case[1] = "channels_last" if cl else "nchw"
         y = _meta((32, 256, 56, 56), dtype, cl)
         c = vec(256)
         stats(y)
-        apply(y, c, c, y, True)
+        apply(y, c, c, y, "relu", 0.0)
+        act_backward(y, y, c, c, y, "gelu", 0.0)
         reduce(y, y, c, y)
         elemt(y, y, y, c, c, c, c, True)
         add(y, y)
+    if dtype == torch.float16:  # every activation's forward and derivative (their code paths), once
+        y, c = _meta((32, 256, 56, 56), dtype), vec(256)
+        for act in ACTIVATIONS:
+            case[1] = f"channels_last {act}"
+            apply(y, c, c, y, act, 0.2)
+            act_backward(y, y, c, c, y, act, 0.2)
     # the per-channel coefficient launchers: fp32 (C,) vectors whatever the activation dtype
     scale_shift, coeffs = (getattr(f, "__wrapped__", f) for f in (bn_coeffs.bn_scale_shift, bn_coeffs.bn_backward_coeffs))
     c = vec(256)
