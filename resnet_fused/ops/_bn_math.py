@@ -53,8 +53,8 @@ def bn_act_grads(
     relu = act.backward_reads_output
     out = out if relu else None
     if act.backward_reads_input:  # dz = grad_out * act'(z): the gradient of the normalization's output
-        scale, shift = k.bn_scale_shift(mean, var, weight, bias, eps)
-        grad_out = k.act_backward(grad_out, x, scale, shift, residual, act.name, act.alpha)
+        z_scale, z_shift = k.bn_scale_shift(mean, var, weight, bias, eps)  # z = x * z_scale + z_shift (+ residual)
+        grad_out = k.act_backward(grad_out, x, z_scale, z_shift, residual, act.name, act.alpha)
 
     # per-channel (C,) coefficients: fp64 math, handed to the kernels in acc (fp32; fp64 on the torch backend)
     dy_scale = x_scale = shift = grad_weight = sum_dy = None
