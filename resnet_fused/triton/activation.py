@@ -87,11 +87,12 @@ def act_fwd(z, ACT: tl.constexpr, alpha):
 
 @triton.jit
 def act_grad(g, z, ACT: tl.constexpr, alpha):
-    # g * act'(z), g and z fp32 (ReLU: z may be the output, relu(z) > 0 <=> z > 0), as aten's *_backward
+    # g * act'(z), g and z fp32 (ReLU: z may be the output, relu(z) > 0 <=> z > 0), as aten's vectorized
+    # CPU *_backward kernels, NaN z included (ReLU6, Hardsigmoid: 0; LeakyReLU: alpha g; ReLU: g; others: NaN)
     if ACT == RELU:
         return tl.where(z <= 0, 0.0, g)
     elif ACT == RELU6:
-        return tl.where((z <= 0) | (z >= 6.0), 0.0, g)
+        return tl.where((z > 0) & (z < 6.0), g, 0.0)
     elif ACT == LEAKY_RELU:
         return tl.where(z > 0, g, g * alpha)
     elif ACT == SILU:
@@ -105,7 +106,7 @@ def act_grad(g, z, ACT: tl.constexpr, alpha):
         s, s_1_s = _gelu_tanh_sigmoid(z)
         return g * (s + 2.0 * z * s_1_s * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _KAPPA)))
     elif ACT == HARDSWISH:
-        return tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, g * (z / 3.0 + 0.5), g))
+        return tl.where(z <= -3.0, 0.0, tl.where(z >= 3.0, g, g * (z / 3.0 + 0.5)))
     elif ACT == HARDSIGMOID:
         return tl.where((z > -3.0) & (z < 3.0), g / 6.0, 0.0)
     else:

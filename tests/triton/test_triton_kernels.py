@@ -168,15 +168,22 @@ def _eager_pre_activation(x, scale, shift, res):
     return z if res is None else z + res
 
 
-def _check_exact(fused, eager, exact, layout, what):
+def _check_exact(fused, eager, exact, what):
     """Against float64: NaN exactly where it has NaN, the same infinities, the finite rest at most ~2x
-    eager's error (helpers.assert_within_eager_error); fused in `layout`."""
-    assert layout_of(fused) == layout, f"{what}: layout {layout_of(fused)}, expected {layout}"
+    eager's error (helpers.assert_within_eager_error)."""
     assert torch.equal(fused.isnan(), exact.isnan()), f"{what}: NaN where float64 has none, or the reverse"
     inf = exact.isinf()
     assert torch.equal(fused.isinf(), inf) and torch.equal(fused[inf].double(), exact[inf]), f"{what}: infinities differ"
     finite = exact.isfinite()
     assert_within_eager_error(fused[finite], eager[finite], exact[finite], what)
+
+
+def _grad_at_nan_z(g, act, alpha):
+    """g * d act / dz at a NaN z, as resnet_fused/activations.py defines it (aten's vectorized CPU kernels:
+    ReLU6, Hardsigmoid 0, LeakyReLU alpha, ReLU 1, the others NaN). Not from aten itself: its scalar loop
+    (a vector's tail, operands of mixed layouts) gives other values there (ReLU6: 1, Hardswish: 1 in fp16)."""
+    factor = {"none": 1.0, "relu": 1.0, "relu6": 0.0, "leaky_relu": alpha, "hardsigmoid": 0.0}.get(act, float("nan"))
+    return (g.float() * factor).to(g.dtype)
 
 
 @acts
@@ -188,18 +195,35 @@ def test_activations(gen, act, alpha, residual, fmt, dtype, special):
     """bn_act_apply and act_backward with every activation against the reference on float64 operands;
     eager: z formed in the dtype (batch norm, then + residual), then torch's activation or aten's
     backward in the dtype. N = 1, C = 3, 7x7 (ragged tiles in both layouts). nonfinite: NaN in gives NaN
-    out (input and residual), infinities land where torch's formulas put them."""
+    out (input and residual), infinities land where torch's formulas put them; at a NaN z the gradient
+    is _grad_at_nan_z's."""
     g, x, scale, shift, res = _act_operands(gen, (1, 3, 7, 7), dtype, fmt, special)
     res = res if residual else None
     spec = Activation(act, alpha)
-    exact_args = (x.double(), scale.double(), shift.double(), None if res is None else res.double(), act, alpha)
+    z64 = (x.double(), scale.double(), shift.double(), None if res is None else res.double())
     z = _eager_pre_activation(x, scale, shift, res)
-    _check_exact(bn_act.bn_act_apply(x, scale, shift, res, act, alpha), spec(z), ref.bn_act_apply(*exact_args),
-                 layout_of(x), f"bn_act_apply {act}")
-    _check_exact(bn_act.act_backward(g, x, scale, shift, res, act, alpha), spec.backward(g, z),
-                 ref.act_backward(g.double(), *exact_args), layout_of(x), f"act_backward {act}")
+    out = bn_act.bn_act_apply(x, scale, shift, res, act, alpha)
+    assert layout_of(out) == layout_of(x), f"bn_act_apply {act}: layout {layout_of(out)}"
+    _check_exact(out, spec(z), ref.bn_act_apply(*z64, act, alpha), f"bn_act_apply {act}")
+    grad = bn_act.act_backward(g, x, scale, shift, res, act, alpha)
+    assert layout_of(grad) == layout_of(x), f"act_backward {act}: layout {layout_of(grad)}"
+    nan_z = ref.bn_act_apply(*z64, "none", 0.0).isnan()
+    torch.testing.assert_close(grad[nan_z], _grad_at_nan_z(g, act, alpha)[nan_z], rtol=0, atol=0, equal_nan=True)
+    _check_exact(grad[~nan_z], spec.backward(g, z)[~nan_z], ref.act_backward(g.double(), *z64, act, alpha)[~nan_z],
+                 f"act_backward {act}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_derivative_at_the_kinks(dtype):
+    """act_backward exactly at z = -3, 0, 3, 6 (ReLU's and LeakyReLU's 0, ReLU6's 0 and 6, Hardswish's and
+    Hardsigmoid's -3 and 3): the one-sided values of resnet_fused/activations.py's table; grad_out = 2."""
+    z = torch.tensor([-3.0, 0.0, 3.0, 6.0]).view(1, 4, 1, 1).to(DEVICE, dtype)
+    g, ones = torch.full_like(z, 2.0), torch.ones(4, device=DEVICE)
+    expected = {"relu": [0, 0, 2, 2], "leaky_relu": [0.4, 0.4, 2, 2], "relu6": [0, 0, 2, 0], "hardswish": [0, 1, 2, 2],
+                "hardsigmoid": [0, 1 / 3, 0, 0]}
+    for act, values in expected.items():
+        got = bn_act.act_backward(g, z, ones, ones * 0, None, act, 0.2)
+        torch.testing.assert_close(got, torch.tensor(values).view_as(z).to(DEVICE, dtype), msg=lambda m, act=act: f"{act}: {m}")
 
 def _check_stats_and_backward(stats_input, g, x, y, scale, shift):
     """bn_stats(stats_input), then bn_act_backward_reduce and bn_act_backward_elemt on (g, x, y) with
