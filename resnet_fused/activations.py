@@ -16,8 +16,9 @@ module a model uses: ``act=nn.LeakyReLU(0.2)``) down to every kernel op, whose s
   hardsigmoid   min(max(z + 3, 0), 6) / 6                -3 < z < 3 ? 1/6 : 0
 
 NaN in gives NaN out, as torch's activations (a clamp that keeps NaN); a NaN z gets the derivative of
-aten's vectorized CPU kernels (ReLU6, Hardsigmoid: 0; LeakyReLU: alpha; the others NaN; ReLU reads the
-output: NaN passes the gradient), which the float64 reference also takes. The backward of ReLU reads the
+aten's vectorized CPU kernels on every backend (ReLU6, Hardsigmoid: 0; LeakyReLU: alpha; the others NaN;
+ReLU reads the output: NaN passes the gradient), as Activation.backward, the reference, states it (aten's
+scalar loops and CUDA kernels answer otherwise for ReLU6 and Hardswish). The backward of ReLU reads the
 saved output (as aten's); every other activation's backward recomputes z from the saved input (and
 residual) and reads it, as aten's backward formulas read the activation's input.
 """
@@ -93,23 +94,25 @@ class Activation(NamedTuple):
         return F.hardsigmoid(z)
 
     def backward(self, grad: Tensor, z: Tensor) -> Tensor:
-        """grad * d act / dz at z, by aten's backward kernels (the reference the fused backwards match)."""
+        """grad * d act / dz at z, by aten's backward kernels (the reference the fused backwards match), and
+        at a NaN z the value of the table above (aten's answer there depends on which of its loops ran)."""
         aten, name = torch.ops.aten, self.name
-        if name == "none":
-            return grad
-        if name == "relu":  # relu(z) > 0 <=> z > 0
-            return aten.threshold_backward(grad, z, 0)
+        if name in ("none", "relu"):  # relu(z) > 0 <=> z > 0; NaN passes the gradient
+            return grad if name == "none" else aten.threshold_backward(grad, z, 0)
         if name == "relu6":
-            return aten.hardtanh_backward(grad, z, 0.0, 6.0)
-        if name == "leaky_relu":
-            return aten.leaky_relu_backward(grad, z, self.alpha, False)
-        if name == "silu":
-            return aten.silu_backward(grad, z)
-        if name in ("gelu", "gelu_tanh"):
-            return aten.gelu_backward(grad, z, approximate="tanh" if name == "gelu_tanh" else "none")
-        if name == "hardswish":
-            return aten.hardswish_backward(grad, z)
-        return aten.hardsigmoid_backward(grad, z)
+            dz = aten.hardtanh_backward(grad, z, 0.0, 6.0)
+        elif name == "leaky_relu":
+            dz = aten.leaky_relu_backward(grad, z, self.alpha, False)
+        elif name == "silu":
+            dz = aten.silu_backward(grad, z)
+        elif name in ("gelu", "gelu_tanh"):
+            dz = aten.gelu_backward(grad, z, approximate="tanh" if name == "gelu_tanh" else "none")
+        elif name == "hardswish":
+            dz = aten.hardswish_backward(grad, z)
+        else:
+            dz = aten.hardsigmoid_backward(grad, z)
+        at_nan = {"relu6": 0.0, "hardsigmoid": 0.0, "leaky_relu": grad * self.alpha}.get(name, float("nan"))
+        return torch.where(z.isnan(), at_nan, dz)
 
     def module(self) -> nn.Module:
         """The nn module computing this activation (eager twins of fused modules)."""

@@ -46,8 +46,9 @@ def _calls(act):
     return [
         ("add_relu_forward", (act(), act())),
         ("bn_stats", (act(),)),
-        ("bn_act_apply", (act(), vec(), vec(), None, True)),
-        ("bn_act_apply(residual)", (act(), vec(), vec(), act(), True)),
+        ("bn_act_apply", (act(), vec(), vec(), None, "relu", 0.0)),
+        ("bn_act_apply(residual)", (act(), vec(), vec(), act(), "relu", 0.0)),
+        ("act_backward", (act(), act(), vec(), vec(), act(), "silu", 0.0)),
         ("bn_act_backward_reduce", (act(), act(), vec(), act())),
         ("bn_act_backward_elemt(train)", (act(), act(), act(), vec(), vec(), vec(), vec(), True)),
         ("bn_act_backward_elemt(eval)", (act(), act(), None, None, vec(), None, None, True)),
@@ -87,7 +88,7 @@ def test_fake_and_real_outputs_have_the_same_strides(layout):
 def test_activation_outputs_are_dense(layout):
     """Outputs are dense in the layout the rule names, never in the input's odd strides."""
     x = LAYOUTS[layout]()
-    out = OPS.bn_act_apply(x, torch.ones(x.shape[1]), torch.zeros(x.shape[1]), None, False)
+    out = OPS.bn_act_apply(x, torch.ones(x.shape[1]), torch.zeros(x.shape[1]), None, "none", 0.0)
     channels_last = x.is_contiguous(memory_format=CL) and not x.is_contiguous()
     assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format), (x.stride(), out.stride())
     torch.testing.assert_close(out, x, rtol=0, atol=0)
