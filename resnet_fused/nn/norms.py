@@ -1,8 +1,9 @@
-"""The BatchNorm variants the fused conv -> BN (-> ReLU) computes exactly, besides nn.BatchNorm2d.
+"""The BatchNorm variants the fused conv -> BN (-> activation) computes exactly, besides nn.BatchNorm2d.
 
 - timm's ``BatchNormAct2d`` (BatchNorm + drop + activation in one module): its forward is a copy of
   nn.BatchNorm2d's (same momentum / num_batches_tracked / running-statistics rules), then ``drop`` and
-  ``act``; fused when ``drop`` is Identity and ``act`` is ReLU (relu=True) or Identity (relu=False).
+  ``act``; fused when ``drop`` is Identity and ``act`` is an activation the kernels compute
+  (resnet_fused.activations.module_activation: ReLU, SiLU, LeakyReLU, GELU, Hardswish, ..., Identity).
 - torchvision's ``FrozenBatchNorm2d`` (a fixed affine from buffers, in training and eval alike):
   always foldable; the fused path sees it through ``FrozenBNView``, an eval-mode BatchNorm2d view of the
   live buffers (nothing is copied: `.to()`, `load_state_dict` and in-place edits are seen at once).
@@ -15,11 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from resnet_fused.activations import ACTIVATIONS, Activation, module_activation
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
 from resnet_fused.nn.conv_bn import fused_conv_bn_forward
 
 FROZEN_BN = {("torchvision.ops.misc", "FrozenBatchNorm2d")}
 BN_ACT = {("timm.layers.norm_act", "BatchNormAct2d")}
+KNOWN = f"known: {', '.join(ACTIVATIONS)}, as torch.nn or timm modules"
 
 
 def _key(cls) -> tuple[str, str]:
@@ -52,17 +55,23 @@ def norm_problem(bn: nn.Module) -> str | None:
     if _key(cls) in BN_ACT:
         if type(bn.drop) is not nn.Identity:
             return f"BatchNormAct2d with drop={type(bn.drop).__name__} (fused: Identity)"
-        if type(bn.act) not in (nn.ReLU, nn.Identity):
-            return f"BatchNormAct2d with activation {type(bn.act).__name__} (fused: ReLU or none)"
+        if module_activation(bn.act) is None:
+            return f"BatchNormAct2d with activation {describe(bn.act)}, which the fused kernels do not compute ({KNOWN})"
         return None
     if isinstance(bn, nn.SyncBatchNorm):
         return "SyncBatchNorm (fuse the nn.BatchNorm2d model with sync_bn=True instead)"
     return f"{cls.__name__} is not a norm the fused kernels reproduce (nn.BatchNorm2d, timm BatchNormAct2d, FrozenBatchNorm2d)"
 
 
-def internal_relu(bn: nn.Module) -> bool | None:
-    """For a BatchNormAct2d: whether its own activation is a ReLU; None for a norm without one."""
-    return type(bn.act) is nn.ReLU if is_bn_act(bn) else None
+def internal_activation(bn: nn.Module) -> Activation | None:
+    """A BatchNormAct2d's own activation (Identity: none; norm_problem says when it is not one the kernels
+    compute); None for a norm without one."""
+    return module_activation(bn.act) if is_bn_act(bn) else None
+
+
+def describe(act: nn.Module) -> str:
+    """An activation module as a report names it: its class and settings (``Hardtanh(min_val=-1.0, max_val=1.0)``)."""
+    return f"{type(act).__name__}({act.extra_repr()})"
 
 
 class FrozenBNView:

@@ -1,5 +1,6 @@
-"""The torchvision and timm classes fuse_ recognizes, by (module path, class name), so that neither
-library is imported: whole blocks, conv -> BN chains inside modules, stems, activations."""
+"""The torchvision, timm and Hugging Face transformers classes fuse_ recognizes, by (module path, class
+name), so that none of these libraries is imported: whole blocks, conv -> BN chains inside modules, stems,
+where activation modules live."""
 
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
 from resnet_fused.nn.norms import FusedFrozenBNBasicBlock, FusedFrozenBNBottleneck
@@ -27,6 +28,9 @@ CHAINS = {
     ("timm.models.resnetv2", "DownsampleConv"): [("conv", "norm", (), None)],
     ("timm.layers.conv_bn_act", "ConvNormAct"): [("conv", "bn", (), None)],
     ("timm.layers.selective_kernel", "SelectiveKernelAttn"): [("fc_reduce", "bn", (), "act")],
+    # transformers ResNets (ResNetModel, ResNetForImageClassification, ResNetBackbone): every BN is in one of these
+    ("transformers.models.resnet.modeling_resnet", "ResNetConvLayer"): [("convolution", "normalization", (), "activation")],
+    ("transformers.models.resnet.modeling_resnet", "ResNetShortCut"): [("convolution", "normalization", (), None)],
 }
 
 # stems: children run conv -> bn -> act in this order (a conv that is an nn.Sequential is flattened)
@@ -37,6 +41,8 @@ KNOWN_STEMS = {
 
 PREACT_BLOCKS = {("timm.models.resnetv2", "PreActBasic"), ("timm.models.resnetv2", "PreActBottleneck")}
 
-# where activation modules live: one of these after a norm, other than ReLU, leaves the unit alone
+# where activation modules live: one of these after a norm that the fused kernels do not compute
+# (resnet_fused.activations.module_activation is None: PReLU, ELU, Hardtanh other than (0, 6), ...) leaves
+# the unit alone; another module there (pooling, dropout, a model's own) runs as it is after the fused unit
 ACTIVATION_MODULES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me",
-                       "timm.layers.create_act")
+                      "timm.layers.create_act", "transformers.activations")
