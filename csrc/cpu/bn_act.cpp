@@ -100,7 +100,7 @@ at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const 
     const std::array<scalar_t*, 1> o{out.mutable_data_ptr<scalar_t>()};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     dispatch_act(a, [&](auto tag) {
-      constexpr Act A = decltype(tag)::value;
+      [[maybe_unused]] constexpr Act A = decltype(tag)::value;  // used as a template argument only (GCC warns)
       // out = act(x * scale + shift (+ residual))
       if (r.defined()) {
         channel_map(g, std::array<const scalar_t*, 2>{xp, r.const_data_ptr<scalar_t>()}, params, o,
@@ -132,7 +132,7 @@ at::Tensor act_backward(const at::Tensor& grad_out, const at::Tensor& input, con
     const scalar_t* gp = dout.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     dispatch_act(a, [&](auto tag) {
-      constexpr Act A = decltype(tag)::value;
+      [[maybe_unused]] constexpr Act A = decltype(tag)::value;  // used as a template argument only (GCC warns)
       // dz = grad * act'(z), z = x * scale + shift (+ residual) recomputed in fp32
       if (r.defined()) {
         channel_map(g, std::array<const scalar_t*, 3>{gp, xp, r.const_data_ptr<scalar_t>()}, params, o,
