@@ -8,7 +8,6 @@ running statistics, unfuse_), and its standalone BN -> act units by check_standa
 same per-unit check (helpers.fused_units knows the conv-headed units and the blocks)."""
 
 import copy
-import dataclasses
 import functools
 import pickle
 import subprocess
@@ -20,9 +19,7 @@ import torch
 import torchvision
 from timm.layers import BatchNormAct2d, ConvNormAct
 from timm.layers import activations as timm_acts
-from timm.models import byobnet, cspnet
 from torch import nn
-from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
 from torchvision.ops import Conv2dNormActivation
 
 import resnet_fused
@@ -155,31 +152,18 @@ def test_hooked_standalone_bn_is_left_and_explained():
     assert not report.swapped and "hooks" in report.bn_left["0"], report
 
 
-def _one_block_per_stage(name: str) -> nn.Module:
-    """The model's architecture with one block per stage: every block type, activation and norm layout of the
-    full model (stride-1 repeats dropped), in a fraction of its units (the per-unit check's time)."""
-    if name == "resnetv2_50":
-        return timm.create_model(name, layers=[1, 1, 1, 1], num_classes=4, pretrained=False)
-    if name == "resnext26ts":
-        cfg = byobnet.model_cfgs[name]
-        return byobnet.ByobNet(dataclasses.replace(cfg, blocks=tuple(dataclasses.replace(b, d=1) for b in cfg.blocks)),
-                               num_classes=4)
-    if name == "cspresnet50":
-        cfg = cspnet.model_cfgs[name]
-        return cspnet.CspNet(dataclasses.replace(cfg, stages=dataclasses.replace(cfg.stages, depth=(1, 1, 1, 1))),
-                             num_classes=4)
-    setting, last_channel = _mobilenet_v3_conf(name)  # mobilenet_v3_small: the stem, 4 blocks (Hardswish from the 4th), the head
-    return MobileNetV3(setting[:4], last_channel, num_classes=4)
-
-
-# stage 4 at 2 x 2 (48 / 32, rounded up): at 1 x 1 the folded 1x1 convs' error on the cpu backend (aten conv with
-# a bias) reaches 3-4x eager's there, which the eval-path check does not accept
+# stage 4 at 2 x 2 (48 / 32, rounded up): at 1 x 1 the folded 1x1 convs' inference error on the cpu backend (aten's
+# conv with a bias, 2 output pixels) reaches 3-4x eager's, above check_inference's bound (whose folded eager way,
+# torch.fx's conv-BN fusion, does not fold a timm BatchNormAct2d: eager's error there is the unfolded one's)
 @pytest.mark.parametrize("name,activation", [("resnext26ts", "SiLU"), ("cspresnet50", "LeakyReLU"), ("resnetv2_50", "ReLU"),
                                              ("mobilenet_v3_small", "Hardswish")])
 def test_cnn_families(name, activation):
-    report = check_model(lambda: _one_block_per_stage(name), torch.randn(2, 3, 48, 48))
-    model = _one_block_per_stage(name)
-    assert any(type(m).__name__ == activation for m in model.modules()) and report.bn_total > 10 and not report.bn_left, report
+    def build():
+        if name == "mobilenet_v3_small":
+            return torchvision.models.mobilenet_v3_small(num_classes=4)
+        return timm.create_model(name, num_classes=4, pretrained=False)
+    report = check_model(build, torch.randn(2, 3, 48, 48))
+    assert any(type(m).__name__ == activation for m in build().modules()) and report.bn_total > 30 and not report.bn_left, report
     if name == "resnetv2_50":  # pre-activation: every block's norm1 and the final norm are standalone BN + ReLU
         assert "stages.0.blocks.0.norm1" in report.swapped and "norm" in report.swapped, report
     if name == "mobilenet_v3_small":
