@@ -58,7 +58,7 @@ def test_ops_are_bitwise_deterministic(device, backend, dtype):
 
         def run():
             leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, b)]
-            out, mean, var = OPS.bn_act_train(leaves[0], leaves[2], leaves[3], leaves[1], 1e-5, True, backend)
+            out, mean, var = OPS.bn_act_train(leaves[0], leaves[2], leaves[3], leaves[1], 1e-5, "relu", 0.0, backend)
             m, v = rm.clone(), rv.clone()
             y = functional.bn_act(out, m, v, leaves[2], leaves[3], True, 0.1, 1e-5, act=None, backend=backend)
             z = functional.bn_act(y, rm, rv, leaves[2], leaves[3], False, 0.1, 1e-5, residual=leaves[1], backend=backend)

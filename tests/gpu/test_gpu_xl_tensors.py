@@ -140,7 +140,7 @@ def test_bn_act_train_xl(device, backend, fmt, poisoned):
         x = _activation(shape, fmt, device).requires_grad_()
         w = (torch.rand(C, device=device) + 0.5).requires_grad_()
         b = (torch.randn(C, device=device) * 0.3).requires_grad_()
-        out, mean, var = OPS.bn_act_train(x, w, b, None, EPS, True, backend)
+        out, mean, var = OPS.bn_act_train(x, w, b, None, EPS, "relu", 0.0, backend)
         assert out.shape == x.shape and out.is_contiguous(memory_format=fmt)
 
         # batch statistics in float64, chunk by chunk (sum, sum of squares: |x| <= ~20, no cancellation issue)
