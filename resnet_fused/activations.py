@@ -51,6 +51,11 @@ _MODULES = {
     ("timm.layers.activations_me", "SwishMe"): "silu",
     ("timm.layers.activations_me", "HardSwishMe"): "hardswish",
     ("timm.layers.activations_me", "HardSigmoidMe"): "hardsigmoid",
+    # Hugging Face transformers' (ACT2FN["gelu"], ["silu"], ["gelu_pytorch_tanh"], ["linear"])
+    ("transformers.activations", "GELUActivation"): "gelu",
+    ("transformers.activations", "SiLUActivation"): "silu",
+    ("transformers.activations", "GELUTanh"): "gelu_tanh",
+    ("transformers.activations", "LinearActivation"): "none",
 }
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger("resnet_fused")
 
 __all__ = ["FuseReport", "fuse_", "unfuse_"]
 
-# the head's former name, which tests/helpers.py imports and pickles of models fused before other activations name
+# the head's former name, which pickles of models fused before other activations name
 _FusedConvBNReLUHead = FusedConvBNActHead
 
 

@@ -322,9 +322,11 @@ def check_converted_model(build, x, expect_swapped: int | None = None, expect_sk
 
 def fused_units(fused: torch.nn.Module) -> list[list[str]]:
     """The outermost modules fuse_ swapped, each as the names of the modules it computes, in call order:
-    [block] for a fused block, [conv, bn(, act)] for a fused conv -> BN (-> act) run."""
-    from resnet_fused.convert import _FusedConvBNReLUHead
+    [block] for a fused block, [conv, bn(, act)] for a fused conv -> BN (-> act) run, [bn(, act)] for a
+    standalone BN (-> act)."""
     from resnet_fused.nn import FusedBasicBlock, FusedBottleneck
+    from resnet_fused.nn.bn_act import _FusedBNActForward
+    from resnet_fused.nn.conv_bn_head import FusedConvBNActHead
 
     name_of = {id(m): n for n, m in fused.named_modules()}
     units, blocks = [], []
@@ -334,9 +336,13 @@ def fused_units(fused: torch.nn.Module) -> list[list[str]]:
         if isinstance(m, (FusedBasicBlock, FusedBottleneck)):
             units.append([name])
             blocks.append(name)
-        elif isinstance(m, _FusedConvBNReLUHead):
-            act = m._resnet_fused_act
-            units.append([name, name_of[id(m._resnet_fused_bn)]] + ([name_of[id(act)]] if act is not None else []))
+            continue
+        act = m.__dict__.get("_resnet_fused_act")
+        acts = [name_of[id(act)]] if act is not None else []
+        if isinstance(m, FusedConvBNActHead):
+            units.append([name, name_of[id(m._resnet_fused_bn)]] + acts)
+        elif isinstance(m, _FusedBNActForward):
+            units.append([name] + acts)
     return units
 
 

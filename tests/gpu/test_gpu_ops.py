@@ -45,12 +45,15 @@ def _autograd_op_cases(device, backend, dtype):
                 return _vec(C, device).to(dtype).requires_grad_()
 
             yield OPS.add_relu, (act(), act(), backend)
-            yield OPS.bn_act_train, (act(), param(), param(), act(), 1e-5, True, backend)
-            yield OPS.bn_act_train, (act(), None, None, None, 1e-3, False, backend)
+            yield OPS.bn_act_train, (act(), param(), param(), act(), 1e-5, "relu", 0.0, backend)
+            yield OPS.bn_act_train, (act(), None, None, None, 1e-3, "none", 0.0, backend)
+            yield OPS.bn_act_train, (act(), param(), param(), act(), 1e-5, "silu", 0.0, backend)
             yield OPS.bn_act_eval, (act(), _vec(C, device), _vec(C, device, positive=True), param(), param(), act(), 1e-5,
-                                    True, backend)
-            yield OPS.bn_act_eval, (act(), _vec(C, device), _vec(C, device, positive=True), None, None, None, 1e-5, False,
-                                    backend)
+                                    "relu", 0.0, backend)
+            yield OPS.bn_act_eval, (act(), _vec(C, device), _vec(C, device, positive=True), None, None, None, 1e-5, "none",
+                                    0.0, backend)
+            yield OPS.bn_act_eval, (act(), _vec(C, device), _vec(C, device, positive=True), param(), param(), act(), 1e-5,
+                                    "leaky_relu", 0.2, backend)
 
 
 @pytest.mark.parametrize("dtype", LOW)

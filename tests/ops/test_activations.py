@@ -225,6 +225,12 @@ def test_activation_spec_parsing():
     assert parse(nn.Hardtanh(0.0, 6.0)) == Activation("relu6") and parse(nn.ReLU6()) == Activation("relu6")
     assert parse(nn.Identity()).is_identity and parse(nn.ReLU(inplace=True)) == Activation("relu")
     assert module_activation(nn.PReLU()) is None and module_activation(nn.Hardtanh(-1.0, 1.0)) is None
+    from transformers.activations import ACT2FN  # Hugging Face's modules: the same functions
+    for name, spec in (("gelu", "gelu"), ("silu", "silu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("linear", "none"),
+                       ("relu", "relu"), ("relu6", "relu6")):
+        z = torch.randn(50) * 4
+        assert parse(ACT2FN[name]) == Activation(spec), name
+        torch.testing.assert_close(ACT2FN[name](z), Activation(spec)(z))
     for act in ACTS:  # the eager module of each spec computes the spec's function
         z = torch.randn(50) * 4
         torch.testing.assert_close(act.module()(z), act(z))
