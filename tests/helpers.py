@@ -145,6 +145,38 @@ def assert_sum_cancels(got, terms_abs_sum, what: str, ulps: float = 4.0, dtype=N
                                  f"{ulps} ulps x sum|terms| (at most {bound.max().item():.3g}) by {excess.max().item():.3g}")
 
 
+def bn_act_backward_resolution(x, residual, weight, bias, mean, var, grad, act, training: bool, eps: float = 1e-5,
+                               ulps: float = 2.0) -> dict[str, torch.Tensor]:
+    """What the arithmetic resolves in the gradients of out = act(batch_norm(x) + residual), from float64:
+    {"input": per element, "weight", "bias": per channel}. dz = grad * act'(z) is stored in x's dtype (by
+    eager too) unless it is exact (ReLU's mask, none), and read at a z rounded from its terms (|act''| <= 1:
+    an error of |g| eps (|x_hat w| + |b| + |residual|)); then the per-channel sums sum dz x_hat, sum dz cancel.
+    With d = |dz| + that z term:
+      weight, bias: ulps eps sum d |x_hat|, ulps eps sum d
+      input: ulps eps |w invstd| (d (+ mean d + |x_hat| mean d |x_hat| in training))
+    with eps that of x's dtype for a rounded dz, fp32's for an exact one. mean / var: the statistics that
+    normalize (None in training: the batch's)."""
+    from resnet_fused.activations import activation as spec
+
+    act = spec(act)
+    x64, g = x.double(), grad.double()
+    if training:
+        var, mean = torch.var_mean(x64, (0, 2, 3), correction=0)
+    invstd = (var.double().view(1, -1, 1, 1) + eps).rsqrt()
+    x_hat = (x64 - mean.double().view(1, -1, 1, 1)) * invstd
+    w = weight.double().view(1, -1, 1, 1) if weight is not None else torch.ones_like(invstd)
+    b = bias.double().view(1, -1, 1, 1) if bias is not None else torch.zeros_like(invstd)
+    r = residual.double() if residual is not None else torch.zeros_like(x64)
+    dz = act.backward(g, x_hat * w + b + r).abs()
+    if act.backward_reads_input:
+        dz = dz + g.abs() * ((x_hat * w).abs() + b.abs() + r.abs())
+    e = ulps * torch.finfo(x.dtype if act.backward_reads_input else torch.float32).eps
+    terms = dz + (dz.mean((0, 2, 3), keepdim=True) + x_hat.abs() * (dz * x_hat.abs()).mean((0, 2, 3), keepdim=True)
+                  if training else 0)
+    return {"input": e * (w * invstd).abs() * terms, "weight": e * (dz * x_hat.abs()).sum((0, 2, 3)),
+            "bias": e * dz.sum((0, 2, 3))}
+
+
 def interpreted_triton() -> bool:
     return INTERPRET and not torch.cuda.is_available()
 

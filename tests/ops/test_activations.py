@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import FORMATS, activation, assert_within_eager_error, backend_params, device_of, interpreted_triton
+from helpers import (FORMATS, activation, assert_within_eager_error, backend_params, bn_act_backward_resolution, device_of,
+                     interpreted_triton)
 from resnet_fused import functional, reference
 from resnet_fused.activations import ACTIVATIONS, Activation, activation as parse, module_activation
 from resnet_fused.nn import FusedConvBNAct, FusedConvBNReLU
@@ -45,18 +46,6 @@ def _inputs(shape, dtype, fmt, device, with_residual):
             torch.rand(C, device=device) + 0.5, activation(shape, dtype, fmt, device))
 
 
-def _sum_resolution(inputs, act, dtype, training):
-    """What fp16 / bf16 can resolve in a per-channel gradient sum_i dz_i (x_hat_i) with dz = g * act'(z)
-    stored in that dtype, as eager stores it too: one ulp of each term, eps(dtype) * sum_i |g_i| (1 + |x_hat_i|)
-    * max|act'| (<= 1.5). None for fp32 and for ReLU / none, whose dz = g or 0 is exact (the 2x rule alone)."""
-    if dtype == torch.float32 or not act.backward_reads_input:
-        return None
-    x, _, _, _, rm, rv, g = (t.double() if t is not None else None for t in inputs)
-    var, mean = torch.var_mean(x, (0, 2, 3), correction=0) if training else (rv, rm)
-    x_hat = (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-5).sqrt()
-    return 1.5 * torch.finfo(dtype).eps * (g.abs() * (1 + x_hat.abs())).sum((0, 2, 3))
-
-
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -73,10 +62,11 @@ def test_bn_act_every_activation(backend, act, training, fmt, poisoned):
                 exact = _run(reference.bn_act, inputs, training, act, cast=torch.float64)
                 what = f"{backend} {act} {shape} {dtype} {'train' if training else 'eval'} residual={with_residual}"
                 assert_within_eager_error(fused[0], eager[0], exact[0], f"{what} output")
-                for name in fused[1]:
-                    res = _sum_resolution(inputs, act, dtype, training) if name in ("weight", "bias") else None
+                x, residual, weight, bias, rm, rv, grad_out = inputs
+                resolution = bn_act_backward_resolution(x, residual, weight, bias, rm, rv, grad_out, act, training)
+                for name in fused[1]:  # grad residual = dz, elementwise: the 2x rule alone
                     assert_within_eager_error(fused[1][name], eager[1][name], exact[1][name], f"{what} grad {name}",
-                                              resolution=res)
+                                              resolution=resolution.get(name))
                 assert_within_eager_error(fused[2], eager[2], exact[2], f"{what} running_mean")
 
 

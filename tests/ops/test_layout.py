@@ -130,8 +130,10 @@ def test_opcheck_on_odd_strides(backend, layout):
 
     cases = [
         (OPS.add_relu, (leaf(), leaf(), backend)),
-        (OPS.bn_act_train, (leaf(), vec(True), vec(True), leaf(), 1e-5, True, backend)),
-        (OPS.bn_act_eval, (leaf(), vec(), vec(), vec(True), vec(True), leaf(), 1e-5, True, backend)),
+        (OPS.bn_act_train, (leaf(), vec(True), vec(True), leaf(), 1e-5, "relu", 0.0, backend)),
+        (OPS.bn_act_train, (leaf(), vec(True), vec(True), leaf(), 1e-5, "gelu", 0.0, backend)),
+        (OPS.bn_act_eval, (leaf(), vec(), vec(), vec(True), vec(True), leaf(), 1e-5, "relu", 0.0, backend)),
+        (OPS.bn_act_eval, (leaf(), vec(), vec(), vec(True), vec(True), leaf(), 1e-5, "hardswish", 0.0, backend)),
     ]
     if backend in ("cpu", "triton"):
         prefix = "triton_" if backend == "triton" else ""
