@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import FORMATS, activation, assert_sum_cancels, assert_within_eager_error, backend_params, device_of, interpreted_triton, needs_extension
+from helpers import FORMATS, activation, assert_sum_cancels, assert_within_eager_error, backend_params, bn_act_backward_resolution, device_of, interpreted_triton, needs_extension
 from resnet_fused import functional, reference
 from resnet_fused.ops import onednn
 
@@ -75,14 +75,14 @@ def bias_grad_terms(tensors, geometry, relu, grad):
     return terms.sum((0, 2, 3))
 
 
-def bn_grad_resolution(tensors, geometry, relu, grad, training, ulps=2.0):
+def bn_grad_resolution(tensors, geometry, relu, grad, training):
     """{name: resolution} of the BN weight and bias gradients, per-channel sums over (N, H, W) of g * x_hat
-    and of g, whose terms cancel: ulps x fp32 eps x sum |term| (eager's own error there depends on how the
-    machine's kernels and thread count order those sums: 1 thread vs 2 moved it 2x)."""
-    x_hat, _, g, _ = _bn_terms(tensors, geometry, relu, grad, training)
-    eps = torch.finfo(torch.float32).eps
-    return {"grad bn weight": ulps * eps * (g * x_hat).abs().sum((0, 2, 3)),
-            "grad bn bias": ulps * eps * g.abs().sum((0, 2, 3))}
+    and of g, whose terms cancel (helpers.bn_act_backward_resolution: 2 fp32 ulps x sum |term|; eager's own
+    error there depends on how the machine's kernels and thread count order those sums: 1 thread vs 2 moved it 2x)."""
+    x, w, cb, bw, bb, rm, rv, r = (None if t is None else t.detach().double() for t in tensors)
+    y = F.conv2d(x, w, cb, *geometry)
+    res = bn_act_backward_resolution(y, r, bw, bb, rm, rv, grad, relu, training)
+    return {"grad bn weight": res["weight"], "grad bn bias": res["bias"]}
 
 
 @pytest.mark.parametrize("backend", backend_params())
