@@ -24,6 +24,18 @@ def fold_bn(conv_weight: Tensor, conv_bias: Tensor | None, running_mean: Tensor,
     return weight.to(conv_weight.dtype), shift.to(conv_weight.dtype)
 
 
+def save_for_bn_act_grads(ctx, act: Activation, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          residual: Tensor | None, out: Tensor, mean: Tensor, var: Tensor) -> None:
+    """What bn_act_grads reads, saved on an autograd ctx (ctx.saved_tensors: input, weight, out, mean, var,
+    bias, residual; ctx.act, ctx.bias_dtype): ReLU's backward reads the output; another activation's
+    recomputes z from input, bias and residual; none reads neither."""
+    needs_z = act.backward_reads_input
+    ctx.act = act
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(input, weight, out if act.backward_reads_output else None, mean, var,
+                          bias if needs_z else None, residual if needs_z else None)
+
+
 def bn_act_grads(
     backend: str, grad_out: Tensor, x: Tensor, out: Tensor | None, mean: Tensor, var: Tensor, weight: Tensor | None,
     eps: float, act: Activation, training: bool, needs: tuple[bool, bool, bool, bool], bias_dtype: torch.dtype | None,

@@ -15,7 +15,7 @@ from torch import Tensor
 from resnet_fused import backends
 from resnet_fused._layout import memory_format, per_channel_empty
 from resnet_fused.activations import Activation, activation
-from resnet_fused.ops._bn_math import bn_act_grads
+from resnet_fused.ops._bn_math import bn_act_grads, save_for_bn_act_grads
 from resnet_fused.ops._checks import check_activation, check_batch, check_channel_vectors, check_like, check_running_args
 from resnet_fused.ops.kernels import kernels
 from resnet_fused.ops.sync_bn import SyncBnAct
@@ -79,22 +79,13 @@ def _bn_act_eval_fake(input, running_mean, running_var, weight, bias, residual, 
     return torch.empty_like(input, memory_format=memory_format(input))
 
 
-def _save_for_act(ctx, act: Activation, input, weight, bias, residual, out, mean, var) -> None:
-    # ReLU's backward reads the output; another activation's recomputes z from input, bias and residual
-    needs_z = act.backward_reads_input
-    ctx.act = act
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(input, weight, out if act.backward_reads_output else None, mean, var,
-                          bias if needs_z else None, residual if needs_z else None)
-
-
 def _bn_act_train_setup(ctx, inputs, output):
     input, weight, bias, residual, eps, act, alpha, backend, _, _ = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var (two launches each step)
     ctx.eps, ctx.backend = eps, backend
-    _save_for_act(ctx, Activation(act, alpha), input, weight, bias, residual, out, mean, var)
+    save_for_bn_act_grads(ctx, Activation(act, alpha), input, weight, bias, residual, out, mean, var)
 
 
 def _bn_act_train_backward(ctx, grad_out, _grad_mean, _grad_var):
@@ -112,7 +103,7 @@ def _bn_act_train_backward(ctx, grad_out, _grad_mean, _grad_var):
 def _bn_act_eval_setup(ctx, inputs, output):
     input, running_mean, running_var, weight, bias, residual, eps, act, alpha, backend = inputs
     ctx.eps, ctx.backend = eps, backend
-    _save_for_act(ctx, Activation(act, alpha), input, weight, bias, residual, output, running_mean, running_var)
+    save_for_bn_act_grads(ctx, Activation(act, alpha), input, weight, bias, residual, output, running_mean, running_var)
 
 
 def _bn_act_eval_backward(ctx, grad_out):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from resnet_fused.ops._bn_math import bn_act_grads
+from resnet_fused.ops._bn_math import bn_act_grads, save_for_bn_act_grads
 from resnet_fused.ops.kernels import kernels
 
 
@@ -35,12 +35,8 @@ class SyncBnAct(torch.autograd.Function):
         mean, var, count = global_stats(mean, var, input.numel() // input.shape[1], group)
         scale, shift = k.bn_scale_shift(mean, var, weight, bias, eps)
         out = k.bn_act_apply(input, scale, shift, residual, act.name, act.alpha)
-        # ReLU's backward reads the output; another activation's recomputes z from input, bias and residual
-        needs_z = act.backward_reads_input
-        ctx.save_for_backward(input, weight, out if act.backward_reads_output else None, mean, var,
-                              bias if needs_z else None, residual if needs_z else None)
-        ctx.eps, ctx.act, ctx.backend, ctx.group, ctx.count = eps, act, backend, group, count
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        save_for_bn_act_grads(ctx, act, input, weight, bias, residual, out, mean, var)
+        ctx.eps, ctx.backend, ctx.group, ctx.count = eps, backend, group, count
         ctx.mark_non_differentiable(mean, var, count)
         return out, mean, var, count
 
