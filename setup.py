@@ -1,6 +1,7 @@
 """Builds the compiled parts of resnet_fused:
 
-  resnet_fused._C             the op schemas (csrc/ops.cpp), and the CUDA kernels when a toolkit is found
+  resnet_fused._C             the op schemas (csrc/ops.cpp), the stage ops (csrc/*_stage.cpp), and the CUDA
+                              kernels when a toolkit is found
   resnet_fused._cpu_default   the C++ CPU kernels, generic vector code
   resnet_fused._cpu_avx2      the same kernels for AVX2 + FMA (x86-64); chosen at run time
 
@@ -93,7 +94,7 @@ if with_cuda:
     ext_modules.append(
         cpp_extension.CUDAExtension(
             name="resnet_fused._C",
-            sources=["csrc/ops.cpp", "csrc/cpu_arena.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
+            sources=[*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cu"))],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
         )
@@ -102,7 +103,7 @@ else:
     ext_modules.append(
         cpp_extension.CppExtension(
             name="resnet_fused._C",
-            sources=["csrc/ops.cpp", "csrc/cpu_arena.cpp"],
+            sources=sorted(glob.glob("csrc/*.cpp")),
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": CXX_FLAGS},
         )

@@ -17,7 +17,8 @@ inline void check_activation(const at::Tensor& t, const char* op, const char* na
 
 // Another activation that must match `ref` in shape, dtype and device.
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  RF_CHECK(t.sizes() == ref.sizes(), op, "`", name, "` has shape ", t.sizes(), " but `", ref_name, "` has shape ", ref.sizes());
+  RF_CHECK(t.sym_sizes() == ref.sym_sizes(), op, "`", name, "` has shape ", t.sym_sizes(), " but `", ref_name, "` has shape ",
+           ref.sym_sizes());
   RF_CHECK(t.scalar_type() == ref.scalar_type(), op, "`", name, "` is ", t.scalar_type(), " but `", ref_name, "` is ",
            ref.scalar_type());
   RF_CHECK(t.device() == ref.device(), op, "`", name, "` is on ", t.device(), " but `", ref_name, "` is on ", ref.device());

@@ -47,4 +47,17 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("bn_scale_shift(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor scale, Tensor shift)");
   // a = weight * invstd, b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count (eval: b = c = 0), grad_weight = sum_dy_xmu * invstd
   m.def("bn_backward_coeffs(Tensor sum_dy, Tensor sum_dy_xmu, Tensor var, Tensor? weight, float eps, float count, bool training) -> (Tensor a, Tensor b, Tensor c, Tensor grad_weight)");
+
+  // ---- stages: one op call per fused stage on the cpu and cuda backends, autograd in C++ (bn_act_stage.cpp,
+  // conv_bn_act_stage.cpp); Python twins for the torch and Triton backends in resnet_fused/ops/bn_act.py ----
+  // (act(batch_norm(input) + residual), batch mean, biased batch var): training, autograd; batch_mean / batch_var:
+  // statistics a producer already took
+  m.def("bn_act_batch(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha, Tensor? batch_mean=None, Tensor? batch_var=None) -> (Tensor out, Tensor mean, Tensor var)");
+  // act(batch_norm(input) with running statistics + residual): eval, autograd
+  m.def("bn_act_running(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha) -> Tensor");
+  // act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual), running
+  // statistics updated in place in training; momentum_tensor (0-dim, nn.BatchNorm2d's 1 / num_batches_tracked) wins
+  m.def("bn_act_stage(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, Tensor? momentum_tensor, float eps, str act, float alpha) -> Tensor");
+  // bn_act_stage(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...)
+  m.def("conv_bn_act_stage(Tensor input, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, float momentum, Tensor? momentum_tensor, float eps, str act, float alpha) -> Tensor");
 }

@@ -1,7 +1,9 @@
 """bn_act: act(batch_norm(input) + residual), training and eval, as two autograd ops
 (``resnet_fused::bn_act_train``, ``resnet_fused::bn_act_eval``) and the public function.
 
-Each op takes the activation as (name, alpha) and the concrete backend as its last arguments, and runs
+On the cpu and cuda backends bn_act is one C++ op, ``resnet_fused::bn_act_stage`` (csrc/bn_act_stage.cpp: its
+autograd, checks and running-statistics update in C++); the Python ops here serve the torch and Triton backends.
+Each takes the activation as (name, alpha) and the concrete backend as its last arguments, and runs
 that backend's kernel ops: forward = statistics (training), one per-channel scale/shift, one fused
 normalize + add + activation pass; backward = one reduction pass and one elementwise pass, after one
 act_backward pass for an activation other than ReLU (_bn_math.bn_act_grads).
@@ -116,6 +118,22 @@ def _bn_act_eval_backward(ctx, grad_out):
     return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None, None
 
 
+STAGE_BACKENDS = ("cpu", "cuda")  # the backends whose fused stages are C++ ops (csrc/*_stage.cpp)
+
+
+def momentum_args(momentum: float | Tensor) -> tuple[float, Tensor | None]:
+    """The stage ops' (momentum, momentum_tensor): a float, or nn.BatchNorm2d's 0-dim 1 / num_batches_tracked."""
+    return (0.0, momentum) if isinstance(momentum, Tensor) else (momentum, None)
+
+
+def bn_act_stage(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                 running_var: Tensor | None, residual: Tensor | None, training: bool, momentum: float | Tensor, eps: float,
+                 act: Activation) -> Tensor:
+    """``resnet_fused::bn_act_stage`` (csrc/bn_act_stage.cpp): bn_act on the cpu and cuda backends in one op call."""
+    return torch.ops.resnet_fused.bn_act_stage(input, weight, bias, running_mean, running_var, residual, training,
+                                               *momentum_args(momentum), eps, act.name, act.alpha)
+
+
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
                          count: int | Tensor, momentum) -> None:
     """running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count`
@@ -174,6 +192,8 @@ def bn_act(
     if not training:
         if running_mean is None:
             raise ValueError(f"resnet_fused.{fn}: running_mean and running_var must be given in evaluation mode")
+        if impl in STAGE_BACKENDS:
+            return bn_act_stage(input, weight, bias, running_mean, running_var, residual, False, momentum, eps, act)
         return bn_act_eval(input, running_mean, running_var, weight, bias, residual, eps, act.name, act.alpha, impl)
 
     if process_group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(process_group) > 1:
@@ -181,6 +201,8 @@ def bn_act(
         out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, act, impl, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return out
+    if impl in STAGE_BACKENDS:  # one C++ op: checks, autograd and the running-statistics update inside
+        return bn_act_stage(input, weight, bias, running_mean, running_var, residual, True, momentum, eps, act)
     check_batch(input, fn)
     out, mean, var = bn_act_train(input, weight, bias, residual, eps, act.name, act.alpha, impl)
     update_running_stats(running_mean, running_var, mean, var, input.numel() // max(input.shape[1], 1), momentum)

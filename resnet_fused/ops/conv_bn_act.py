@@ -19,12 +19,12 @@ from torch import Tensor
 
 from resnet_fused import backends
 from resnet_fused._layout import pair
-from resnet_fused.activations import activation
+from resnet_fused.activations import Activation, activation
 from resnet_fused.ops import cudnn, onednn
 from resnet_fused.ops._bn_math import fold_bn
 from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_residual_of_conv, check_running_args, residual_for
 from resnet_fused.ops.add_relu import add_relu
-from resnet_fused.ops.bn_act import bn_act, bn_act_train, update_running_stats
+from resnet_fused.ops.bn_act import STAGE_BACKENDS, bn_act, bn_act_train, momentum_args, update_running_stats
 from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_with_stats, materialize, prologue_fusable
 from resnet_fused.ops.kernels import kernels, triton_conv_applies
 
@@ -115,10 +115,31 @@ def conv_bn_act(
     if path == "fold":
         weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
         return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act, backend=impl)
-    # "batch_stats" and "unfolded": the convolution, then the fused bn_act
+    # "batch_stats" and "unfolded": the convolution, then the fused bn_act; on cpu / cuda one C++ op
+    if stage_applies(input, impl, process_group):
+        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
+        return conv_bn_act_stage(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, stride, padding,
+                                 dilation, groups, use_batch_stats, momentum, eps, residual, act)
     y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps,
                   residual_for(residual, y, fn), act, backend=impl, process_group=process_group)
+
+
+def stage_applies(input: Tensor, backend: str, process_group=None) -> bool:
+    """Whether conv_bn_act's "batch_stats" / "unfolded" paths run as the C++ stage op: the cpu and cuda backends,
+    statistics of this rank's batch, no autocast (whose residual cast conv_bn_act does in Python)."""
+    return backend in STAGE_BACKENDS and process_group is None and not torch.is_autocast_enabled(input.device.type)
+
+
+def conv_bn_act_stage(input: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, running_mean: Tensor | None,
+                      running_var: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None, stride, padding, dilation,
+                      groups: int, training: bool, momentum: float | Tensor, eps: float, residual: Tensor | None,
+                      act: Activation) -> Tensor:
+    """``resnet_fused::conv_bn_act_stage`` (csrc/conv_bn_act_stage.cpp): aten's convolution, then bn_act_stage, in one
+    op call; stride, padding, dilation as pairs."""
+    return torch.ops.resnet_fused.conv_bn_act_stage(
+        input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+        groups, training, *momentum_args(momentum), eps, act.name, act.alpha)
 
 
 def conv_act(

@@ -1,0 +1,292 @@
+// bn_act as one op call per stage on the cpu and cuda backends: the two autograd ops (bn_act_batch,
+// bn_act_running), their backward in C++, and bn_act_stage (checks, the op, the running-statistics update).
+// The kernels they launch are the kernel ops of csrc/ops.cpp (kernel_ops.h); the same math in Python, for the
+// torch and Triton backends, is resnet_fused/ops/bn_act.py and _bn_math.py.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "activation.h"
+#include "bn_act_stage.h"
+#include "checks.h"
+#include "kernel_ops.h"
+
+namespace resnet_fused {
+namespace {
+
+using kernel_ops::opt;
+using kernel_ops::OptTensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+
+// ReLU's backward reads its output (the mask); another activation's recomputes z = x * scale + shift (+ residual)
+bool reads_input(Act a) { return a != Act::None && a != Act::Relu; }
+
+// values per channel: N * H * W (symbolic under torch.compile's dynamic shapes: specialized here)
+double count_of(const Tensor& x) {
+  return x.sym_size(1) > 0 ? static_cast<double>((x.sym_numel() / x.sym_size(1)).guard_int(__FILE__, __LINE__)) : 0.0;
+}
+
+struct BnActGrads {
+  Tensor input, weight, bias, residual;
+};
+
+// (grad_input, grad_weight, grad_bias, grad_residual) of out = act(x * scale + shift (+ residual)), scale and shift
+// from (batch or running) statistics mean, var (the math: resnet_fused/ops/_bn_math.py, bn_act_grads):
+//   dz = grad_out * act'(z): ReLU's mask is read off `out` inside the two passes; another activation takes one
+//        act_backward pass first (z recomputed in fp32), which is also grad_residual
+//   training: dx = w invstd (dz - sum dz / M - (x - mean) invstd^2 sum dz (x - mean) / M)
+//   eval:     dx = dz * w invstd;   grad_weight = invstd sum dz (x - mean),  grad_bias = sum dz
+BnActGrads bn_act_grads(Tensor grad_out, const Tensor& x, const Tensor& out, const Tensor& mean, const Tensor& var,
+                        const Tensor& weight, const Tensor& bias, const Tensor& residual, double eps, std::string_view act_name,
+                        double alpha, bool training, const std::array<bool, 4>& needs, at::ScalarType bias_dtype) {
+  const auto [needs_x, needs_w, needs_b, needs_r] = needs;
+  const Act act = parse_act(act_name, training ? "bn_act_batch" : "bn_act_running");
+  const bool relu = act == Act::Relu;
+  grad_out = grad_out.contiguous(layout_of(x));  // one layout for both passes
+  const OptTensor relu_out = relu ? opt(out) : std::nullopt;
+  if (reads_input(act)) {  // dz = grad_out * act'(z), z = x * z_scale + z_shift (+ residual)
+    const auto [z_scale, z_shift] = kernel_ops::bn_scale_shift(mean, var, opt(weight), opt(bias), eps);
+    grad_out = kernel_ops::act_backward(grad_out, x, z_scale, z_shift, opt(residual), act_name, alpha);
+  }
+  const Tensor mean_f = mean.to(at::kFloat);  // a no-op for batch statistics (fp32 already)
+
+  BnActGrads g;
+  Tensor dy_scale, x_scale, shift, sum_dy;
+  if ((training && needs_x) || needs_w || needs_b) {
+    Tensor sum_dy_xmu;
+    std::tie(sum_dy, sum_dy_xmu) = kernel_ops::bn_act_backward_reduce(grad_out, x, mean_f, relu_out);
+    std::tie(dy_scale, x_scale, shift, g.weight) =
+        kernel_ops::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, opt(weight), eps, count_of(x), training);
+  } else if (needs_x) {  // eval, only grad_input = dz * weight invstd: bn_scale_shift's scale
+    dy_scale = std::get<0>(kernel_ops::bn_scale_shift(mean, var, opt(weight), std::nullopt, eps));
+  }
+
+  const bool masked_residual = needs_r && relu;
+  if (needs_x) {
+    Tensor masked;
+    if (training) {
+      std::tie(g.input, masked) = kernel_ops::bn_act_backward_elemt(grad_out, relu_out, x, mean_f, dy_scale, x_scale, shift,
+                                                                    masked_residual);
+    } else {
+      std::tie(g.input, masked) = kernel_ops::bn_act_backward_elemt(grad_out, relu_out, std::nullopt, std::nullopt, dy_scale,
+                                                                    std::nullopt, std::nullopt, masked_residual);
+    }
+    if (masked_residual) g.residual = masked;
+  } else if (masked_residual) {  // d relu(z)/dz = (out > 0), NaN passing
+    g.residual = at::threshold_backward(grad_out, out, 0);
+  }
+  if (needs_r && !relu) g.residual = grad_out;
+  g.weight = needs_w ? g.weight.to(weight.scalar_type()) : Tensor();
+  g.bias = needs_b ? sum_dy.to(bias_dtype) : Tensor();
+  return g;
+}
+
+// what bn_act_grads reads, saved: x, weight, out (ReLU), mean, var, bias and residual (another activation)
+void save_for_grads(AutogradContext* ctx, std::string_view act_name, double alpha, double eps, const Tensor& input,
+                    const Tensor& weight, const Tensor& bias, const Tensor& residual, const Tensor& out, const Tensor& mean,
+                    const Tensor& var, const char* op) {
+  const Act act = parse_act(act_name, op);
+  const bool z = reads_input(act);
+  ctx->save_for_backward({input, weight, act == Act::Relu ? out : Tensor(), mean, var, z ? bias : Tensor(),
+                          z ? residual : Tensor()});
+  ctx->saved_data["act"] = std::string(act_name);
+  ctx->saved_data["alpha"] = alpha;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : at::kFloat);
+}
+
+// Function::apply makes an autograd edge for each given tensor argument (None gets none): which gradients are wanted,
+// for the tensor arguments `of` (their positions among the forward's tensor arguments, `given` which were given)
+template <size_t N>
+std::array<bool, 4> wanted(AutogradContext* ctx, const std::array<bool, N>& given, const std::array<size_t, 4>& of) {
+  std::array<bool, 4> needs{};
+  for (size_t k = 0; k < 4; ++k) {
+    size_t edge = 0;
+    for (size_t i = 0; i < of[k]; ++i) edge += given[i];
+    needs[k] = given[of[k]] && ctx->needs_input_grad(edge);
+  }
+  return needs;
+}
+
+BnActGrads grads_from(AutogradContext* ctx, const Tensor& grad_out, bool training, const std::array<bool, 4>& needs) {
+  const auto saved = ctx->get_saved_variables();  // input, weight, out, mean, var, bias, residual
+  return bn_act_grads(grad_out, saved[0], saved[2], saved[3], saved[4], saved[1], saved[5], saved[6],
+                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["act"].toStringRef(),
+                      ctx->saved_data["alpha"].toDouble(), training, needs,
+                      static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+}
+
+// ---- bn_act_batch: training, batch statistics ----
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_batch_kernel(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                                       const OptTensor& residual, double eps, std::string_view act, double alpha,
+                                                       const OptTensor& batch_mean, const OptTensor& batch_var) {
+  RF_CHECK(batch_mean.has_value() == batch_var.has_value(), "bn_act_batch", "give both batch_mean and batch_var, or neither");
+  Tensor mean, var;
+  if (batch_mean.has_value()) {
+    mean = batch_mean->clone();  // an op's outputs may not alias its inputs
+    var = batch_var->clone();
+  } else {
+    std::tie(mean, var) = kernel_ops::bn_stats(input);
+  }
+  const auto [scale, shift] = kernel_ops::bn_scale_shift(mean, var, weight, bias, eps);
+  return {kernel_ops::bn_act_apply(input, scale, shift, residual, act, alpha), mean, var};
+}
+
+struct BnActBatch : torch::autograd::Function<BnActBatch> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& residual, double eps, const std::string& act, double alpha,
+                               const OptTensor& batch_mean, const OptTensor& batch_var) {
+    static const auto op = kernel_ops::handle<decltype(bn_act_batch_kernel)>("resnet_fused::bn_act_batch");
+    Tensor out, mean, var;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, mean, var) = op.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var);
+    }
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for mean and var
+    save_for_grads(ctx, act, alpha, eps, input, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                   residual.value_or(Tensor()), out, mean, var, "bn_act_batch");
+    ctx->saved_data["given"] = c10::List<bool>({weight.has_value(), bias.has_value(), residual.has_value()});
+    return {out, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(9);
+    if (!grads[0].defined()) return none;  // out took no gradient
+    const auto given = ctx->saved_data["given"].toBoolList();
+    const std::array<bool, 4> tensors{true, given[0], given[1], given[2]};  // input, weight, bias, residual
+    const auto g = grads_from(ctx, grads[0], true, wanted(ctx, tensors, {0, 1, 2, 3}));
+    none[0] = g.input, none[1] = g.weight, none[2] = g.bias, none[3] = g.residual;
+    return none;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_batch_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                                         const OptTensor& residual, double eps, std::string_view act,
+                                                         double alpha, const OptTensor& batch_mean,
+                                                         const OptTensor& batch_var) {
+  auto r = BnActBatch::apply(input, weight, bias, residual, eps, std::string(act), alpha, batch_mean, batch_var);
+  return {r[0], r[1], r[2]};
+}
+
+// ---- bn_act_running: eval, running statistics ----
+
+Tensor bn_act_running_kernel(const Tensor& input, const Tensor& running_mean, const Tensor& running_var, const OptTensor& weight,
+                             const OptTensor& bias, const OptTensor& residual, double eps, std::string_view act, double alpha) {
+  const auto [scale, shift] = kernel_ops::bn_scale_shift(running_mean, running_var, weight, bias, eps);
+  return kernel_ops::bn_act_apply(input, scale, shift, residual, act, alpha);
+}
+
+struct BnActRunning : torch::autograd::Function<BnActRunning> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& residual, double eps,
+                               const std::string& act, double alpha) {
+    static const auto op = kernel_ops::handle<decltype(bn_act_running_kernel)>("resnet_fused::bn_act_running");
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = op.call(input, running_mean, running_var, weight, bias, residual, eps, act, alpha);
+    }
+    save_for_grads(ctx, act, alpha, eps, input, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                   residual.value_or(Tensor()), out, running_mean, running_var, "bn_act_running");
+    ctx->saved_data["given"] = c10::List<bool>({weight.has_value(), bias.has_value(), residual.has_value()});
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto given = ctx->saved_data["given"].toBoolList();
+    // input, running_mean, running_var, weight, bias, residual
+    const std::array<bool, 6> tensors{true, true, true, given[0], given[1], given[2]};
+    const auto g = grads_from(ctx, grads[0], false, wanted(ctx, tensors, {0, 3, 4, 5}));
+    variable_list r(9);
+    r[0] = g.input, r[3] = g.weight, r[4] = g.bias, r[5] = g.residual;
+    return r;
+  }
+};
+
+Tensor bn_act_running_autograd(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& residual, double eps,
+                               std::string_view act, double alpha) {
+  return BnActRunning::apply(input, running_mean, running_var, weight, bias, residual, eps, std::string(act), alpha)[0];
+}
+
+// a BN parameter or running statistic: None, or a floating (C,) vector on the input's device
+void check_bn_vector(const OptTensor& v, const Tensor& input, const char* op, const char* name, const char* of) {
+  if (!v.has_value()) return;
+  RF_CHECK(v->dim() == 1 && v->sym_numel() == input.sym_size(1), op, "expected `", name, "` of shape (", input.sym_size(1),
+           "), one per channel of ", of, " ", input.sym_sizes(), ", got ", v->sym_sizes());
+  RF_CHECK(v->is_floating_point(), op, "expected `", name, "` to be floating point, got ", v->scalar_type());
+  RF_CHECK(v->device() == input.device(), op, "`", name, "` is on ", v->device(), " but `input` is on ", input.device());
+}
+
+// running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count` values per channel,
+// as F.batch_norm; momentum_tensor (nn.BatchNorm2d's 1 / num_batches_tracked, on the device) wins over momentum
+void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean, const Tensor& var,
+                          double count, double momentum, const OptTensor& momentum_tensor) {
+  if (!running_mean.has_value() || count == 0) return;
+  at::NoGradGuard no_grad;
+  const auto unbiased = var * (count / (count - 1));
+  if (momentum_tensor.has_value()) {
+    const auto w = momentum_tensor->to(running_mean->scalar_type());
+    running_mean->lerp_(mean.to(running_mean->scalar_type()), w);
+    running_var->lerp_(unbiased.to(running_var->scalar_type()), w);
+  } else {
+    running_mean->lerp_(mean.to(running_mean->scalar_type()), momentum);
+    running_var->lerp_(unbiased.to(running_var->scalar_type()), momentum);
+  }
+}
+
+Tensor bn_act_stage_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                       const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
+                       const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha) {
+  return bn_act_stage(input, weight, bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps, act,
+                      alpha, "bn_act_stage", "input");
+}
+
+}  // namespace
+
+Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                    const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
+                    const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha, const char* op,
+                    const char* of) {
+  check_activation(input, op, "input");
+  check_bn_vector(weight, input, op, "weight", of);
+  check_bn_vector(bias, input, op, "bias", of);
+  check_bn_vector(running_mean, input, op, "running_mean", of);
+  check_bn_vector(running_var, input, op, "running_var", of);
+  RF_CHECK(running_mean.has_value() == running_var.has_value(), op, "give both running_mean and running_var, or neither");
+  if (residual.has_value()) check_like(*residual, input, op, "residual", of);
+  parse_act(act, op);
+  static const auto batch = kernel_ops::handle<decltype(bn_act_batch_kernel)>("resnet_fused::bn_act_batch");
+  static const auto running = kernel_ops::handle<decltype(bn_act_running_kernel)>("resnet_fused::bn_act_running");
+  if (!training) {
+    RF_CHECK(running_mean.has_value(), op, "running_mean and running_var must be given in evaluation mode");
+    return running.call(input, *running_mean, *running_var, weight, bias, residual, eps, act, alpha);
+  }
+  RF_CHECK(input.sym_numel() != input.sym_size(1) || input.sym_numel() == 0, op,
+           "expected more than 1 value per channel when training, got input size ", input.sym_sizes());
+  auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, std::nullopt, std::nullopt);
+  update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("bn_act_batch", &bn_act_batch_kernel);
+  m.impl("bn_act_running", &bn_act_running_kernel);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("bn_act_batch", &bn_act_batch_kernel);
+  m.impl("bn_act_running", &bn_act_running_kernel);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
+  m.impl("bn_act_batch", &bn_act_batch_autograd);
+  m.impl("bn_act_running", &bn_act_running_autograd);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CompositeImplicitAutograd, m) { m.impl("bn_act_stage", &bn_act_stage_op); }
+
+}  // namespace resnet_fused

@@ -1,0 +1,18 @@
+// bn_act_stage's body, shared with conv_bn_act_stage: act(batch_norm(input) (+ residual)) with nn.BatchNorm2d's
+// training / eval semantics (running statistics updated in place in training), checks first; `op` and `of` name
+// the calling op and what `input` is in its error messages.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+
+namespace resnet_fused {
+
+at::Tensor bn_act_stage(const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& residual, bool training, double momentum,
+                        const std::optional<at::Tensor>& momentum_tensor, double eps, std::string_view act, double alpha,
+                        const char* op, const char* of);
+
+}  // namespace resnet_fused
