@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -182,10 +183,14 @@ def inductor_lowers(backend: str | None, x: torch.Tensor) -> bool:
 
 def resolve(backend: str | None, *tensors: torch.Tensor | None) -> str:
     """The concrete backend for a call on ``tensors`` (all on one device; None entries are skipped)."""
-    name = _check_name(backend) if backend is not None else get_backend()
-    ref = next(t for t in tensors if t is not None)
-    device = ref.device.type
-    if ref.dtype == torch.float64:
+    ref = tensors[0] if tensors[0] is not None else next(t for t in tensors if t is not None)
+    return _resolve(backend if backend is not None else get_backend(), ref.device.type, ref.dtype)
+
+
+@functools.cache  # decided once per (setting, device type, dtype): what is available does not change after import
+def _resolve(name: str, device: str, dtype: torch.dtype) -> str:
+    _check_name(name)
+    if dtype == torch.float64:
         return "torch"  # the kernels compute in fp32; fp64 (gradcheck) runs the plain-PyTorch path
     if name in ("auto", "tune"):  # "tune" chooses per block (resnet_fused.tuning); single ops take the rules
         if device == "cpu":

@@ -8,7 +8,7 @@ from torch import nn
 from resnet_fused import backends, tuning
 from resnet_fused.activations import activation
 from resnet_fused.ops import arena
-from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, route
+from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, conv_bn_act_stage, route, stage_applies
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor, uses_batch_stats
@@ -43,6 +43,15 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     (bn may be a view with BatchNorm2d's attributes). On route()'s "fold" path the folded weights
     come from `cache` (computed once, refreshed when a parameter or buffer changes; on the CPU also
     prepacked for oneDNN once per input shape)."""
+    impl = backends.resolve(backend, x)
+    if input_bn is None and stage_applies(x, impl, process_group):  # cpu / cuda: one C++ op, or the folded conv
+        call = batch_norm_call(bn)
+        if call.use_batch_stats or cache is None or torch.compiler.is_compiling() or _params_need_grad(conv, bn):
+            return conv_bn_act_stage(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
+                                     conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats,
+                                     call.momentum, call.eps, residual, activation(act))
+        weight, bias = cache.get(name, conv, bn)
+        return _folded_conv_act(conv, x, weight, bias, residual, act, impl, cache, name)
     call = batch_norm_call(bn)
     if folds(conv, bn, x, residual, backend=backend, cache=cache, process_group=process_group, input_bn=input_bn):
         weight, bias = cache.get(name, conv, bn)
@@ -53,6 +62,10 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
+def _params_need_grad(conv: nn.Conv2d, bn) -> bool:
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+
+
 def folds(conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = None, *, backend: str | None,
           cache: FoldCache | None, process_group=None, input_bn: DeferredBnReLU | None = None) -> bool:
     """Whether fused_conv_bn_forward runs this pair on route()'s "fold" path (the folded weights from `cache`):
@@ -60,7 +73,7 @@ def folds(conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = 
     if cache is None or input_bn is not None or uses_batch_stats(bn) or torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    params_need_grad = grad and any(p is not None and p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+    params_need_grad = _params_need_grad(conv, bn)
     return route(x, conv.groups, False, backends.resolve(backend, x), conv_bias=conv.bias, process_group=process_group,
                  params_need_grad=params_need_grad, any_needs_grad=params_need_grad or grad and any(
                      t is not None and t.requires_grad for t in (x, residual))) == "fold"

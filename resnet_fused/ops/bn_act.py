@@ -201,9 +201,9 @@ def bn_act(
         out, mean, var, count = SyncBnAct.apply(input, weight, bias, residual, eps, act, impl, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return out
+    check_batch(input, fn)
     if impl in STAGE_BACKENDS:  # one C++ op: checks, autograd and the running-statistics update inside
         return bn_act_stage(input, weight, bias, running_mean, running_var, residual, True, momentum, eps, act)
-    check_batch(input, fn)
     out, mean, var = bn_act_train(input, weight, bias, residual, eps, act.name, act.alpha, impl)
     update_running_stats(running_mean, running_var, mean, var, input.numel() // max(input.shape[1], 1), momentum)
     return out

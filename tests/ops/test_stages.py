@@ -1,0 +1,195 @@
+"""The stage ops (csrc/bn_act_stage.cpp, conv_bn_act_stage.cpp): one C++ op call per fused stage on the cpu
+backend, with its autograd, checks and running-statistics update in C++. Against F.batch_norm / F.conv2d in
+float64 under the eager-error rule, opcheck (schema, autograd registration, fake, AOT dispatch with dynamic
+shapes), the C++ errors, and how many ops a fused block's training step dispatches from Python."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.profiler import profile
+
+import resnet_fused
+from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params
+
+OPS = torch.ops.resnet_fused
+ACTS = {"relu": torch.relu, "none": lambda t: t, "silu": F.silu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
+pytestmark = pytest.mark.skipif(not resnet_fused.backends.has_extension(), reason="needs resnet_fused._C")
+
+
+def _bn_args(C, dtype=torch.float32, requires_grad=True):
+    w = (torch.rand(C) + 0.5).requires_grad_(requires_grad)
+    b = torch.randn(C).requires_grad_(requires_grad)
+    return w, b, torch.randn(C) * 0.1, torch.rand(C) + 0.5
+
+
+def _eager_bn_act(x, w, b, rm, rv, r, training, momentum, act_fn):
+    y = F.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5)
+    return act_fn(y + r if r is not None else y)
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", ["relu", "none", "silu", "leaky_relu"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_act_stage_matches_batch_norm(fmt, training, act, residual, dtype):
+    """Output, every gradient and the running statistics against F.batch_norm in float64 (eager in `dtype`
+    sets the error allowed); momentum given as a 0-dim tensor (nn.BatchNorm2d's momentum=None) in eval rounds."""
+    shape = (3, 6, 5, 7)
+    x = activation(shape, dtype, fmt).requires_grad_()
+    r = activation(shape, dtype, fmt).requires_grad_() if residual else None
+    w, b, rm, rv = _bn_args(shape[1])
+    grad = torch.randn(shape, dtype=dtype)
+    alpha = 0.2 if act == "leaky_relu" else 0.0
+    momentum = 0.1 if training else torch.tensor(0.25)
+    ref_rm, ref_rv = rm.double(), rv.double()
+    eager_rm, eager_rv = rm.clone(), rv.clone()
+    mom_args = (0.0, momentum) if isinstance(momentum, torch.Tensor) else (momentum, None)
+    out = OPS.bn_act_stage(x, w, b, rm, rv, r, training, *mom_args, 1e-5, act, alpha)
+    grads = torch.autograd.grad(out, [t for t in (x, w, b, r) if t is not None], grad)
+
+    m = float(momentum)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
+    exact = _eager_bn_act(*leaves64[:3], ref_rm, ref_rv, leaves64[3] if residual else None, training, m, ACTS[act])
+    exact_grads = torch.autograd.grad(exact, leaves64, grad.double())
+    # eager in `dtype`: F.batch_norm takes fp32 parameters and statistics with bf16 activations
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((r,) if r is not None else ())]
+    eager = _eager_bn_act(*leaves[:3], eager_rm, eager_rv, leaves[3] if residual else None, training, m, ACTS[act])
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert_within_eager_error(out, eager, exact, "out")
+    for name, got, e, ex in zip(("input", "weight", "bias", "residual"), grads, eager_grads, exact_grads):
+        assert_within_eager_error(got, e, ex, f"grad {name}", factor=3.0)
+    assert_within_eager_error(rm, eager_rm, ref_rm, "running_mean")
+    assert_within_eager_error(rv, eager_rv, ref_rv, "running_var")
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_bn_act_stage_matches_eager(fmt, training):
+    """conv2d (stride 2, 7x7 input, non-power-of-two channels) -> BN -> + residual -> ReLU, and its gradients."""
+    x = activation((2, 5, 7, 7), torch.float32, fmt).requires_grad_()
+    cw = torch.randn(6, 5, 3, 3, requires_grad=True)
+    cb = torch.randn(6, requires_grad=True)
+    w, b, rm, rv = _bn_args(6)
+    r = activation((2, 6, 4, 4), torch.float32, fmt).requires_grad_()
+    grad = torch.randn(2, 6, 4, 4)
+    eager_rm, eager_rv = rm.clone(), rv.clone()
+    rm0, rv0 = rm.double(), rv.double()  # what eval normalizes with
+    out = OPS.conv_bn_act_stage(x, cw, cb, w, b, rm, rv, r, [2, 2], [1, 1], [1, 1], 1, training, 0.1, None, 1e-5, "relu", 0.0)
+    got = torch.autograd.grad(out, (x, cw, cb, w, b, r), grad)
+
+    def eager_fn(x, cw, cb, w, b, r, rm, rv):
+        return torch.relu(F.batch_norm(F.conv2d(x, cw, cb, 2, 1), rm, rv, w, b, training, 0.1, 1e-5) + r)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, cw, cb, w, b, r)]
+    eager = eager_fn(*leaves, eager_rm, eager_rv)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, cw, cb, w, b, r)]
+    exact = eager_fn(*leaves64, rm0, rv0)
+    exact_grads = torch.autograd.grad(exact, leaves64, grad.double())
+    assert_within_eager_error(out, eager, exact, "out")
+    for name, g, e, ex in zip(("input", "conv_weight", "conv_bias", "bn_weight", "bn_bias", "residual"), got, eager_grads,
+                              exact_grads):
+        assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
+    torch.testing.assert_close(rm, eager_rm)
+    torch.testing.assert_close(rv, eager_rv)
+
+
+def test_stage_ops_opcheck():
+    x = activation((2, 5, 4, 3), torch.float32, CL)
+    for training in (True, False):
+        for act, alpha in (("relu", 0.0), ("gelu", 0.0), ("leaky_relu", 0.1)):
+            w, b, rm, rv = _bn_args(5)
+            torch.library.opcheck(OPS.bn_act_stage, (x.clone().requires_grad_(), w, b, rm, rv,
+                                                      torch.randn(2, 5, 4, 3, requires_grad=True), training, 0.1, None, 1e-5,
+                                                      act, alpha))
+    w, b, rm, rv = _bn_args(5)
+    torch.library.opcheck(OPS.bn_act_stage, (x.clone().requires_grad_(), None, None, rm, rv, None, True, 0.0,
+                                              torch.tensor(0.5), 1e-5, "relu", 0.0))
+    torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, None, None, 1e-5, "relu", 0.0))
+    torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, b, None, 1e-5, "silu", 0.0, *OPS.bn_stats(x)))
+    torch.library.opcheck(OPS.bn_act_running, (x.clone().requires_grad_(), rm, rv, w, None, None, 1e-5, "hardswish", 0.0))
+    cw = torch.randn(7, 5, 3, 3, requires_grad=True)
+    w, b, rm, rv = _bn_args(7)
+    for training in (True, False):
+        torch.library.opcheck(OPS.conv_bn_act_stage, (x.clone().requires_grad_(), cw, None, w, b, rm, rv, None, [1, 1], [1, 1],
+                                                       [1, 1], 1, training, 0.1, None, 1e-5, "relu", 0.0))
+
+
+def test_stage_ops_compile_fullgraph():
+    """torch.compile(fullgraph=True) of a training step through conv_bn_act_stage: same output, gradient and statistics."""
+    x = activation((2, 4, 6, 6), torch.float32, CL).requires_grad_()
+    cw = torch.randn(4, 4, 3, 3, requires_grad=True)
+    w, b, rm, rv = _bn_args(4)
+    rm2, rv2 = rm.clone(), rv.clone()
+
+    def step(x, rm, rv):
+        return OPS.conv_bn_act_stage(x, cw, None, w, b, rm, rv, x, [1, 1], [1, 1], [1, 1], 1, True, 0.1, None, 1e-5, "relu", 0.0)
+
+    eager = step(x, rm, rv)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, rm2, rv2)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled.sum(), x)[0], torch.autograd.grad(eager.sum(), x)[0])
+    torch.testing.assert_close(rm2, rm)
+    torch.testing.assert_close(rv2, rv)
+
+
+def test_stage_errors_name_the_shapes():
+    x = torch.randn(2, 8, 5, 5)
+    w, b, rm, rv = _bn_args(8)
+    with pytest.raises(RuntimeError, match=r"bn_act_stage: expected `weight` of shape \(8\).*got \[3\]"):
+        OPS.bn_act_stage(x, torch.ones(3), None, None, None, None, True, 0.1, None, 1e-5, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="give both running_mean and running_var"):
+        OPS.bn_act_stage(x, None, None, rm, None, None, True, 0.1, None, 1e-5, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="must be given in evaluation mode"):
+        OPS.bn_act_stage(x, None, None, None, None, None, False, 0.1, None, 1e-5, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        OPS.bn_act_stage(torch.randn(1, 8, 1, 1), None, None, None, None, None, True, 0.1, None, 1e-5, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="unknown activation 'swish'"):
+        OPS.bn_act_stage(x, None, None, None, None, None, True, 0.1, None, 1e-5, "swish", 0.0)
+    before = rm.clone()
+    with pytest.raises(RuntimeError, match=r"`residual` has shape \[2, 6, 9, 9\] but `conv2d\(input\)` has shape \[2, 6, 3, 3\]"):
+        OPS.conv_bn_act_stage(x, torch.randn(6, 8, 3, 3), None, None, None, rm[:6], rv[:6], torch.randn(2, 6, 9, 9), [2, 2], [1, 1],
+                              [1, 1], 1, True, 0.1, None, 1e-5, "relu", 0.0)
+    torch.testing.assert_close(rm, before, rtol=0, atol=0)  # checked before any running statistic moved
+    with pytest.raises(RuntimeError, match=r"`conv_weight` \[6, 4, 3, 3\] with groups=1 expects 4 input channels"):
+        OPS.conv_bn_act_stage(x, torch.randn(6, 4, 3, 3), None, None, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, True,
+                              0.1, None, 1e-5, "relu", 0.0)
+
+
+def _python_dispatched_ops(fn) -> list[str]:
+    """The ops a call dispatches from Python: profiler events with no parent op (deterministic)."""
+    fn()
+    with profile() as p:
+        fn()
+    return [e.name for e in p.events() if e.cpu_parent is None and "::" in e.name and not e.name.startswith("autograd::")]
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_fused_block_training_forward_is_one_op_per_stage(kind):
+    """A fused block's training forward on the cpu backend: one conv_bn_act_stage call per conv -> BN (-> add) -> ReLU
+    (and nn.BatchNorm2d's num_batches_tracked += 1 per BN, as eager's), no Python custom op, fewer ops than eager."""
+    torch.manual_seed(0)
+    block = getattr(torchvision.models.resnet, kind)(32, 8) if kind == "Bottleneck" else torchvision.models.resnet.BasicBlock(8, 8)
+    fused = resnet_fused.fuse_(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(2, block.conv1.in_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    fused_ops = _python_dispatched_ops(lambda: fused(x))
+    eager_ops = _python_dispatched_ops(lambda: block(x))
+    convs = 2 if kind == "BasicBlock" else 3
+    assert fused_ops.count("resnet_fused::conv_bn_act_stage") == convs, fused_ops
+    assert fused_ops.count("aten::add_") == convs, fused_ops  # num_batches_tracked
+    assert len(fused_ops) == 2 * convs, fused_ops
+    assert len(fused_ops) < len(eager_ops), (fused_ops, eager_ops)
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params(include_triton=False) if "cpu" in str(b)])
+def test_functional_bn_act_runs_the_stage_op(backend):
+    """resnet_fused.functional.bn_act on the cpu backend is the stage op (one dispatch), with the same result."""
+    x = activation((2, 3, 4, 4), torch.float32, CL)
+    w, b, rm, rv = _bn_args(3, requires_grad=False)
+    ops = _python_dispatched_ops(lambda: resnet_fused.functional.bn_act(x, rm, rv, w, b, True, backend="cpu"))
+    assert ops == ["resnet_fused::bn_act_stage"], ops
