@@ -77,7 +77,7 @@ def test_quick_run_writes_results(tmp_path, capsys):
     env, rows = data["environment"], data["results"]
     for key in ("device", "torch", "triton", "date", "command"):
         assert key in env
-    assert {r["suite"] for r in rows} == {"ops", "convs", "blocks", "models"}
+    assert {r["suite"] for r in rows} == {"ops", "convs", "blocks", "models", "overhead"}
     assert {r["op"] for r in rows if r["suite"] == "ops"} == {"bn_act eval", "bn_act train", "bn_act train+bwd", "add_relu"}
     for r in rows:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["speedup_vs_eager"] > 0
@@ -101,6 +101,35 @@ def test_quick_run_writes_results(tmp_path, capsys):
         png = (tmp_path / f"{suite}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert "vs eager" in capsys.readouterr().out
+
+
+def _overhead_rows(tmp_path, compile_modes):
+    from resnet_fused.bench import overhead
+
+    rec = bench_rows.Recorder(str(tmp_path / "rows.jsonl"), {})
+    overhead.run(["BasicBlock"], [torch.float32], torch.device("cpu"), compile_modes, True, rec)
+    return rec.rows
+
+
+def test_overhead_suite_rows(tmp_path):
+    """BasicBlock only: every provider in both modes has a host time (per call, in us) and an op count;
+    no kernel launches on the CPU; the thread count is restored after the one-thread measurement."""
+    threads = torch.get_num_threads()
+    rows = _overhead_rows(tmp_path, ["default"])
+    assert torch.get_num_threads() == threads
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (m, p) for m in ("inference", "training") for p in ("eager", "compile-default", "fused-cpu")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["host_us"] > 0 and r["host_us"] == r["median_ms"] * 1e3 and r["speedup_vs_eager"] > 0
+        assert isinstance(r["aten_ops"], int) and r["aten_ops"] > 0 and r["launches"] is None
+    assert "us, " in bench.format_table(rows) and " ops" in bench.format_table(rows)
+
+
+def test_overhead_op_counts_are_deterministic(tmp_path):
+    counts = [{(r["mode"], r["provider"]): r["aten_ops"] for r in _overhead_rows(tmp_path / d, [])} for d in "ab"]
+    assert set(counts[0]) == {(m, p) for m in ("inference", "training") for p in ("eager", "fused-cpu")}
+    assert counts[0] == counts[1]
 
 
 def test_models_providers():

@@ -2,8 +2,9 @@
 
 Measures the fused kernels, blocks and models against eager PyTorch (and torch.compile, with
 --compile) on whatever machine it finds: a quick suite on a CPU, the ResNet shapes at batch 256 on a
-GPU. Shows progress, writes each row to rows.jsonl as it is measured (bench/rows.py), then prints a
-table and writes results.json, results.csv and plots into --out.
+GPU, and the host time per call at tiny sizes (overhead). Shows progress, writes each row to
+rows.jsonl as it is measured (bench/rows.py), then prints a table and writes results.json, results.csv
+and plots into --out.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import os
 
 import torch
 
-from resnet_fused.bench import blocks, convs, coverage, environment, models, ops, plots, timing
+from resnet_fused.bench import blocks, convs, coverage, environment, models, ops, overhead, plots, timing
 from resnet_fused.bench import rows as rows_
 
 # ResNet-50 stage inputs of the BN-add-ReLU at the end of each bottleneck: (C, H, W)
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUITES = ("ops", "convs", "blocks", "models", "coverage")  # coverage: only when asked for (--suite coverage)
+SUITES = ("ops", "convs", "blocks", "models", "overhead", "coverage")  # coverage: only when asked for (--suite coverage)
 
 
 def parse_args(argv=None):
@@ -85,11 +86,14 @@ def main(argv=None) -> None:
         plan["models"] = dict(names=["resnet18"] if args.quick else ["resnet18", "resnet50"],
                               batches=args.batch or ([1, 32, 256] if gpu and not args.quick else [8]),
                               resolution=112 if args.quick else 224)
+    if "overhead" in suites:
+        plan["overhead"] = dict(cases=list(overhead.CASES))
     total = sum([
         ops.count(plan["ops"]["shapes"], dtypes, device) if "ops" in plan else 0,
         convs.count(plan["convs"]["shapes"], dtypes, plan["convs"]["modes"], device, args.compile) if "convs" in plan else 0,
         blocks.count(plan["blocks"]["stages"], dtypes, device, args.compile) if "blocks" in plan else 0,
         models.count(plan["models"]["names"], plan["models"]["batches"], dtypes, device, args.compile) if "models" in plan else 0,
+        overhead.count(plan["overhead"]["cases"], dtypes, device, args.compile, args.quick) if "overhead" in plan else 0,
         coverage.count(args.quick) if "coverage" in suites else 0,
     ])
 
@@ -111,6 +115,8 @@ def main(argv=None) -> None:
                     blocks.run(p["stages"], p["batch"], dtypes, device, args.compile, args.quick, rec)
                 elif suite == "models":
                     models.run(p["names"], p["batches"], p["resolution"], dtypes, device, args.compile, args.quick, rec)
+                elif suite == "overhead":
+                    overhead.run(p["cases"], dtypes, device, args.compile, args.quick, rec)
                 else:  # coverage (CPU, fp32): its own table and files (coverage.json / .csv / .png)
                     cov_rows, cov_summary = coverage.run(args.quick, progress=bar.update)
                     cov_written = coverage.write(cov_rows, cov_summary, env, args.out)
@@ -145,14 +151,15 @@ def write_results(rows: list[dict], env: dict, out: str, stopped: str | None = N
 
 
 def format_table(rows) -> str:
-    """One line per measurement: what, how long (median, 20-80 % range), the achieved rate, vs eager; a
-    provider that failed shows its error, a row reused from an earlier run (--known-compile) ends in "*"."""
-    head = f"{'suite':<7} {'case':<19} {'shape':<24} {'dtype':<8} {'mode':<12} {'provider':<13} {'median ms':>10} {'rate':>14} {'vs eager':>9}"
+    """One line per measurement: what, how long (median, 20-80 % range), the achieved rate (overhead: host
+    microseconds per call and dispatched ops per step), vs eager; a provider that failed shows its error,
+    a row reused from an earlier run (--known-compile) ends in "*"."""
+    head = f"{'suite':<8} {'case':<19} {'shape':<24} {'dtype':<8} {'mode':<12} {'provider':<15} {'median ms':>10} {'rate':>18} {'vs eager':>9}"
     lines = ["", head, "-" * len(head)]
     for r in rows:
         mode = r.get("mode") or r.get("layout", "")
         case = r.get("case") or r.get("op")
-        what = f"{r['suite']:<7} {case:<19} {r['shape']:<24} {r['dtype']:<8} {mode:<12} {r['provider']:<13} "
+        what = f"{r['suite']:<8} {case:<19} {r['shape']:<24} {r['dtype']:<8} {mode:<12} {r['provider']:<15} "
         if "error" in r:
             lines.append(what + f"failed: {r['error'][:120]}")
             continue
@@ -160,12 +167,14 @@ def format_table(rows) -> str:
             rate = f"{r['gbps']:.1f} GB/s {r['pct_of_copy']:.0f}%"
         elif "tflops" in r:
             rate = f"{r['tflops']:.2f} TF/s {r['pct_of_matmul']:.0f}%"
+        elif "host_us" in r:
+            rate = f"{r['host_us']:.0f} us, {r['aten_ops']} ops"
         elif "images_per_s" in r:
             rate = f"{r['images_per_s']:.1f} img/s"
         else:
             rate = ""
         speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
-        lines.append(what + f"{r['median_ms']:>10.3f} {rate:>14} {speedup:>9}" + (" *" if "from" in r else ""))
+        lines.append(what + f"{r['median_ms']:>10.3f} {rate:>18} {speedup:>9}" + (" *" if "from" in r else ""))
     if any("from" in r for r in rows):
         lines.append("* reused from an earlier run with the same device, torch and triton (its \"from\" field)")
     return "\n".join(lines)
