@@ -1,6 +1,6 @@
 """Timing that a kernel engineer trusts: medians after warm-up; CUDA events on the GPU (optionally
 CUDA graph replays), inputs rotated so the working set exceeds L2; on the CPU, providers timed in
-alternating rounds (the machine's speed drifts), and torch.utils.benchmark for single workloads."""
+alternating rounds (the machine's speed drifts)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,6 @@ def _quantiles(samples_ms: Sequence[float]) -> Timing:
     s = sorted(samples_ms)
     q = statistics.quantiles(s, n=5) if len(s) >= 2 else [s[0]] * 4
     return Timing(statistics.median(s), q[0], q[3], len(s))
-
-
-def time_cpu(fn: Callable[[], object], min_run_time: float = 1.0) -> Timing:
-    """Median of torch.utils.benchmark's blocked measurements (each block: many calls, one time)."""
-    from torch.utils import benchmark
-
-    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return _quantiles([t * 1e3 for t in m.times])
 
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0) -> dict[str, Timing]:
