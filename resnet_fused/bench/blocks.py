@@ -42,7 +42,8 @@ def _block(kind: str, inplanes: int, planes: int, provider: str, device, dtype):
     return prepare(getattr(torchvision.models.resnet, kind)(inplanes, planes), provider, device, dtype)
 
 
-def _step(block, x, grad, training: bool):
+def step_fn(block, x, grad, training: bool):
+    """One call of `block` on x: inference under no_grad, or training forward + backward of grad (x.grad cleared)."""
     if not training:
         def infer():
             with torch.no_grad():
@@ -67,7 +68,7 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
 
                 def make(block):
                     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-                    return _step(block, x.requires_grad_(training), torch.randn_like(x), training)
+                    return step_fn(block, x.requires_grad_(training), torch.randn_like(x), training)
 
                 with rec.case(fields, names) as c:
                     fresh_compile_cache()

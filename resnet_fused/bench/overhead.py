@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import resnet_fused
-from resnet_fused.bench.blocks import prepare
+from resnet_fused.bench.blocks import prepare, step_fn
 from resnet_fused.bench.timing import Timing, first_call_s, fresh_compile_cache, time_cpu_interleaved
 
 # name: (input shape, the eager module, output shape)
@@ -54,19 +54,6 @@ def providers(device: torch.device, compile_modes: list[str], case: str, quick: 
     backend = "cpu" if device.type == "cpu" else "cuda"
     fused = [f"fused-{backend}"] if resnet_fused.backends.available()[backend] else []
     return ["eager", *[f"compile-{m}" for m in compile_modes], *fused]
-
-
-def _step(module, x, grad, training: bool):
-    if not training:
-        def infer():
-            with torch.no_grad():
-                return module(x)
-        return infer
-
-    def train():
-        module(x).backward(grad)
-        x.grad = None
-    return train
 
 
 def _is_op(event) -> bool:
@@ -142,7 +129,7 @@ def run(cases, dtypes, device: torch.device, compile_modes, quick: bool, rec) ->
 
                         def build(p):
                             torch.manual_seed(0)
-                            return _step(prepare(make_module(), p, device, dtype).train(training), x, grad, training)
+                            return step_fn(prepare(make_module(), p, device, dtype).train(training), x, grad, training)
 
                         steps = c.each(build)
                         first = c.each(lambda p: first_call_s(steps[p], device))
