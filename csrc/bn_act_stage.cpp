@@ -19,6 +19,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 
+// t in `dtype`, with no op dispatched where it is already (Tensor::to records an op even as a no-op)
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // ReLU's backward reads its output (the mask); another activation's recomputes z = x * scale + shift (+ residual)
 bool reads_input(Act a) { return a != Act::None && a != Act::Relu; }
 
@@ -49,7 +52,7 @@ BnActGrads bn_act_grads(Tensor grad_out, const Tensor& x, const Tensor& out, con
     const auto [z_scale, z_shift] = kernel_ops::bn_scale_shift(mean, var, opt(weight), opt(bias), eps);
     grad_out = kernel_ops::act_backward(grad_out, x, z_scale, z_shift, opt(residual), act_name, alpha);
   }
-  const Tensor mean_f = mean.to(at::kFloat);  // a no-op for batch statistics (fp32 already)
+  const Tensor mean_f = as_dtype(mean, at::kFloat);  // batch statistics are fp32 already
 
   BnActGrads g;
   Tensor dy_scale, x_scale, shift, sum_dy;
@@ -77,8 +80,8 @@ BnActGrads bn_act_grads(Tensor grad_out, const Tensor& x, const Tensor& out, con
     g.residual = at::threshold_backward(grad_out, out, 0);
   }
   if (needs_r && !relu) g.residual = grad_out;
-  g.weight = needs_w ? g.weight.to(weight.scalar_type()) : Tensor();
-  g.bias = needs_b ? sum_dy.to(bias_dtype) : Tensor();
+  g.weight = needs_w ? as_dtype(g.weight, weight.scalar_type()) : Tensor();
+  g.bias = needs_b ? as_dtype(sum_dy, bias_dtype) : Tensor();
   return g;
 }
 
@@ -222,35 +225,42 @@ void check_bn_vector(const OptTensor& v, const Tensor& input, const char* op, co
 }
 
 // running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count` values per channel,
-// as F.batch_norm; momentum_tensor (nn.BatchNorm2d's 1 / num_batches_tracked, on the device) wins over momentum
+// as F.batch_norm. num_batches_tracked (given in training with running statistics tracked, as nn.BatchNorm2d) counts
+// the batch; the momentum: momentum_tensor if given, else `momentum`, else (None, nn.BatchNorm2d's cumulative
+// average) 1 / num_batches_tracked on the device (0 without a count, as nn.BatchNorm2d)
 void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean, const Tensor& var,
-                          double count, double momentum, const OptTensor& momentum_tensor) {
-  if (!running_mean.has_value() || count == 0) return;
+                          double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
+                          const OptTensor& num_batches_tracked) {
   at::NoGradGuard no_grad;
-  const auto unbiased = var * (count / (count - 1));
-  if (momentum_tensor.has_value()) {
-    const auto w = momentum_tensor->to(running_mean->scalar_type());
-    running_mean->lerp_(mean.to(running_mean->scalar_type()), w);
-    running_var->lerp_(unbiased.to(running_var->scalar_type()), w);
+  if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+  if (!running_mean.has_value() || count == 0) return;
+  const auto dtype = running_mean->scalar_type();
+  const auto unbiased = as_dtype(var * (count / (count - 1)), dtype);
+  const auto batch_mean = as_dtype(mean, dtype);
+  if (momentum_tensor.has_value() || (!momentum.has_value() && num_batches_tracked.has_value())) {
+    const auto w = as_dtype(momentum_tensor.has_value() ? *momentum_tensor : at::reciprocal(*num_batches_tracked), dtype);
+    running_mean->lerp_(batch_mean, w);
+    running_var->lerp_(unbiased, w);
   } else {
-    running_mean->lerp_(mean.to(running_mean->scalar_type()), momentum);
-    running_var->lerp_(unbiased.to(running_var->scalar_type()), momentum);
+    running_mean->lerp_(batch_mean, momentum.value_or(0.0));
+    running_var->lerp_(unbiased, momentum.value_or(0.0));
   }
 }
 
 Tensor bn_act_stage_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-                       const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
-                       const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha) {
+                       const OptTensor& running_var, const OptTensor& residual, bool training, std::optional<double> momentum,
+                       const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha,
+                       const OptTensor& num_batches_tracked) {
   return bn_act_stage(input, weight, bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps, act,
-                      alpha, "bn_act_stage", "input");
+                      alpha, num_batches_tracked, "bn_act_stage", "input");
 }
 
 }  // namespace
 
 Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-                    const OptTensor& running_var, const OptTensor& residual, bool training, double momentum,
-                    const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha, const char* op,
-                    const char* of) {
+                    const OptTensor& running_var, const OptTensor& residual, bool training, std::optional<double> momentum,
+                    const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha,
+                    const OptTensor& num_batches_tracked, const char* op, const char* of) {
   check_activation(input, op, "input");
   check_bn_vector(weight, input, op, "weight", of);
   check_bn_vector(bias, input, op, "bias", of);
@@ -258,6 +268,12 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
   check_bn_vector(running_var, input, op, "running_var", of);
   RF_CHECK(running_mean.has_value() == running_var.has_value(), op, "give both running_mean and running_var, or neither");
   if (residual.has_value()) check_like(*residual, input, op, "residual", of);
+  if (num_batches_tracked.has_value()) {
+    RF_CHECK(training && num_batches_tracked->dim() == 0, op, "`num_batches_tracked` is counted in training, a 0-dim tensor; got ",
+             training ? "" : "training=False and ", "shape ", num_batches_tracked->sym_sizes());
+    RF_CHECK(num_batches_tracked->device() == input.device(), op, "`num_batches_tracked` is on ", num_batches_tracked->device(),
+             " but `", of, "` is on ", input.device());
+  }
   parse_act(act, op);
   static const auto batch = kernel_ops::handle<decltype(bn_act_batch_kernel)>("resnet_fused::bn_act_batch");
   static const auto running = kernel_ops::handle<decltype(bn_act_running_kernel)>("resnet_fused::bn_act_running");
@@ -268,7 +284,7 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
   RF_CHECK(input.sym_numel() != input.sym_size(1) || input.sym_numel() == 0, op,
            "expected more than 1 value per channel when training, got input size ", input.sym_sizes());
   auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, std::nullopt, std::nullopt);
-  update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor);
+  update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor, num_batches_tracked);
   return out;
 }
 

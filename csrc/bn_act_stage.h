@@ -11,8 +11,8 @@ namespace resnet_fused {
 
 at::Tensor bn_act_stage(const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                        const std::optional<at::Tensor>& residual, bool training, double momentum,
+                        const std::optional<at::Tensor>& residual, bool training, std::optional<double> momentum,
                         const std::optional<at::Tensor>& momentum_tensor, double eps, std::string_view act, double alpha,
-                        const char* op, const char* of);
+                        const std::optional<at::Tensor>& num_batches_tracked, const char* op, const char* of);
 
 }  // namespace resnet_fused

@@ -14,8 +14,9 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor conv_bn_act_stage(const at::Tensor& input, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                              const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
                              const OptTensor& running_var, const OptTensor& residual, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double momentum,
-                             const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha) {
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training,
+                             std::optional<double> momentum, const OptTensor& momentum_tensor, double eps, std::string_view act,
+                             double alpha, const OptTensor& num_batches_tracked) {
   const char* op = "conv_bn_act_stage";
   check_activation(input, op, "input");
   RF_CHECK(conv_weight.dim() == 4, op, "expected `conv_weight` of shape (Cout, Cin / groups, KH, KW), got ", conv_weight.sym_sizes());
@@ -30,7 +31,7 @@ at::Tensor conv_bn_act_stage(const at::Tensor& input, const at::Tensor& conv_wei
   }
   const auto y = at::conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups);
   return bn_act_stage(y, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps, act,
-                      alpha, op, "conv2d(input)");
+                      alpha, num_batches_tracked, op, "conv2d(input)");
 }
 
 }  // namespace

@@ -23,6 +23,11 @@ c10::TypedOperatorHandle<Signature> handle(const char* name) {
 #define RF_KERNEL_OP(name, ...) \
   static const auto op = handle<__VA_ARGS__>("resnet_fused::" name)
 
+inline Tensor add_relu_forward(const Tensor& input, const Tensor& residual) {
+  RF_KERNEL_OP("add_relu_forward", Tensor(const Tensor&, const Tensor&));
+  return op.call(input, residual);
+}
+
 inline Pair bn_stats(const Tensor& input) {
   RF_KERNEL_OP("bn_stats", Pair(const Tensor&));
   return op.call(input);

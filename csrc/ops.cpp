@@ -56,8 +56,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   // act(batch_norm(input) with running statistics + residual): eval, autograd
   m.def("bn_act_running(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha) -> Tensor");
   // act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual), running
-  // statistics updated in place in training; momentum_tensor (0-dim, nn.BatchNorm2d's 1 / num_batches_tracked) wins
-  m.def("bn_act_stage(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, bool training, float momentum, Tensor? momentum_tensor, float eps, str act, float alpha) -> Tensor");
+  // statistics updated in place in training; num_batches_tracked (training) += 1; the momentum: momentum_tensor (0-dim)
+  // if given, else momentum, else (None: nn.BatchNorm2d's cumulative average) 1 / num_batches_tracked
+  m.def("bn_act_stage(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, bool training, float? momentum, Tensor? momentum_tensor, float eps, str act, float alpha, Tensor(c!)? num_batches_tracked=None) -> Tensor");
   // bn_act_stage(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...)
-  m.def("conv_bn_act_stage(Tensor input, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, float momentum, Tensor? momentum_tensor, float eps, str act, float alpha) -> Tensor");
+  m.def("conv_bn_act_stage(Tensor input, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, float? momentum, Tensor? momentum_tensor, float eps, str act, float alpha, Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  // act(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual): eval with BN folded into (weight, bias);
+  // fused_conv: the convolution takes the epilogue (oneDNN post-ops, weight dense or prepacked; cuDNN conv + add + ReLU)
+  m.def("conv_act_stage(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, str act, float alpha, bool fused_conv) -> Tensor");
 }

@@ -11,10 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import functools
+
 from resnet_fused import backends, tuning
+from resnet_fused.activations import Activation
+from resnet_fused.ops import arena
+from resnet_fused.nn import plan
 from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, conv_bn_projection_forward, is_fusable_conv
 from resnet_fused.nn.fold import FoldCache
+
+_RELU, _NONE = Activation("relu"), Activation("none")
 
 
 class _FusedBlock(nn.Module):
@@ -30,6 +37,7 @@ class _FusedBlock(nn.Module):
         self.backend = backend
         self.shortcut = shortcut
         self._folds = FoldCache()
+        self._plans = plan.PlanCache()
 
     def _conv_bn(self, i: int, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None,
                  relu: bool = True, input_bn=None) -> torch.Tensor:
@@ -50,11 +58,40 @@ class _FusedBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lowers_to_inductor(self.backend, x, *self._norms()):
-            return self._run_eager(x)
+        if torch.compiler.is_compiling():  # traced: the routed forward, or the eager one for Inductor to lower
+            if lowers_to_inductor(self.backend, x, *self._norms()):
+                return self._run_eager(x)
+            return tuning.run(self, x) if backends.tuned(self.backend, x) else self._run_fused(x, self.backend)
+        ds = self.downsample
+        key = plan.layer_signature(self, x) + (self.shortcut, ds is not None and tuple(m.training for m in ds._modules.values()))
+        return self._plans.get(key, lambda: self._make_plan(x))(x)
+
+    def _make_plan(self, x: torch.Tensor):
+        """This block's plan for inputs like x (resnet_fused.nn.plan): the tuner's choice, one C++ op per stage
+        (BN folded in eval), or the routed _run_fused."""
         if backends.tuned(self.backend, x):
-            return tuning.run(self, x)
-        return self._run_fused(x, self.backend)
+            return functools.partial(tuning.run, self)
+        pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs + 1)]
+        ds = self._projection()
+        backend = plan.stage_backend(self, x, pairs + ([tuple(ds)] if ds is not None else []))
+        if backend is None or type(self)._conv_bn is not _FusedBlock._conv_bn:  # a subclass's own stages run routed
+            return functools.partial(self._run_fused, backend=self.backend)
+        shapes = plan.stage_input_shapes(x.shape, [conv for conv, _ in pairs])
+        module = self.downsample if self.shortcut and ds is None and self.downsample is not None else None
+        if plan.folds(pairs + ([tuple(ds)] if ds is not None else []), torch.is_grad_enabled()):
+            identity_grad = torch.is_grad_enabled() and (
+                x.requires_grad or module is not None and any(p.requires_grad for p in module.parameters()))
+            projection = plan.Folded(ds[0], ds[1], _NONE, x.shape, x, bias=False) if ds is not None else None
+            stages = [plan.Folded(conv, bn, _RELU, shape, x) for (conv, bn), shape in zip(pairs[:-1], shapes)]
+            stages.append(plan.Folded(*pairs[-1], _RELU, shapes[-1], x, self.shortcut, residual_grad=identity_grad,
+                                      shift=projection.shift if projection is not None else None))
+            pool = arena._arena() if x.device.type == "cpu" else None
+        else:
+            projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
+            stages = [plan.Staged(conv, bn, _RELU) for conv, bn in pairs]
+            pool = None
+        identity = None if not self.shortcut else projection if projection is not None else module if module is not None else _same
+        return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], pool)
 
     # the tuner's two ways to run this block: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
@@ -108,6 +145,18 @@ class _FusedBlock(nn.Module):
             return conv_bn_forward(ds[0], ds[1], x, act=None, backend=backend, cache=self._folds, name="downsample",
                                    process_group=self.process_group)
         return x if self.downsample is None else self.downsample(x)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _run_stages(stages: list, identity, x: torch.Tensor) -> torch.Tensor:
+    """A plan's block: stages[-1](... stages[0](x), identity(x)) (identity None: no shortcut)."""
+    out = x
+    for stage in stages[:-1]:
+        out = stage(out)
+    return stages[-1](out, identity(x) if identity is not None else None)
 
 
 class FusedBasicBlock(_FusedBlock):

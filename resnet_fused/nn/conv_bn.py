@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -12,6 +14,7 @@ from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, conv_bn_act_stag
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor, uses_batch_stats
+from resnet_fused.nn import plan
 from resnet_fused.nn.fold import FoldCache
 
 
@@ -45,8 +48,8 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     prepacked for oneDNN once per input shape)."""
     impl = backends.resolve(backend, x)
     if input_bn is None and stage_applies(x, impl, process_group):  # cpu / cuda: one C++ op, or the folded conv
-        call = batch_norm_call(bn)
-        if call.use_batch_stats or cache is None or torch.compiler.is_compiling() or _params_need_grad(conv, bn):
+        if uses_batch_stats(bn) or cache is None or torch.compiler.is_compiling() or _params_need_grad(conv, bn):
+            call = batch_norm_call(bn)  # bn may be a view (a FrozenBatchNorm2d as an eval nn.BatchNorm2d)
             return conv_bn_act_stage(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
                                      conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats,
                                      call.momentum, call.eps, residual, activation(act))
@@ -142,12 +145,30 @@ class FusedConvBNAct(nn.Module):
         self.backend = backend
         self.process_group = None  # set to synchronize BN statistics across ranks (nn.SyncBatchNorm)
         self._folds = FoldCache()
+        self._plans = plan.PlanCache()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if lowers_to_inductor(self.backend, x, self.bn):
-            return self._run_eager(x, residual)
+        if torch.compiler.is_compiling():  # traced: the routed forward, or the eager one for Inductor to lower
+            if lowers_to_inductor(self.backend, x, self.bn):
+                return self._run_eager(x, residual)
+            return tuning.run(self, x, residual) if backends.tuned(self.backend, x) else self._run_fused(x, self.backend, residual)
+        key = plan.layer_signature(self, x) + (self.act, plan.tensor_signature(residual))
+        return self._plans.get(key, lambda: self._make_plan(x, residual))(x, residual)
+
+    def _make_plan(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """This layer's plan for inputs like (x, residual) (resnet_fused.nn.plan)."""
         if backends.tuned(self.backend, x):
-            return tuning.run(self, x, residual)
+            return functools.partial(tuning.run, self)
+        pair = (self.conv, self.bn)
+        if plan.stage_backend(self, x, [pair]) is None:
+            return self._run_routed
+        if plan.folds([pair], torch.is_grad_enabled()):
+            stage = plan.Folded(*pair, self.act, x.shape, x, residual is not None,
+                                residual_grad=residual is not None and residual.requires_grad)
+            return plan.Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
+        return plan.Staged(*pair, self.act)
+
+    def _run_routed(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._run_fused(x, self.backend, residual)
 
     # the tuner's two ways to run this layer: fused on a backend (a Variant in force), or eager

@@ -81,8 +81,9 @@ def test_other_norms_fall_back_to_a_correct_path():
 def test_eval_fold_cache_follows_parameter_and_buffer_changes(monkeypatch):
     monkeypatch.setattr(onednn, "MIN_OUTPUT", 0)  # CPU: the prepacked oneDNN weights at this small size too
     packs = []
-    prepack = resnet_fused.nn.conv_bn.prepack_conv_weight
-    monkeypatch.setattr(resnet_fused.nn.conv_bn, "prepack_conv_weight", lambda *a: packs.append(a[-1]) or prepack(*a))
+    prepack = onednn.prepack_conv_weight
+    for module in (onednn, resnet_fused.nn.conv_bn):  # a layer's plan (nn/plan.py) and the routed path (nn/conv_bn.py)
+        monkeypatch.setattr(module, "prepack_conv_weight", lambda *a: packs.append(a[-1]) or prepack(*a))
     block = randomize_bn(FusedBasicBlock(8, 8)).eval()
     eager = copy.deepcopy(block)
     eager.__class__ = TV.BasicBlock

@@ -1,4 +1,5 @@
-"""A block's projection shortcut in eval (resnet_fused/nn/conv_bn.py conv_bn_projection_forward): both
+"""A block's projection shortcut in eval (a plan's Folded stages, resnet_fused/nn/plan.py; routed:
+resnet_fused/nn/conv_bn.py conv_bn_projection_forward): both
 conv -> BN pairs folded, the shortcut's conv runs without a bias and its BN shift joins the last conv's
 bias, relu(conv(a, W s) + conv(x, W_d s_d) + (b + b_d)); the result is eager's."""
 
@@ -10,6 +11,7 @@ import torchvision
 from torch import nn
 
 import resnet_fused.nn.conv_bn
+import resnet_fused.nn.plan
 from helpers import FORMATS, activation, assert_within_eager_error, backend_params, randomize_bn
 from resnet_fused.functional import fold_bn
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck
@@ -36,9 +38,10 @@ def test_projection_shift_joins_the_last_conv_bias(kind, fmt, dtype, backend, mo
     fused.backend = backend
     exact = copy.deepcopy(eager).double().eval()
     fused, eager = (m.eval().to(dtype=dtype, memory_format=fmt) for m in (fused, eager))
-    calls = []
-    real = resnet_fused.nn.conv_bn.conv_act
+    calls = []  # (bias, residual) of each folded conv: a plan's conv_act_stage (cpu), or the routed path's conv_act
+    real, stage = resnet_fused.nn.conv_bn.conv_act, resnet_fused.nn.plan._conv_act_stage
     monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_act", lambda x, w, b, *a, **k: calls.append((b, a[4])) or real(x, w, b, *a, **k))
+    monkeypatch.setattr(resnet_fused.nn.plan, "_conv_act_stage", lambda x, w, b, r, *a: calls.append((b, r)) or stage(x, w, b, r, *a))
     x = activation((3, 6, 9, 7), dtype, fmt)
     with torch.no_grad():
         for step in range(2):  # the fold and the summed bias made, then cached

@@ -1,0 +1,229 @@
+"""A fused layer's plan: how it runs for one input signature, decided once and cached on the layer.
+
+The signature: the input's shape, strides, dtype, device and requires_grad, grad mode, autocast, the backend
+setting, the layer's submodules and their train / eval modes. The first call with a new signature makes the
+plan; later calls run it. On the cpu and cuda backends a plan is one C++ op per stage, with no backend
+resolution, route or fold lookup per call:
+
+  folded  eval, every pair foldable and no parameter needing a gradient: ``resnet_fused::conv_act_stage`` with
+          the BN folded into the conv (weights folded, and on the CPU prepacked for oneDNN, when the plan is
+          made). Each call checks that what was folded is unchanged (each parameter's and buffer's identity,
+          version counter, storage and requires_grad, and bn.eps); if not, the plan is made again.
+  staged  otherwise: ``resnet_fused::conv_bn_act_stage`` per stage, nn.BatchNorm2d's semantics read per call.
+  routed  the layer's routed forward (``_run_fused``): other backends (torch, Triton), synchronized BN,
+          autocast, pairs that are not nn.Conv2d -> nn.BatchNorm2d.
+
+The tuner (backend "tune") keeps its own cache of choices (resnet_fused.tuning). Global flags read when a plan
+is made and not per call: torch.backends.cudnn.enabled / allow_tf32, the oneDNN size threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from resnet_fused import backends
+from resnet_fused._layout import conv_output_shape
+from resnet_fused.activations import Activation
+from resnet_fused.ops import cudnn, onednn
+from resnet_fused.ops._bn_math import fold_bn
+from resnet_fused.ops.bn_act import STAGE_BACKENDS
+from resnet_fused.nn.batchnorm import is_plain_batchnorm
+
+_MAX_PLANS = 16  # signatures kept per layer (a layer sees few: train / eval, a batch size or two)
+
+_conv_act_stage = torch.ops.resnet_fused.conv_act_stage.default
+_conv_bn_act_stage = torch.ops.resnet_fused.conv_bn_act_stage.default
+
+
+class PlanCache:
+    """signature -> plan, per layer. Not saved: pickling or copying starts it empty."""
+
+    def __init__(self):
+        self._plans: dict[tuple, Callable] = {}
+
+    def get(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+        plan = self._plans.get(key)
+        if plan is None or not getattr(plan, "valid", _always)():
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = make()
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __getstate__(self):
+        return {"_plans": {}}
+
+    def __deepcopy__(self, memo):
+        return PlanCache()
+
+
+def _always() -> bool:
+    return True
+
+
+def tensor_signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def layer_signature(layer: nn.Module, x: torch.Tensor) -> tuple:
+    """What a plan of `layer` for input x depends on, besides the values of its parameters and buffers."""
+    modules = tuple(layer._modules.values())
+    modes = tuple(m is not None and m.training for m in modules)
+    backend = layer.backend if layer.backend is not None else backends.get_backend()
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
+            torch.is_autocast_enabled(x.device.type), backend, layer.process_group, modules, modes)
+
+
+def stage_backend(layer: nn.Module, x: torch.Tensor, pairs) -> str | None:
+    """The backend the layer's stages run on as stage ops, or None where the layer runs routed."""
+    backend = backends.resolve(layer.backend, x)
+    plain = all(is_fusable(conv, bn) for conv, bn in pairs)
+    if backend in STAGE_BACKENDS and plain and layer.process_group is None and not torch.is_autocast_enabled(x.device.type):
+        return backend
+    return None
+
+
+def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """nn.Conv2d with zero padding, then nn.BatchNorm2d: what the stage ops compute exactly."""
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and is_plain_batchnorm(bn))
+
+
+def folds(pairs, grad: bool) -> bool:
+    """Every pair's BN normalizes with running statistics, and no parameter needs a gradient."""
+    return all(not bn.training and bn.running_mean is not None and bn.running_var is not None
+               and not (grad and any(p.requires_grad for p in (*conv.parameters(), *bn.parameters())))
+               for conv, bn in pairs)
+
+
+# ---- staged: one conv_bn_act_stage per stage ----
+
+
+def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(bn(conv(x)) (+ residual)) as one resnet_fused::conv_bn_act_stage call, with what nn.BatchNorm2d's forward
+    reads per call: training, track_running_stats, momentum (None: the cumulative average), eps; the op counts the
+    batch in num_batches_tracked where nn.BatchNorm2d would."""
+    p, bp, bb = conv._parameters, bn._parameters, bn._buffers
+    running_mean, running_var = bb.get("running_mean"), bb.get("running_var")
+    training, tracks = bn.training, bn.track_running_stats
+    tracked = not training or tracks
+    return _conv_bn_act_stage(
+        x, p["weight"], p["bias"], bp.get("weight"), bp.get("bias"), running_mean if tracked else None,
+        running_var if tracked else None, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
+        training or (running_mean is None and running_var is None), bn.momentum, None, bn.eps, act.name, act.alpha,
+        bb.get("num_batches_tracked") if training and tracks else None)
+
+
+class Staged:
+    """conv_bn_stage of one conv -> bn pair."""
+
+    __slots__ = ("conv", "bn", "act")
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation):
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return conv_bn_stage(self.conv, self.bn, self.act, x, residual)
+
+
+# ---- folded: one conv_act_stage per stage, BN folded when the plan is made ----
+
+
+def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, ...]:
+    # what a fold reads, and num_batches_tracked: aten's batch_norm moves the running statistics without a version
+    # bump (pytorch issue 13402), but every forward that moves them counts the batch with an in-place += 1
+    p, bp, bb = conv._parameters, bn._parameters, bn._buffers
+    return p["weight"], p.get("bias"), bp.get("weight"), bp.get("bias"), bb.get("running_mean"), bb.get("running_var"), \
+        bb.get("num_batches_tracked")
+
+
+def _stamp(tensors) -> tuple:
+    # an in-place update (optimizer step, load_state_dict's copy_) bumps _version; `.to()` / `p.data = ...` move storage
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.requires_grad) for t in tensors)
+
+
+class Folded:
+    """act(conv(x, W s) + b (+ residual)), bn folded into the conv: one resnet_fused::conv_act_stage call (x: the
+    layer's input, standing for this stage's, whose shape is input_shape: same dtype, device, layout and need of a
+    gradient; residual: whether one is added, residual_grad: whether it needs a gradient). shift: added to the folded bias (a projection shortcut's BN shift joining this stage's output); bias=False:
+    the folded bias left out (this stage is that shortcut), kept as `shift`."""
+
+    __slots__ = ("conv", "bn", "inputs", "stamp", "eps", "weight", "bias", "shift", "args")
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, input_shape, x: torch.Tensor,
+                 residual: bool = False, *, residual_grad: bool = False, bias: bool = True, shift: torch.Tensor | None = None):
+        self.conv, self.bn, self.eps = conv, bn, bn.eps
+        self.inputs = _fold_inputs(conv, bn)
+        self.stamp = _stamp(self.inputs)
+        with torch.no_grad():
+            weight, folded_bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            if shift is not None:  # rounded once from fp64
+                folded_bias = (folded_bias.double() + shift.double()).to(folded_bias.dtype)
+        self.shift = folded_bias if not bias else None
+        folded_bias = folded_bias if bias else None
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or residual_grad)
+        fused = _fuses(x, input_shape, weight, act, residual, conv.groups, wants_grad)
+        if fused and x.device.type == "cpu":  # reordered for oneDNN once, not per call
+            weight = onednn.prepack_conv_weight(weight, conv.stride, conv.padding, conv.dilation, conv.groups, input_shape)
+        elif x.device.type == "cuda" and folded_bias is not None and not fused and not wants_grad:
+            folded_bias = folded_bias.float()  # the epilogue pass adds it in fp32
+        self.weight, self.bias = weight, folded_bias
+        self.args = (conv.stride, conv.padding, conv.dilation, conv.groups, act.name, act.alpha, fused)
+
+    def valid(self) -> bool:
+        inputs = _fold_inputs(self.conv, self.bn)
+        return (all(a is b for a, b in zip(inputs, self.inputs)) and _stamp(inputs) == self.stamp
+                and self.bn.eps == self.eps)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return _conv_act_stage(x, self.weight, self.bias, residual, *self.args)
+
+
+def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, residual: bool, groups: int,
+           wants_grad: bool) -> bool:
+    """Whether the convolution takes the epilogue: oneDNN's post-ops on the CPU (fp32, at least onednn.MIN_OUTPUT
+    outputs), cuDNN's conv + add + bias + ReLU on CUDA (cudnn.cudnn_fuses); never where a gradient is wanted."""
+    if wants_grad:
+        return False
+    if x.device.type == "cpu":
+        outputs = input_shape[0] * input_shape[2] * input_shape[3] * weight.shape[0]  # at stride 1, as onednn_inference counts
+        return torch.backends.mkldnn.is_available() and x.dtype == torch.float32 and outputs >= onednn.MIN_OUTPUT
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) or weight.is_contiguous(memory_format=torch.channels_last)
+    return (act.name == "relu" and residual and torch.backends.cudnn.enabled
+            and cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, channels_last, groups, torch.backends.cudnn.allow_tf32))
+
+
+class Chain:
+    """A layer's plan: its stages run in order, `valid` while every folded stage is."""
+
+    __slots__ = ("run", "stages", "arena")
+
+    def __init__(self, run: Callable, stages: list, arena):
+        self.run, self.stages, self.arena = run, [s for s in stages if isinstance(s, Folded)], arena
+
+    def valid(self) -> bool:
+        return all(s.valid() for s in self.stages)
+
+    def __call__(self, *args):
+        if self.arena is None:
+            return self.run(*args)
+        self.arena.cpu_arena_enter()  # CPU inference: outputs in memory the last call freed (ops/arena.py)
+        try:
+            return self.run(*args)
+        finally:
+            self.arena.cpu_arena_exit()
+
+
+def stage_input_shapes(x_shape, convs) -> list[tuple]:
+    """The input shape of each conv of a chain fed x of x_shape."""
+    shapes, shape = [], tuple(x_shape)
+    for conv in convs:
+        shapes.append(shape)
+        shape = conv_output_shape(shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    return shapes
