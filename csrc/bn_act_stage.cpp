@@ -234,17 +234,8 @@ void update_running_stats(const OptTensor& running_mean, const OptTensor& runnin
   at::NoGradGuard no_grad;
   if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
   if (!running_mean.has_value() || count == 0) return;
-  const auto dtype = running_mean->scalar_type();
-  const auto unbiased = as_dtype(var * (count / (count - 1)), dtype);
-  const auto batch_mean = as_dtype(mean, dtype);
-  if (momentum_tensor.has_value() || (!momentum.has_value() && num_batches_tracked.has_value())) {
-    const auto w = as_dtype(momentum_tensor.has_value() ? *momentum_tensor : at::reciprocal(*num_batches_tracked), dtype);
-    running_mean->lerp_(batch_mean, w);
-    running_var->lerp_(unbiased, w);
-  } else {
-    running_mean->lerp_(batch_mean, momentum.value_or(0.0));
-    running_var->lerp_(unbiased, momentum.value_or(0.0));
-  }
+  if (!momentum.has_value() && !momentum_tensor.has_value() && !num_batches_tracked.has_value()) momentum = 0.0;
+  kernel_ops::bn_update_running(*running_mean, *running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked);
 }
 
 Tensor bn_act_stage_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,

@@ -53,6 +53,40 @@ struct ScaleShift {
   }
 };
 
+// A (C,) vector of float32 / float64 / float16 / bfloat16 read and written as fp64 (a running statistic).
+struct InOut {
+  void* p;
+  at::ScalarType type;
+
+  C10_HOST_DEVICE double operator[](int64_t i) const { return In{p, type}[i]; }
+  C10_HOST_DEVICE void set(int64_t i, double v) const {
+    switch (type) {
+      case at::kDouble: static_cast<double*>(p)[i] = v; break;
+      case at::kHalf: static_cast<c10::Half*>(p)[i] = static_cast<float>(v); break;
+      case at::kBFloat16: static_cast<c10::BFloat16*>(p)[i] = static_cast<float>(v); break;
+      default: static_cast<float*>(p)[i] = static_cast<float>(v);
+    }
+  }
+};
+
+struct RunningUpdate {
+  InOut running_mean, running_var;
+  In mean, var, momentum_tensor;              // momentum_tensor absent: p == nullptr
+  const int64_t* num_batches_tracked;         // nullptr: absent
+  double momentum, unbias;                    // unbias = count / (count - 1)
+
+  // w = momentum_tensor[0], else momentum (>= 0), else 1 / num_batches_tracked (counted already);
+  // running += w (batch - running), as torch.lerp; the variance's batch value unbiased
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    const double w = momentum_tensor.p != nullptr ? momentum_tensor[0]
+                     : momentum >= 0.0            ? momentum
+                                                  : 1.0 / static_cast<double>(*num_batches_tracked);
+    const double rm = running_mean[c], rv = running_var[c];
+    running_mean.set(c, rm + w * (mean[c] - rm));
+    running_var.set(c, rv + w * (var[c] * unbias - rv));
+  }
+};
+
 struct BackwardCoeffs {
   In sum_dy, sum_dy_xmu, var, weight;  // weight absent: 1
   double eps, count;
@@ -97,6 +131,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
                      b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>()},
       s.numel());
   return {a, b, c, grad_weight};
+}
+
+// running statistics updated in place (through a dense copy if one is strided); momentum < 0: none given
+template <class Run>
+void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                       const at::Tensor& var, double count, std::optional<double> momentum,
+                       const std::optional<at::Tensor>& momentum_tensor, const std::optional<at::Tensor>& num_batches_tracked,
+                       Run run) {
+  at::Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+  const at::Tensor m = dense_vector(mean), v = dense_vector(var), w = dense_vector(momentum_tensor);
+  const at::Tensor n = num_batches_tracked.has_value() ? num_batches_tracked->to(at::kLong).contiguous() : at::Tensor();
+  run(RunningUpdate{{rm.data_ptr(), rm.scalar_type()}, {rv.data_ptr(), rv.scalar_type()}, in(m), in(v), in(w),
+                    n.defined() ? n.const_data_ptr<int64_t>() : nullptr, momentum.value_or(-1.0), count / (count - 1)},
+      rm.numel());
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
 }
 
 }  // namespace resnet_fused::coeffs

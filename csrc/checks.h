@@ -132,6 +132,25 @@ inline void check_bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, 
   if (bias.has_value()) check_coeff_vector(*bias, mean, op, "bias", "mean");
 }
 
+inline void check_bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                                    const at::Tensor& var, std::optional<double> momentum,
+                                    const std::optional<at::Tensor>& momentum_tensor,
+                                    const std::optional<at::Tensor>& num_batches_tracked) {
+  const char* op = "bn_update_running";
+  check_coeff_vector(running_mean, mean, op, "running_mean", "mean");
+  check_coeff_vector(running_var, mean, op, "running_var", "mean");
+  check_coeff_vector(mean, mean, op, "mean", "mean");
+  check_coeff_vector(var, mean, op, "var", "mean");
+  RF_CHECK(momentum_tensor.has_value() || momentum.has_value() || num_batches_tracked.has_value(), op,
+           "give a momentum, a momentum_tensor or num_batches_tracked (momentum=None: 1 / num_batches_tracked)");
+  RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
+  for (const auto& [t, name] : {std::pair{&momentum_tensor, "momentum_tensor"}, std::pair{&num_batches_tracked, "num_batches_tracked"}}) {
+    if (!t->has_value()) continue;
+    RF_CHECK((*t)->numel() == 1 && (*t)->device() == mean.device(), op, "expected `", name, "` to be one value on ", mean.device(),
+             ", got shape ", (*t)->sizes(), " on ", (*t)->device());
+  }
+}
+
 inline void check_bn_backward_coeffs(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var,
                                      const std::optional<at::Tensor>& weight) {
   const char* op = "bn_backward_coeffs";

@@ -48,6 +48,10 @@ TORCH_LIBRARY(resnet_fused, m) {
   // a = weight * invstd, b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count (eval: b = c = 0), grad_weight = sum_dy_xmu * invstd
   m.def("bn_backward_coeffs(Tensor sum_dy, Tensor sum_dy_xmu, Tensor var, Tensor? weight, float eps, float count, bool training) -> (Tensor a, Tensor b, Tensor c, Tensor grad_weight)");
 
+  // running += w (batch - running) per channel, var unbiased by count / (count - 1), in place; w = momentum_tensor[0],
+  // else momentum, else 1 / num_batches_tracked (counted already): the training stages' running-statistics update
+  m.def("bn_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float count, float? momentum, Tensor? momentum_tensor, Tensor? num_batches_tracked) -> ()");
+
   // ---- stages: one op call per fused stage on the cpu and cuda backends, autograd in C++ (bn_act_stage.cpp,
   // conv_bn_act_stage.cpp); Python twins for the torch and Triton backends in resnet_fused/ops/bn_act.py ----
   // (act(batch_norm(input) + residual), batch mean, biased batch var): training, autograd; batch_mean / batch_var:

@@ -52,7 +52,7 @@ FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, act_b
                                  bn_act_backward_elemt, bn_scale_shift, bn_backward_coeffs)}
 
 
-# the stages' autograd ops (csrc/bn_act_stage.cpp; bn_act_stage and conv_bn_act_stage are composites of these and aten)
+# the stages' own ops: autograd ops and the running-statistics update (csrc/bn_act_stage.cpp; bn_act_stage and conv_bn_act_stage are composites of these and aten)
 def bn_act_batch(input, weight, bias, residual, eps, act, alpha, batch_mean=None, batch_var=None):
     return torch.empty_like(input, memory_format=memory_format(input)), per_channel_empty(input), per_channel_empty(input)
 
@@ -61,7 +61,11 @@ def bn_act_running(input, running_mean, running_var, weight, bias, residual, eps
     return torch.empty_like(input, memory_format=memory_format(input))
 
 
-STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running)}
+def bn_update_running(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked):
+    return None  # in place
+
+
+STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running, bn_update_running)}
 
 
 def register() -> None:

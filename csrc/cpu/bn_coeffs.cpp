@@ -1,5 +1,5 @@
-// The per-channel coefficient ops on the CPU: bn_scale_shift (forward) and bn_backward_coeffs
-// (backward), one plain loop over the channels each (C is small: a few thousand at most).
+// The per-channel coefficient ops on the CPU: bn_scale_shift and bn_update_running (forward) and
+// bn_backward_coeffs (backward), one plain loop over the channels each (C is small: a few thousand at most).
 #include <torch/library.h>
 
 #include "bn_coeffs.h"
@@ -28,10 +28,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
                                     [](const coeffs::BackwardCoeffs& f, int64_t C) { for_each_channel(f, C); });
 }
 
+void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                       const at::Tensor& var, double count, std::optional<double> momentum,
+                       const std::optional<at::Tensor>& momentum_tensor, const std::optional<at::Tensor>& num_batches_tracked) {
+  check_bn_update_running(running_mean, running_var, mean, var, momentum, momentum_tensor, num_batches_tracked);
+  coeffs::bn_update_running(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked,
+                            [](const coeffs::RunningUpdate& f, int64_t C) { for_each_channel(f, C); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_scale_shift", &bn_scale_shift);
+  m.impl("bn_update_running", &bn_update_running);
   m.impl("bn_backward_coeffs", &bn_backward_coeffs);
 }
 

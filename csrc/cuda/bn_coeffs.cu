@@ -1,4 +1,4 @@
-// The per-channel coefficient ops on CUDA: bn_scale_shift (forward) and bn_backward_coeffs (backward),
+// The per-channel coefficient ops on CUDA: bn_scale_shift, bn_update_running (forward) and bn_backward_coeffs (backward),
 // one launch each on the current stream, one thread per channel (C is a few thousand at most).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -40,10 +40,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_cu
   return coeffs::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training, Launch{});
 }
 
+void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                            const at::Tensor& var, double count, std::optional<double> momentum,
+                            const std::optional<at::Tensor>& momentum_tensor,
+                            const std::optional<at::Tensor>& num_batches_tracked) {
+  check_bn_update_running(running_mean, running_var, mean, var, momentum, momentum_tensor, num_batches_tracked);
+  const c10::cuda::CUDAGuard guard(mean.device());
+  coeffs::bn_update_running(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked,
+                            Launch{});
+}
+
 }  // namespace
 }  // namespace resnet_fused::gpu
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bn_scale_shift", &resnet_fused::gpu::bn_scale_shift_cuda);
+  m.impl("bn_update_running", &resnet_fused::gpu::bn_update_running_cuda);
   m.impl("bn_backward_coeffs", &resnet_fused::gpu::bn_backward_coeffs_cuda);
 }

@@ -73,25 +73,32 @@ class _FusedBlock(nn.Module):
             return functools.partial(tuning.run, self)
         pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs + 1)]
         ds = self._projection()
-        backend = plan.stage_backend(self, x, pairs + ([tuple(ds)] if ds is not None else []))
-        if backend is None or type(self)._conv_bn is not _FusedBlock._conv_bn:  # a subclass's own stages run routed
-            return functools.partial(self._run_fused, backend=self.backend)
-        shapes = plan.stage_input_shapes(x.shape, [conv for conv, _ in pairs])
-        module = self.downsample if self.shortcut and ds is None and self.downsample is not None else None
-        if plan.folds(pairs + ([tuple(ds)] if ds is not None else []), torch.is_grad_enabled()):
-            identity_grad = torch.is_grad_enabled() and (
-                x.requires_grad or module is not None and any(p.requires_grad for p in module.parameters()))
-            projection = plan.Folded(ds[0], ds[1], _NONE, x.shape, x, bias=False) if ds is not None else None
-            stages = [plan.Folded(conv, bn, _RELU, shape, x) for (conv, bn), shape in zip(pairs[:-1], shapes)]
-            stages.append(plan.Folded(*pairs[-1], _RELU, shapes[-1], x, self.shortcut, residual_grad=identity_grad,
-                                      shift=projection.shift if projection is not None else None))
-            pool = arena._arena() if x.device.type == "cpu" else None
+        every_pair = pairs + ([tuple(ds)] if ds is not None else [])
+        if plan.stage_backend(self, x, every_pair) is None or type(self)._conv_bn is not _FusedBlock._conv_bn:
+            return functools.partial(self._run_fused, backend=self.backend)  # (a subclass's own stages run routed)
+        # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
+        module = self.downsample if ds is None and self.downsample is not None else None
+        if plan.folds(every_pair, torch.is_grad_enabled()):
+            stages, projection = self._folded_stages(pairs, ds, module, x)
         else:
-            projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
             stages = [plan.Staged(conv, bn, _RELU) for conv, bn in pairs]
-            pool = None
-        identity = None if not self.shortcut else projection if projection is not None else module if module is not None else _same
+            projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
+        identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
+        pool = arena._arena() if x.device.type == "cpu" and isinstance(stages[0], plan.Folded) else None
         return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], pool)
+
+    def _folded_stages(self, pairs: list, ds, module, x: torch.Tensor) -> tuple[list, plan.Folded | None]:
+        """Eval with BN folded: a Folded stage per pair; a projection's BN shift joins the last conv's bias."""
+        folds = dict(cache=self._folds)
+        projection = plan.Folded(*ds, _NONE, x.shape, x, name="downsample", bias=False, **folds) if ds is not None else None
+        shapes = plan.stage_input_shapes(x.shape, [conv for conv, _ in pairs])
+        stages = [plan.Folded(conv, bn, _RELU, shape, x, name=f"conv{i}", **folds)
+                  for i, ((conv, bn), shape) in enumerate(zip(pairs[:-1], shapes), 1)]
+        identity_grad = torch.is_grad_enabled() and (
+            x.requires_grad or module is not None and any(p.requires_grad for p in module.parameters()))
+        stages.append(plan.Folded(*pairs[-1], _RELU, shapes[-1], x, self.shortcut, residual_grad=identity_grad,
+                                  shift=projection.shift if projection is not None else None, name=f"conv{len(pairs)}", **folds))
+        return stages, projection
 
     # the tuner's two ways to run this block: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:

@@ -163,7 +163,7 @@ class FusedConvBNAct(nn.Module):
         if plan.stage_backend(self, x, [pair]) is None:
             return self._run_routed
         if plan.folds([pair], torch.is_grad_enabled()):
-            stage = plan.Folded(*pair, self.act, x.shape, x, residual is not None,
+            stage = plan.Folded(*pair, self.act, x.shape, x, residual is not None, cache=self._folds, name="conv",
                                 residual_grad=residual is not None and residual.requires_grad)
             return plan.Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
         return plan.Staged(*pair, self.act)

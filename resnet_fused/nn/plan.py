@@ -28,11 +28,11 @@ from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape
 from resnet_fused.activations import Activation
 from resnet_fused.ops import cudnn, onednn
-from resnet_fused.ops._bn_math import fold_bn
 from resnet_fused.ops.bn_act import STAGE_BACKENDS
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
+from resnet_fused.nn.fold import FoldCache
 
-_MAX_PLANS = 16  # signatures kept per layer (a layer sees few: train / eval, a batch size or two)
+_MAX_PLANS = 8  # signatures kept per layer (a layer sees few: train / eval, a batch size or two)
 
 _conv_act_stage = torch.ops.resnet_fused.conv_act_stage.default
 _conv_bn_act_stage = torch.ops.resnet_fused.conv_bn_act_stage.default
@@ -149,22 +149,26 @@ def _stamp(tensors) -> tuple:
 
 
 class Folded:
-    """act(conv(x, W s) + b (+ residual)), bn folded into the conv: one resnet_fused::conv_act_stage call (x: the
-    layer's input, standing for this stage's, whose shape is input_shape: same dtype, device, layout and need of a
-    gradient; residual: whether one is added, residual_grad: whether it needs a gradient). shift: added to the folded bias (a projection shortcut's BN shift joining this stage's output); bias=False:
-    the folded bias left out (this stage is that shortcut), kept as `shift`."""
+    """act(conv(x, W s) + b (+ residual)), bn folded into the conv: one resnet_fused::conv_act_stage call.
+
+    x: the layer's input, standing for this stage's (whose shape is input_shape) in dtype, device, layout and need
+    of a gradient; residual: whether one is added, residual_grad: whether it needs a gradient; the fold comes from
+    the layer's FoldCache under `name` (one dense copy per conv, whatever the number of plans; a CPU plan holds its
+    own oneDNN-prepacked copy, the layout oneDNN picks for its input shape). shift: added to the folded bias (a
+    projection shortcut's BN shift joining this stage's output); bias=False: the folded bias left out (this stage
+    is that shortcut), kept as `shift`."""
 
     __slots__ = ("conv", "bn", "inputs", "stamp", "eps", "weight", "bias", "shift", "args")
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, input_shape, x: torch.Tensor,
-                 residual: bool = False, *, residual_grad: bool = False, bias: bool = True, shift: torch.Tensor | None = None):
+                 residual: bool = False, *, cache: FoldCache, name: str, residual_grad: bool = False, bias: bool = True,
+                 shift: torch.Tensor | None = None):
         self.conv, self.bn, self.eps = conv, bn, bn.eps
         self.inputs = _fold_inputs(conv, bn)
         self.stamp = _stamp(self.inputs)
-        with torch.no_grad():
-            weight, folded_bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-            if shift is not None:  # rounded once from fp64
-                folded_bias = (folded_bias.double() + shift.double()).to(folded_bias.dtype)
+        weight, folded_bias = cache.get(name, conv, bn)
+        if shift is not None:  # rounded once from fp64
+            folded_bias = cache.summed(name, folded_bias, shift)
         self.shift = folded_bias if not bias else None
         folded_bias = folded_bias if bias else None
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or residual_grad)

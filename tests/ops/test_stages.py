@@ -279,3 +279,26 @@ def test_stage_counts_num_batches_tracked():
         torch.testing.assert_close(rv, bn.running_var)
     with pytest.raises(RuntimeError, match="`num_batches_tracked` is counted in training"):
         OPS.bn_act_stage(x, None, None, rm, rv, None, False, 0.1, None, 1e-5, "none", 0.0, nbt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bn_update_running_is_torch_lerp(dtype):
+    """The stages' running-statistics update: running += w (batch - running), the variance unbiased, in the running
+    statistics' dtype, in place (a strided one too); w from momentum, momentum_tensor or 1 / num_batches_tracked."""
+    C, count = 6, 10.0
+    mean, var = torch.randn(C), torch.rand(C) + 0.1
+    for w_args, w in (((0.1, None, None), 0.1), ((None, torch.tensor(0.25), None), 0.25),
+                      ((None, None, torch.tensor(4)), 0.25), ((0.3, torch.tensor(0.5), None), 0.5)):
+        base = torch.randn(2 * C, dtype=dtype)
+        rm, rv = base[::2], torch.rand(C, dtype=dtype) + 0.5  # running_mean strided: updated through a dense copy
+        want_m = (rm.double() + w * (mean.double() - rm.double())).to(dtype)
+        want_v = (rv.double() + w * (var.double() * count / (count - 1) - rv.double())).to(dtype)
+        OPS.bn_update_running(rm, rv, mean, var, count, *w_args)
+        torch.testing.assert_close(rm, want_m)
+        torch.testing.assert_close(rv, want_v)
+        assert base[::2].data_ptr() == rm.data_ptr() and torch.equal(base[::2], rm)
+    torch.library.opcheck(OPS.bn_update_running, (torch.zeros(C), torch.ones(C), mean, var, count, 0.1, None, None))
+    with pytest.raises(RuntimeError, match="give a momentum, a momentum_tensor or num_batches_tracked"):
+        OPS.bn_update_running(torch.zeros(C), torch.ones(C), mean, var, count, None, None, None)
+    with pytest.raises(RuntimeError, match=r"`running_var` has shape \[3\] but `mean` has shape \[6\]"):
+        OPS.bn_update_running(torch.zeros(C), torch.ones(3), mean, var, count, 0.1, None, None)
