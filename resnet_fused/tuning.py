@@ -230,8 +230,8 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
         name = entry["choice"] if entry is not None else _tune(layer, x, residual, key, training, backward)
         # a choice this machine cannot run (another build in the same cache slot): the rules
         chosen = seen[fast] = next((c for c in candidates(x.device, training, backward) if c.name == name), None)
-    if chosen is None:
-        return layer._run_fused(x, None, *extra)
+    if chosen is None:  # the rules ("auto")
+        return layer._run_fused(x, "auto", *extra) if torch.compiler.is_compiling() else layer._planned(x, "auto", *extra)
     return _call(layer, chosen, x, extra)
 
 
@@ -240,8 +240,8 @@ def _call(layer: nn.Module, c: Candidate, x: torch.Tensor, extra: tuple) -> torc
         return layer._run_eager(x, *extra)
     if torch.compiler.is_compiling():  # a context variable cannot be set while tracing: the backend's rules
         return layer._run_fused(x, c.backend, *extra)
-    with backends.use_variant(c.variant):
-        return layer._run_fused(x, c.backend, *extra)
+    with backends.use_variant(c.variant):  # the layer's plan for this candidate (resnet_fused/nn/plan.py)
+        return layer._planned(x, c.backend, *extra)
 
 
 def _tune(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, key: str, training: bool, backward: bool) -> str:

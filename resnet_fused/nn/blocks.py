@@ -62,20 +62,26 @@ class _FusedBlock(nn.Module):
             if lowers_to_inductor(self.backend, x, *self._norms()):
                 return self._run_eager(x)
             return tuning.run(self, x) if backends.tuned(self.backend, x) else self._run_fused(x, self.backend)
-        ds = self.downsample
-        key = plan.layer_signature(self, x) + (self.shortcut, ds is not None and tuple(m.training for m in ds._modules.values()))
-        return self._plans.get(key, lambda: self._make_plan(x))(x)
+        return self._planned(x, self.backend)
 
-    def _make_plan(self, x: torch.Tensor):
+    # the tuner's three ways to run this block: planned or routed on a backend (a Variant in force), or eager
+    def _planned(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+        """This block on its plan for x's signature on the backend setting `backend` (made on the first call)."""
+        ds = self.downsample
+        key = plan.layer_signature(self, x, backend) + (
+            self.shortcut, ds is not None and tuple(m.training for m in ds._modules.values()))
+        return self._plans.get(key, lambda: self._make_plan(x, backend))(x)
+
+    def _make_plan(self, x: torch.Tensor, backend: str | None):
         """This block's plan for inputs like x (resnet_fused.nn.plan): the tuner's choice, one C++ op per stage
         (BN folded in eval), or the routed _run_fused."""
-        if backends.tuned(self.backend, x):
+        if backends.tuned(backend, x):
             return functools.partial(tuning.run, self)
         pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs + 1)]
         ds = self._projection()
         every_pair = pairs + ([tuple(ds)] if ds is not None else [])
-        if plan.stage_backend(self, x, every_pair) is None or type(self)._conv_bn is not _FusedBlock._conv_bn:
-            return functools.partial(self._run_fused, backend=self.backend)  # (a subclass's own stages run routed)
+        if plan.stage_backend(self, x, backend, every_pair) is None or type(self)._conv_bn is not _FusedBlock._conv_bn:
+            return functools.partial(self._run_fused, backend=backend)  # (a subclass's own stages run routed)
         # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
         module = self.downsample if ds is None and self.downsample is not None else None
         if plan.folds(every_pair, torch.is_grad_enabled()):
@@ -100,7 +106,6 @@ class _FusedBlock(nn.Module):
                                   shift=projection.shift if projection is not None else None, name=f"conv{len(pairs)}", **folds))
         return stages, projection
 
-    # the tuner's two ways to run this block: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
         BN + ReLU to the next conv's loads where _defers says so."""

@@ -11,6 +11,7 @@ the cumulative average), num_batches_tracked, track_running_stats=False, affine=
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from resnet_fused import backends, tuning
 from resnet_fused.activations import Activation, activation
+from resnet_fused.nn import plan
 from resnet_fused.nn.batchnorm import batch_norm_call, lowers_to_inductor
 from resnet_fused.ops.bn_act import bn_act
 
@@ -34,17 +36,32 @@ def bn_act_forward(bn: nn.BatchNorm2d, x: torch.Tensor, act, *, backend: str | N
 
 class _FusedBNActForward:
     """The forward FusedBNAct and the BatchNormAct2d twin share: the eager composition where torch.compile
-    lowers it, the tuner's choice with backend="tune" (`_run_fused` / `_run_eager`), else the fused call."""
+    lowers it, the tuner's choice with backend="tune" (`_planned` / `_run_fused` / `_run_eager`), else the plan
+    for the input's signature (one bn_act_stage call on the cpu and cuda backends)."""
 
     backend: str | None = None
     process_group = None  # a torch.distributed group: batch statistics over all its ranks (nn.SyncBatchNorm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lowers_to_inductor(self.backend, x, self):
-            return self._run_eager(x)
-        if backends.tuned(self.backend, x):
-            return tuning.run(self, x)
-        return self._run_fused(x, self.backend)
+        if torch.compiler.is_compiling():  # traced: the routed forward, or the eager one for Inductor to lower
+            if lowers_to_inductor(self.backend, x, self):
+                return self._run_eager(x)
+            return tuning.run(self, x) if backends.tuned(self.backend, x) else self._run_fused(x, self.backend)
+        return self._planned(x, self.backend)
+
+    # the tuner's three ways to run this layer: planned or routed on a backend (a Variant in force), or eager
+    def _planned(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+        """This layer on its plan for x's signature on the backend setting `backend` (resnet_fused.nn.plan)."""
+        act = self._activation()
+        key = plan.layer_signature(self, x, backend, ()) + (self.training, act)
+        return plan.plans_of(self).get(key, lambda: self._make_plan(x, backend, act))(x)
+
+    def _make_plan(self, x: torch.Tensor, backend: str | None, act: Activation):
+        if backends.tuned(backend, x):
+            return functools.partial(tuning.run, self)
+        if plan.stage_backend(self, x, backend, ()) is None:
+            return functools.partial(self._run_fused, backend=backend)
+        return functools.partial(plan.bn_stage, self, act)  # (the norm's semantics are nn.BatchNorm2d's)
 
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         return bn_act_forward(self, x, self._activation(), backend=backend, process_group=self.process_group)

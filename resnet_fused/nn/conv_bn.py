@@ -152,26 +152,22 @@ class FusedConvBNAct(nn.Module):
             if lowers_to_inductor(self.backend, x, self.bn):
                 return self._run_eager(x, residual)
             return tuning.run(self, x, residual) if backends.tuned(self.backend, x) else self._run_fused(x, self.backend, residual)
-        key = plan.layer_signature(self, x) + (self.act, plan.tensor_signature(residual))
-        return self._plans.get(key, lambda: self._make_plan(x, residual))(x, residual)
+        return self._planned(x, self.backend, residual)
 
-    def _make_plan(self, x: torch.Tensor, residual: torch.Tensor | None):
+    # the tuner's three ways to run this layer: planned or routed on a backend (a Variant in force), or eager
+    def _planned(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer on its plan for the signature of (x, residual) on the backend setting `backend`."""
+        key = plan.layer_signature(self, x, backend) + (self.act, plan.tensor_signature(residual))
+        return self._plans.get(key, lambda: self._make_plan(x, backend, residual))(x, residual)
+
+    def _make_plan(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None):
         """This layer's plan for inputs like (x, residual) (resnet_fused.nn.plan)."""
-        if backends.tuned(self.backend, x):
+        if backends.tuned(backend, x):
             return functools.partial(tuning.run, self)
-        pair = (self.conv, self.bn)
-        if plan.stage_backend(self, x, [pair]) is None:
-            return self._run_routed
-        if plan.folds([pair], torch.is_grad_enabled()):
-            stage = plan.Folded(*pair, self.act, x.shape, x, residual is not None, cache=self._folds, name="conv",
-                                residual_grad=residual is not None and residual.requires_grad)
-            return plan.Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
-        return plan.Staged(*pair, self.act)
+        if plan.stage_backend(self, x, backend, [(self.conv, self.bn)]) is None:
+            return lambda x, residual: self._run_fused(x, backend, residual)
+        return plan.conv_bn_plan(self.conv, self.bn, self.act, x, residual, cache=self._folds, name="conv")
 
-    def _run_routed(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run_fused(x, self.backend, residual)
-
-    # the tuner's two ways to run this layer: fused on a backend (a Variant in force), or eager
     def _run_fused(self, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None) -> torch.Tensor:
         return conv_bn_forward(self.conv, self.bn, x, residual, self.act, backend=backend, cache=self._folds, name="conv",
                                process_group=self.process_group)

@@ -9,7 +9,8 @@ resolution, route or fold lookup per call:
           the BN folded into the conv (weights folded, and on the CPU prepacked for oneDNN, when the plan is
           made). Each call checks that what was folded is unchanged (each parameter's and buffer's identity,
           version counter, storage and requires_grad, and bn.eps); if not, the plan is made again.
-  staged  otherwise: ``resnet_fused::conv_bn_act_stage`` per stage, nn.BatchNorm2d's semantics read per call.
+  staged  otherwise: ``resnet_fused::conv_bn_act_stage`` per stage (``bn_act_stage`` for a BN -> act layer),
+          nn.BatchNorm2d's semantics read per call.
   routed  the layer's routed forward (``_run_fused``): other backends (torch, Triton), synchronized BN,
           autocast, pairs that are not nn.Conv2d -> nn.BatchNorm2d.
 
@@ -27,15 +28,28 @@ from torch import nn
 from resnet_fused import backends
 from resnet_fused._layout import conv_output_shape
 from resnet_fused.activations import Activation
-from resnet_fused.ops import cudnn, onednn
+from resnet_fused.ops import arena, cudnn, onednn
 from resnet_fused.ops.bn_act import STAGE_BACKENDS
 from resnet_fused.nn.batchnorm import is_plain_batchnorm
 from resnet_fused.nn.fold import FoldCache
 
 _MAX_PLANS = 8  # signatures kept per layer (a layer sees few: train / eval, a batch size or two)
 
-_conv_act_stage = torch.ops.resnet_fused.conv_act_stage.default
-_conv_bn_act_stage = torch.ops.resnet_fused.conv_bn_act_stage.default
+# the stage ops (csrc/*_stage.cpp), found once; a plan calls them only on the cpu / cuda backends, which need _C
+_conv_act_stage = torch.ops.resnet_fused.conv_act_stage.default if backends.has_extension() else None
+_conv_bn_act_stage = torch.ops.resnet_fused.conv_bn_act_stage.default if backends.has_extension() else None
+_bn_act_stage = torch.ops.resnet_fused.bn_act_stage.default if backends.has_extension() else None
+
+
+def plans_of(module: nn.Module) -> PlanCache:
+    """module's PlanCache, made on first use: a plain attribute (no submodule, no state_dict key); on a module fuse_
+    gave another class, recorded with fuse_'s other attributes, so that unfuse_ removes it."""
+    plans = module.__dict__.get("_resnet_fused_plans")
+    if plans is None:
+        object.__setattr__(module, "_resnet_fused_plans", plans := PlanCache())
+        if "_resnet_fused_attrs" in module.__dict__:
+            module._resnet_fused_attrs = (*module._resnet_fused_attrs, "_resnet_fused_plans")
+    return plans
 
 
 class PlanCache:
@@ -70,18 +84,20 @@ def tensor_signature(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
-def layer_signature(layer: nn.Module, x: torch.Tensor) -> tuple:
-    """What a plan of `layer` for input x depends on, besides the values of its parameters and buffers."""
-    modules = tuple(layer._modules.values())
+def layer_signature(layer: nn.Module, x: torch.Tensor, backend: str | None, modules=None) -> tuple:
+    """What a plan of `layer` for input x on the backend setting `backend` (None: the one in force) depends on,
+    besides the values of its parameters and buffers; the tuner's Variant in force included. modules: those the
+    layer runs (default: its submodules)."""
+    modules = tuple(layer._modules.values()) if modules is None else tuple(modules)
     modes = tuple(m is not None and m.training for m in modules)
-    backend = layer.backend if layer.backend is not None else backends.get_backend()
     return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
-            torch.is_autocast_enabled(x.device.type), backend, layer.process_group, modules, modes)
+            torch.is_autocast_enabled(x.device.type), backend if backend is not None else backends.get_backend(),
+            backends.variant(), layer.process_group, modules, modes)
 
 
-def stage_backend(layer: nn.Module, x: torch.Tensor, pairs) -> str | None:
+def stage_backend(layer: nn.Module, x: torch.Tensor, backend: str | None, pairs) -> str | None:
     """The backend the layer's stages run on as stage ops, or None where the layer runs routed."""
-    backend = backends.resolve(layer.backend, x)
+    backend = backends.resolve(backend, x)
     plain = all(is_fusable(conv, bn) for conv, bn in pairs)
     if backend in STAGE_BACKENDS and plain and layer.process_group is None and not torch.is_autocast_enabled(x.device.type):
         return backend
@@ -89,9 +105,14 @@ def stage_backend(layer: nn.Module, x: torch.Tensor, pairs) -> str | None:
 
 
 def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    """nn.Conv2d with zero padding, then nn.BatchNorm2d: what the stage ops compute exactly."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and is_plain_batchnorm(bn))
+    """nn.Conv2d with zero padding, then nn.BatchNorm2d: what the stage ops compute exactly (a module fuse_ gave
+    another class, a FusedConvBNActHead or a pass-through twin, counts as the class it computes)."""
+    return (_computes_as(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and (is_plain_batchnorm(bn) or _computes_as(bn) is nn.BatchNorm2d))
+
+
+def _computes_as(module: nn.Module) -> type:
+    return module.__dict__.get("_resnet_fused_original_class", type(module))
 
 
 def folds(pairs, grad: bool) -> bool:
@@ -101,7 +122,31 @@ def folds(pairs, grad: bool) -> bool:
                for conv, bn in pairs)
 
 
+def conv_bn_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor, residual: torch.Tensor | None,
+                 *, cache: FoldCache, name: str) -> Callable:
+    """The plan of one conv -> bn (-> + residual) -> act layer on a stage backend, called (x, residual): folded
+    where folds() says so, else staged."""
+    pair = (conv, bn)
+    if folds([pair], torch.is_grad_enabled()):
+        stage = Folded(conv, bn, act, x.shape, x, residual is not None, cache=cache, name=name,
+                       residual_grad=residual is not None and residual.requires_grad)
+        return Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
+    return Staged(conv, bn, act)
+
+
 # ---- staged: one conv_bn_act_stage per stage ----
+
+
+def _bn_reads(bn: nn.BatchNorm2d):
+    """What nn.BatchNorm2d's forward reads per call, as the stage ops take it: (weight, bias, running_mean,
+    running_var), whether batch statistics normalize, and num_batches_tracked where the batch is counted in it."""
+    bp, bb = bn._parameters, bn._buffers
+    running_mean, running_var = bb.get("running_mean"), bb.get("running_var")
+    training, tracks = bn.training, bn.track_running_stats
+    tracked = not training or tracks
+    vectors = (bp.get("weight"), bp.get("bias"), running_mean if tracked else None, running_var if tracked else None)
+    return (vectors, training or (running_mean is None and running_var is None),
+            bb.get("num_batches_tracked") if training and tracks else None)
 
 
 def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor,
@@ -109,15 +154,17 @@ def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch
     """act(bn(conv(x)) (+ residual)) as one resnet_fused::conv_bn_act_stage call, with what nn.BatchNorm2d's forward
     reads per call: training, track_running_stats, momentum (None: the cumulative average), eps; the op counts the
     batch in num_batches_tracked where nn.BatchNorm2d would."""
-    p, bp, bb = conv._parameters, bn._parameters, bn._buffers
-    running_mean, running_var = bb.get("running_mean"), bb.get("running_var")
-    training, tracks = bn.training, bn.track_running_stats
-    tracked = not training or tracks
-    return _conv_bn_act_stage(
-        x, p["weight"], p["bias"], bp.get("weight"), bp.get("bias"), running_mean if tracked else None,
-        running_var if tracked else None, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
-        training or (running_mean is None and running_var is None), bn.momentum, None, bn.eps, act.name, act.alpha,
-        bb.get("num_batches_tracked") if training and tracks else None)
+    p = conv._parameters
+    (weight, bias, running_mean, running_var), batch_stats, counted = _bn_reads(bn)
+    return _conv_bn_act_stage(x, p["weight"], p["bias"], weight, bias, running_mean, running_var, residual, conv.stride,
+                              conv.padding, conv.dilation, conv.groups, batch_stats, bn.momentum, None, bn.eps, act.name,
+                              act.alpha, counted)
+
+
+def bn_stage(bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor) -> torch.Tensor:
+    """act(bn(x)) as one resnet_fused::bn_act_stage call, reading what conv_bn_stage reads."""
+    vectors, batch_stats, counted = _bn_reads(bn)
+    return _bn_act_stage(x, *vectors, None, batch_stats, bn.momentum, None, bn.eps, act.name, act.alpha, counted)
 
 
 class Staged:
@@ -192,14 +239,17 @@ class Folded:
 def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, residual: bool, groups: int,
            wants_grad: bool) -> bool:
     """Whether the convolution takes the epilogue: oneDNN's post-ops on the CPU (fp32, at least onednn.MIN_OUTPUT
-    outputs), cuDNN's conv + add + bias + ReLU on CUDA (cudnn.cudnn_fuses); never where a gradient is wanted."""
+    outputs), cuDNN's conv + add + bias + ReLU on CUDA (cudnn.cudnn_fuses); never where a gradient is wanted. A
+    tuner's Variant in force (onednn, cudnn_fused) overrides the size rule / turns cuDNN's fused call off."""
     if wants_grad:
         return False
+    variant = backends.variant()
     if x.device.type == "cpu":
         outputs = input_shape[0] * input_shape[2] * input_shape[3] * weight.shape[0]  # at stride 1, as onednn_inference counts
-        return torch.backends.mkldnn.is_available() and x.dtype == torch.float32 and outputs >= onednn.MIN_OUTPUT
+        pays = outputs >= onednn.MIN_OUTPUT if variant.onednn is None else variant.onednn
+        return pays and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
     channels_last = x.is_contiguous(memory_format=torch.channels_last) or weight.is_contiguous(memory_format=torch.channels_last)
-    return (act.name == "relu" and residual and torch.backends.cudnn.enabled
+    return (act.name == "relu" and residual and torch.backends.cudnn.enabled and variant.cudnn_fused is not False
             and cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, channels_last, groups, torch.backends.cudnn.allow_tf32))
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.profiler import profile
 
 import resnet_fused
-from helpers import CL, activation, assert_within_eager_error, needs_extension, randomize_bn
+from helpers import CL, activation, assert_within_eager_error, needs_extension, randomize_bn, rel_err
 from resnet_fused import backends
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
 
@@ -71,7 +71,7 @@ def test_no_backend_resolution_per_call(training, monkeypatch):
     monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
     made = []
     real_make = type(fused)._make_plan
-    monkeypatch.setattr(type(fused), "_make_plan", lambda self, x: made.append(x.shape) or real_make(self, x))
+    monkeypatch.setattr(type(fused), "_make_plan", lambda self, x, *a: made.append(x.shape) or real_make(self, x, *a))
     for _ in range(3):
         fused(x)
     assert calls == [] and made == [], (calls, made)
@@ -153,3 +153,134 @@ def test_blocks_with_plans_pickle_and_copy():
         with torch.no_grad():
             torch.testing.assert_close(twin(x), y)
     assert isinstance(FusedBottleneck(32, 8)._plans, resnet_fused.nn.plan.PlanCache)
+
+
+@pytest.mark.parametrize("choice", ["cpu-onednn", "cpu-aten"])
+def test_a_tuned_block_runs_its_choice_as_a_plan(choice, monkeypatch, tmp_path):
+    """backend="tune": each fused candidate is timed, and then run, as the plan of its backend and Variant: after
+    the choice, a call is one conv_act_stage per conv (oneDNN's post-ops or aten's conv as the choice says)."""
+    from resnet_fused import tuning
+
+    monkeypatch.setenv("RESNET_FUSED_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setenv("RESNET_FUSED_TUNING_BUDGET", "0.01")
+    monkeypatch.setattr(tuning, "time_candidates", lambda calls, device, budget: {n: 0.0 if n == choice else 1.0 for n in calls})
+    tuning.store.clear()
+    fused, eager = _pair("basic")
+    fused.eval(), eager.eval()
+    fused.backend = "tune"
+    x = activation((2, 8, 6, 6), torch.float32, CL)
+    stages = []
+    real = resnet_fused.nn.plan._conv_act_stage
+    monkeypatch.setattr(resnet_fused.nn.plan, "_conv_act_stage", lambda *a: stages.append(a[-1]) or real(*a))
+    try:
+        _check(fused, eager, x, f"tuned ({choice})")  # tunes on the first call
+        stages.clear()
+        with torch.no_grad():
+            ops = _outermost_ops(lambda: fused(x))
+    finally:
+        tuning.store.clear()
+    assert ops == ["resnet_fused::conv_act_stage"] * 2, ops
+    assert stages == [choice == "cpu-onednn"] * 4, stages  # fused_conv: oneDNN's post-ops, or not
+
+
+def _small_resnet():
+    torch.manual_seed(0)
+    eager = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    return resnet_fused.fuse_(copy.deepcopy(eager)), eager
+
+
+def test_a_fused_model_is_one_stage_op_per_conv():
+    """fuse_'s conv -> BN -> act runs (FusedConvBNActHead: the stem here) run plans as the blocks do: a fused
+    resnet18 dispatches one stage op per conv and nothing else of its own, in eval and in training; results, gradients,
+    running statistics and num_batches_tracked are eager's."""
+    fused, eager = _small_resnet()
+    x = activation((2, 3, 32, 32), torch.float32, CL)
+    convs = sum(isinstance(m, nn.Conv2d) for m in eager.modules())
+    tail = ["aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::flatten", "aten::linear"]
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        ops = _outermost_ops(lambda: fused(x))
+        assert sorted(ops) == sorted(["resnet_fused::conv_act_stage"] * convs + tail), ops
+        _check(fused, eager, x, "resnet18 eval")
+    # training: deep-net numerics (a ReLU-sign flip hits eager and fused alike), so norm-based against a float64 twin
+    exact = copy.deepcopy(eager).double()
+    x = activation((4, 3, 64, 64), torch.float32, CL)
+    for m in (fused, eager, exact):
+        m.train()
+    ops = _outermost_ops(lambda: fused(x))
+    assert sorted(ops) == sorted(["resnet_fused::conv_bn_act_stage"] * convs + tail), ops
+    for _ in range(2):  # the calls _outermost_ops made, so that every twin has counted three batches
+        eager(x), exact(x.double())
+    outs = [m(x.to(dtype)) for m, dtype in ((fused, torch.float32), (eager, torch.float32), (exact, torch.float64))]
+    grad = torch.randn_like(outs[2])
+    for out in outs:
+        out.backward(grad.to(out.dtype))
+    results = [[out, *(dict(m.named_parameters())[n].grad for n in ("conv1.weight", "bn1.weight", "layer4.1.conv2.weight"))]
+               for m, out in zip((fused, eager, exact), outs)]
+    for what, f, e, d in zip(("output", "conv1.weight.grad", "bn1.weight.grad", "layer4.1.conv2.weight.grad"), *results):
+        assert rel_err(f, d) <= 2 * rel_err(e, d) + 1e-6, (what, rel_err(f, d), rel_err(e, d))
+    for (k, a), b in zip(exact.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(b.to(a.dtype), a, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_heads_plans_are_not_state():
+    """A head's plans are fuse_'s attribute: not in the state_dict, empty in a copy, gone after unfuse_."""
+    fused, eager = _small_resnet()
+    fused.eval()
+    x = activation((1, 3, 32, 32), torch.float32, CL)
+    with torch.no_grad():
+        y = fused(x)
+    assert len(plan_cache(fused.conv1)) == 1
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    twin = copy.deepcopy(fused)
+    assert len(plan_cache(twin.conv1)) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), y)
+    resnet_fused.unfuse_(fused)
+    assert type(fused.conv1) is nn.Conv2d and "_resnet_fused_plans" not in fused.conv1.__dict__
+
+
+def plan_cache(module):
+    return module.__dict__["_resnet_fused_plans"]
+
+
+@pytest.mark.parametrize("settings", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+                         ids=["default", "momentum_none", "no_affine", "no_running_stats"])
+def test_fused_bn_act_is_one_bn_act_stage(settings):
+    """FusedBNAct (a BN with no conv before it) runs one bn_act_stage call per forward, with nn.BatchNorm2d's
+    semantics through train / eval switches: output, running statistics and num_batches_tracked eager's."""
+    fused = resnet_fused.nn.FusedBNAct(6, act="relu", **settings)
+    eager = nn.Sequential(nn.BatchNorm2d(6, **settings), nn.ReLU())
+    if fused.weight is not None:
+        with torch.no_grad():
+            for m in (fused, eager[0]):
+                m.weight.copy_(torch.linspace(0.5, 1.5, 6)), m.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+    x = activation((3, 6, 5, 5), torch.float32, CL)
+    for i, mode in enumerate(["train", "train", "eval", "train", "eval"]):
+        fused.train(mode == "train"), eager.train(mode == "train")
+        xs = x * (i + 1) - i
+        with torch.no_grad():
+            ops = _outermost_ops(lambda: fused(xs)) if mode == "eval" else None
+            torch.testing.assert_close(fused(xs), eager(xs), rtol=1e-5, atol=1e-5, msg=f"step {i} ({mode})")
+            if ops is not None:  # (the profiled call counted the batch too: compare after a matched call in train)
+                assert ops == ["resnet_fused::bn_act_stage"], ops
+        for (k, a), b in zip(eager[0].state_dict().items(), fused.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"step {i} {k}")
+    fused.train()
+    assert _outermost_ops(lambda: fused(x)) == ["resnet_fused::bn_act_stage"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_fused_model_resolves_no_backend_per_call(training, monkeypatch):
+    """Blocks, heads (the stem) and FusedBNAct decide their routing once: after the first call, a whole model's
+    forward resolves no backend."""
+    fused, _ = _small_resnet()
+    model = nn.Sequential(fused, nn.Unflatten(1, (10, 1, 1)), resnet_fused.nn.FusedBNAct(10))
+    model.train(training)
+    x = activation((2, 3, 32, 32), torch.float32, CL)
+    model(x)
+    calls = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
+    model(x)
+    assert calls == [], f"{len(calls)} resolutions"
