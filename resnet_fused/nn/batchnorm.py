@@ -55,6 +55,27 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
     return type(module) is nn.BatchNorm2d
 
 
+class FrozenBNView:
+    """An eval-mode nn.BatchNorm2d as the fused functions read it, over a FrozenBatchNorm2d's buffers.
+    F.batch_norm in eval computes (x - mean) / sqrt(var + eps) * weight + bias: the frozen affine."""
+
+    training = False
+    track_running_stats = True
+    num_batches_tracked = None
+    momentum = 0.0
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    weight = property(lambda self: self.module.weight)
+    bias = property(lambda self: self.module.bias)
+    running_mean = property(lambda self: self.module.running_mean)
+    running_var = property(lambda self: self.module.running_var)
+    eps = property(lambda self: self.module.eps)
+    # as a plan's stages read a norm (resnet_fused.nn.plan): the affine and the statistics, all buffers here
+    _parameters = property(lambda self: {"weight": self.module.weight, "bias": self.module.bias})
+    _buffers = property(lambda self: {"running_mean": self.module.running_mean, "running_var": self.module.running_var})
+
 
 def lowers_to_inductor(backend: str | None, x: torch.Tensor, *norms: nn.Module) -> bool:
     """Whether a fused layer runs its eager composition for torch.compile to lower (backends.inductor_lowers),

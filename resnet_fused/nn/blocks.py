@@ -44,6 +44,10 @@ class _FusedBlock(nn.Module):
         return conv_bn_forward(getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), x, residual, relu, backend=backend,
                                cache=self._folds, name=f"conv{i}", process_group=self.process_group, input_bn=input_bn)
 
+    def _stage_pair(self, i: int) -> tuple[nn.Module, nn.Module]:
+        """conv{i} and bn{i} as a plan's stage reads them."""
+        return getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
+
     def _defers(self, x: torch.Tensor, backend: str | None) -> bool:
         """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
         (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN;
@@ -77,11 +81,11 @@ class _FusedBlock(nn.Module):
         (BN folded in eval), or the routed _run_fused."""
         if backends.tuned(backend, x):
             return functools.partial(tuning.run, self)
-        pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs + 1)]
+        pairs = [self._stage_pair(i) for i in range(1, self.num_convs + 1)]
         ds = self._projection()
         every_pair = pairs + ([tuple(ds)] if ds is not None else [])
-        if plan.stage_backend(self, x, backend, every_pair) is None or type(self)._conv_bn is not _FusedBlock._conv_bn:
-            return functools.partial(self._run_fused, backend=backend)  # (a subclass's own stages run routed)
+        if plan.stage_backend(self, x, backend, every_pair) is None:
+            return functools.partial(self._run_fused, backend=backend)
         # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
         module = self.downsample if ds is None and self.downsample is not None else None
         if plan.folds(every_pair, torch.is_grad_enabled()):

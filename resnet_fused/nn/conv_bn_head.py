@@ -49,8 +49,8 @@ class FusedConvBNActHead(nn.Conv2d):
     def _make_plan(self, x, backend):
         if backends.tuned(backend, x):
             return functools.partial(tuning.run, self)
-        bn = self._resnet_fused_bn
-        if plan.stage_backend(self, x, backend, [(self, bn)]) is None:  # a frozen or timm norm, a Conv2d subclass, ...
+        bn = norm_view(self._resnet_fused_bn)
+        if plan.stage_backend(self, x, backend, [(self, bn)]) is None:  # a timm norm, a Conv2d subclass, ...
             return functools.partial(self._run_fused, backend=backend)
         return plan.conv_bn_plan(self, bn, self._resnet_fused_activation, x, None, cache=self._resnet_fused_folds, name="conv")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from resnet_fused.activations import ACTIVATIONS, Activation, module_activation
+from resnet_fused.nn.batchnorm import FrozenBNView
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
 from resnet_fused.nn.conv_bn import fused_conv_bn_forward
 
@@ -74,25 +75,6 @@ def describe(act: nn.Module) -> str:
     return f"{type(act).__name__}({act.extra_repr()})"
 
 
-class FrozenBNView:
-    """An eval-mode nn.BatchNorm2d as the fused functions read it, over a FrozenBatchNorm2d's buffers.
-    F.batch_norm in eval computes (x - mean) / sqrt(var + eps) * weight + bias: the frozen affine."""
-
-    training = False
-    track_running_stats = True
-    num_batches_tracked = None
-    momentum = 0.0
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    weight = property(lambda self: self.module.weight)
-    bias = property(lambda self: self.module.bias)
-    running_mean = property(lambda self: self.module.running_mean)
-    running_var = property(lambda self: self.module.running_var)
-    eps = property(lambda self: self.module.eps)
-
-
 def norm_view(bn):
     """What fused_conv_bn_forward reads for `bn`: the module itself, or a FrozenBNView of it."""
     return FrozenBNView(bn) if is_frozen_bn(bn) else bn
@@ -102,6 +84,9 @@ class _FrozenBNBlock:
     """Mixin for the fused blocks whose BNs include torchvision FrozenBatchNorm2d (detection backbones):
     every conv -> BN runs fused, frozen ones as an eval-mode BN (folded in eval, frozen affine in training).
     The downsample, when its BN is frozen, runs as its own module (fuse_ fuses it as a conv -> BN run)."""
+
+    def _stage_pair(self, i: int):
+        return getattr(self, f"conv{i}"), norm_view(getattr(self, f"bn{i}"))
 
     def _conv_bn(self, i: int, x: torch.Tensor, backend: str | None, residual: torch.Tensor | None = None,
                  relu: bool = True, input_bn=None) -> torch.Tensor:

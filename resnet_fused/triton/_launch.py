@@ -44,17 +44,48 @@ def launcher(op: str, like: tuple[str, ...] = (), per_channel: tuple[str, ...] =
     """
 
     def wrap(fn):
-        signature = inspect.signature(fn)
+        bind = _binder(fn)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            device = _check_args(op, signature.bind(*args, **kwargs).arguments, like, per_channel, together)
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            device = _check_args(op, bind(args, kwargs), like, per_channel, together)
+            with launch_on(device):
                 return fn(*args, **kwargs)
 
         return run
 
     return wrap
+
+
+def _binder(fn):
+    """(args, kwargs) -> fn's arguments by name, in its signature's order, defaults filled in: what
+    inspect.Signature.bind(...).arguments gives, with the signature read once, not per call."""
+    params = inspect.signature(fn).parameters
+    names = tuple(params)
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+    def bind(args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(names) or any(k not in params for k in kwargs):
+            inspect.signature(fn).bind(*args, **kwargs)  # raises the TypeError Python would
+        bound = dict(zip(names, args))
+        for k in names[len(args):]:
+            if k in kwargs:
+                bound[k] = kwargs[k]
+            elif k in defaults:
+                bound[k] = defaults[k]
+            else:
+                raise TypeError(f"{fn.__qualname__}() missing required argument: '{k}'")
+        return bound
+
+    return bind
+
+
+def launch_on(device: torch.device):
+    """The context a kernel launches in: Triton launches on the current CUDA device, so make it the tensors' one
+    (no context switch where it already is)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _check_args(op: str, args: dict, like, per_channel, together) -> torch.device:
@@ -85,11 +116,11 @@ def vector_launcher(op: str):
     device Triton runs on here (CUDA; CPU only under TRITON_INTERPRET=1). Then launches on that device."""
 
     def wrap(fn):
-        signature = inspect.signature(fn)
+        bind = _binder(fn)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            tensors = {k: t for k, t in signature.bind(*args, **kwargs).arguments.items() if isinstance(t, torch.Tensor)}
+            tensors = {k: t for k, t in bind(args, kwargs).items() if isinstance(t, torch.Tensor)}
             (name, first), device = next(iter(tensors.items())), _one_device(op, tensors)
             for k, t in tensors.items():
                 if t.dim() != 1 or t.dtype not in _VECTOR_DTYPES:
@@ -97,7 +128,7 @@ def vector_launcher(op: str):
                                        f"vector, got {t.dtype} of shape {list(t.shape)}")
                 if t.numel() != first.numel():
                     raise RuntimeError(f"{op}: `{k}` has shape {list(t.shape)} but `{name}` has shape {list(first.shape)}")
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with launch_on(device):
                 return fn(*args, **kwargs)
 
         return run

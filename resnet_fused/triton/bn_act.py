@@ -24,6 +24,7 @@ shape (R, C), R = (P // C) * num_chunks, row (p // C) * num_chunks + chunk; a se
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -232,8 +233,12 @@ class _Plan(NamedTuple):
 
 
 def _plan(x: torch.Tensor, fmt: torch.memory_format) -> _Plan:
-    N, C, H, W = x.shape
-    if fmt == torch.channels_last:  # tile: block_p channels x block_s rows of (N*H*W, C)
+    return _tile_plan(*x.shape, fmt == torch.channels_last)
+
+
+@functools.lru_cache(maxsize=1024)  # a model sees a few dozen shapes: worked out once each, not per launch
+def _tile_plan(N: int, C: int, H: int, W: int, channels_last: bool) -> _Plan:
+    if channels_last:  # tile: block_p channels x block_s rows of (N*H*W, C)
         block_p = min(triton.next_power_of_2(C), _MAX_BLOCK_C, _TILE)
         return _Plan(True, C, C, N * H * W, block_p, _TILE // block_p)
     block_s = min(triton.next_power_of_2(H * W), _MAX_BLOCK_HW, _TILE)  # tile: planes x pixels

@@ -34,7 +34,6 @@ Indices: pixel indices (of x and out) are int32 (checked < 2^31), element offset
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -45,6 +44,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .._layout import conv_output_shape
 from .._layout import dense as _dense
 from ..backends import triton_interpreted
+from ._launch import launch_on
 from .activation import RELU, act_code, act_fwd
 from .welford import merge_stats
 
@@ -306,8 +306,7 @@ def fused_conv(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
 
-    # Triton launches on the current CUDA device: make it x's
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_on(x.device):  # Triton launches on the current CUDA device: make it x's
         _conv[grid](
             x, _weight_matrix(weight), out,
             _dense(in_scale), _dense(in_shift), _dense(out_scale), _dense(out_shift),

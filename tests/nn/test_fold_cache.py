@@ -67,7 +67,13 @@ def _fused_chain(norm=nn.BatchNorm2d):  # fuse_ on conv -> BN -> ReLU: _FusedCon
     return resnet_fused.fuse_(copy.deepcopy(twin), backend=None), twin
 
 
-MODULES = {"basic": _basic, "bottleneck": _bottleneck, "conv_bn_relu": _conv_bn_relu, "fuse_chain": _fused_chain,
+def _frozen_basic():  # fuse_ on a detection backbone's block: FusedFrozenBNBasicBlock, its downsample a fused chain
+    twin = _randomize(TV.BasicBlock(6, 10, 2, nn.Sequential(nn.Conv2d(6, 10, 1, 2, bias=False), FrozenBatchNorm2d(10)),
+                                    norm_layer=FrozenBatchNorm2d))
+    return resnet_fused.fuse_(copy.deepcopy(twin), backend=None), twin
+
+
+MODULES = {"basic": _basic, "frozen_basic": _frozen_basic, "bottleneck": _bottleneck, "conv_bn_relu": _conv_bn_relu, "fuse_chain": _fused_chain,
            "cumulative": lambda: _conv_bn_relu(momentum=None), "frozen_chain": lambda: _fused_chain(FrozenBatchNorm2d)}
 
 

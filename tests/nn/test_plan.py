@@ -284,3 +284,32 @@ def test_a_fused_model_resolves_no_backend_per_call(training, monkeypatch):
     monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
     model(x)
     assert calls == [], f"{len(calls)} resolutions"
+
+
+def test_frozen_batchnorm_backbone_is_one_stage_op_per_conv():
+    """torchvision's FrozenBatchNorm2d (detection backbones): its blocks and heads plan as eval-mode BNs, one stage op
+    per conv in eval and in training (the frozen affine, no statistics); results and gradients eager's."""
+    torch.manual_seed(0)
+    eager = torchvision.models.resnet18(norm_layer=torchvision.ops.misc.FrozenBatchNorm2d, num_classes=10)
+    with torch.no_grad():
+        for f in eager.modules():
+            if isinstance(f, torchvision.ops.misc.FrozenBatchNorm2d):
+                f.weight.uniform_(0.5, 1.5), f.bias.uniform_(-0.3, 0.3)
+                f.running_mean.uniform_(-0.3, 0.3), f.running_var.uniform_(0.5, 1.5)
+    fused = resnet_fused.fuse_(copy.deepcopy(eager))
+    assert type(fused.layer2[0]).__name__ == "FusedFrozenBNBasicBlock"
+    x = activation((2, 3, 32, 32), torch.float32, CL)
+    convs = sum(isinstance(m, nn.Conv2d) for m in eager.modules())
+    tail = ["aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::flatten", "aten::linear"]
+    for training, stage in ((False, "resnet_fused::conv_act_stage"), (True, "resnet_fused::conv_bn_act_stage")):
+        fused.train(training), eager.train(training)
+        with torch.set_grad_enabled(training):
+            ops = _outermost_ops(lambda: fused(x))
+            assert sorted(ops) == sorted([stage] * convs + tail), (training, ops)
+            out, ref = fused(x), eager(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    out.backward(grad), ref.backward(grad)
+    for name in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.conv2.weight"):
+        f, e = (dict(m.named_parameters())[name].grad for m in (fused, eager))
+        torch.testing.assert_close(f, e, rtol=1e-3, atol=1e-4, msg=name)
