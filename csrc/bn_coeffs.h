@@ -141,7 +141,10 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
                        Run run) {
   at::Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
   const at::Tensor m = dense_vector(mean), v = dense_vector(var), w = dense_vector(momentum_tensor);
-  const at::Tensor n = num_batches_tracked.has_value() ? num_batches_tracked->to(at::kLong).contiguous() : at::Tensor();
+  // (checked int64 or converted; a no-op Tensor::to would still dispatch an op)
+  const at::Tensor n = !num_batches_tracked.has_value()                 ? at::Tensor()
+                       : num_batches_tracked->scalar_type() == at::kLong ? num_batches_tracked->contiguous()
+                                                                         : num_batches_tracked->to(at::kLong).contiguous();
   run(RunningUpdate{{rm.data_ptr(), rm.scalar_type()}, {rv.data_ptr(), rv.scalar_type()}, in(m), in(v), in(w),
                     n.defined() ? n.const_data_ptr<int64_t>() : nullptr, momentum.value_or(-1.0), count / (count - 1)},
       rm.numel());

@@ -30,9 +30,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
   const auto fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
   const int64_t C = x.size(1);
-  at::Tensor mean = at::zeros({C}, x.options().dtype(at::kFloat));
-  at::Tensor var = at::zeros({C}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) return {mean, var};
+  if (x.numel() == 0) return {at::zeros({C}, x.options().dtype(at::kFloat)), at::zeros({C}, x.options().dtype(at::kFloat))};
+  at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));  // every channel written by the merge below
+  at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
   const Runs g(x, fmt);
   const Chunks ch(g);
   // chunk partials: mean and M2 = sum (x - chunk mean)^2 of each covered channel
@@ -154,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
   const at::Tensor x = dense(input, fmt), dout = dense(grad_out, fmt), y = dense(output, fmt);
   const at::Tensor mu = mean.contiguous();
   const int64_t C = x.size(1);
-  at::Tensor sum_dy = at::zeros({C}, mean.options());
-  at::Tensor sum_dy_xmu = at::zeros({C}, mean.options());
-  if (x.numel() == 0) return {sum_dy, sum_dy_xmu};
+  if (x.numel() == 0) return {at::zeros({C}, mean.options()), at::zeros({C}, mean.options())};
+  at::Tensor sum_dy = at::empty({C}, mean.options());  // every channel written by the merge below
+  at::Tensor sum_dy_xmu = at::empty({C}, mean.options());
   const Runs g(x, fmt);
   const Chunks ch(g);
   std::vector<double> part(2 * ch.count * ch.width);  // (sum dy, sum dy (x - mean)) per chunk and channel
