@@ -55,6 +55,12 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
     return type(module) is nn.BatchNorm2d
 
 
+def computes_as(module: nn.Module) -> type:
+    """The class whose computation `module` stands for: its own, or for a module fuse_ gave another class (a
+    FusedConvBNActHead, a pass-through twin) the class fuse_ found."""
+    return module.__dict__.get("_resnet_fused_original_class", type(module))
+
+
 class FrozenBNView:
     """An eval-mode nn.BatchNorm2d as the fused functions read it, over a FrozenBatchNorm2d's buffers.
     F.batch_norm in eval computes (x - mean) / sqrt(var + eps) * weight + bias: the frozen affine."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from resnet_fused.activations import ACTIVATIONS, Activation, module_activation
-from resnet_fused.nn.batchnorm import FrozenBNView
+from resnet_fused.nn.batchnorm import FrozenBNView, computes_as
 from resnet_fused.nn.blocks import FusedBasicBlock, FusedBottleneck
 from resnet_fused.nn.conv_bn import fused_conv_bn_forward
 
@@ -30,17 +30,12 @@ def _key(cls) -> tuple[str, str]:
     return cls.__module__, cls.__name__
 
 
-def _lineage(m: nn.Module) -> type:
-    """The class fuse_ found (a pass-through swapped in by fuse_ remembers it)."""
-    return m.__dict__.get("_resnet_fused_original_class", type(m))
-
-
 def is_frozen_bn(m) -> bool:
-    return m is not None and _key(_lineage(m)) in FROZEN_BN
+    return m is not None and _key(computes_as(m)) in FROZEN_BN
 
 
 def is_bn_act(m) -> bool:
-    return m is not None and _key(_lineage(m)) in BN_ACT
+    return m is not None and _key(computes_as(m)) in BN_ACT
 
 
 def is_batchnorm_like(m) -> bool:
@@ -50,7 +45,7 @@ def is_batchnorm_like(m) -> bool:
 
 def norm_problem(bn: nn.Module) -> str | None:
     """Why the fused conv -> BN would not compute exactly what `bn` does (None: it would)."""
-    cls = _lineage(bn)
+    cls = computes_as(bn)
     if cls is nn.BatchNorm2d or _key(cls) in FROZEN_BN:
         return None
     if _key(cls) in BN_ACT:

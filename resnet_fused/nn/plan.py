@@ -30,7 +30,7 @@ from resnet_fused._layout import conv_output_shape
 from resnet_fused.activations import Activation
 from resnet_fused.ops import arena, cudnn, onednn
 from resnet_fused.ops.bn_act import STAGE_BACKENDS
-from resnet_fused.nn.batchnorm import FrozenBNView, is_plain_batchnorm
+from resnet_fused.nn.batchnorm import FrozenBNView, computes_as
 from resnet_fused.nn.fold import FoldCache
 
 _MAX_PLANS = 8  # signatures kept per layer (a layer sees few: train / eval, a batch size or two)
@@ -108,12 +108,8 @@ def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """nn.Conv2d with zero padding, then nn.BatchNorm2d (or a FrozenBNView: an eval-mode one): what the stage ops
     compute exactly (a module fuse_ gave another class, a FusedConvBNActHead or a pass-through twin, counts as the
     class it computes)."""
-    return (_computes_as(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and (is_plain_batchnorm(bn) or isinstance(bn, FrozenBNView) or _computes_as(bn) is nn.BatchNorm2d))
-
-
-def _computes_as(module: nn.Module) -> type:
-    return module.__dict__.get("_resnet_fused_original_class", type(module))
+    return (computes_as(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and (isinstance(bn, FrozenBNView) or computes_as(bn) is nn.BatchNorm2d))
 
 
 def folds(pairs, grad: bool) -> bool:

@@ -58,6 +58,13 @@ def test_eval_block_is_one_conv_act_stage_per_conv(kind, projection):
     _check(fused, eager, x, f"{kind} eval")
 
 
+def _recorded_resolutions(monkeypatch) -> list:
+    """The arguments of every backends.resolve call from now on (the calls still resolve)."""
+    calls, real = [], backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_no_backend_resolution_per_call(training, monkeypatch):
     """Routing is decided once per signature: after the first call a block's forward resolves no backend and makes
@@ -66,9 +73,7 @@ def test_no_backend_resolution_per_call(training, monkeypatch):
     fused.train(training)
     x = activation((2, 6, 6, 6), torch.float32, CL)
     fused(x)
-    calls = []
-    real = backends.resolve
-    monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
+    calls = _recorded_resolutions(monkeypatch)
     made = []
     real_make = type(fused)._make_plan
     monkeypatch.setattr(type(fused), "_make_plan", lambda self, x, *a: made.append(x.shape) or real_make(self, x, *a))
@@ -279,9 +284,7 @@ def test_a_fused_model_resolves_no_backend_per_call(training, monkeypatch):
     model.train(training)
     x = activation((2, 3, 32, 32), torch.float32, CL)
     model(x)
-    calls = []
-    real = backends.resolve
-    monkeypatch.setattr(backends, "resolve", lambda *a: calls.append(a) or real(*a))
+    calls = _recorded_resolutions(monkeypatch)
     model(x)
     assert calls == [], f"{len(calls)} resolutions"
 
