@@ -94,7 +94,7 @@ if with_cuda:
     ext_modules.append(
         cpp_extension.CUDAExtension(
             name="resnet_fused._C",
-            sources=[*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cu"))],
+            sources=[*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cu"))],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
         )

@@ -1,7 +1,7 @@
-// bn_act as one op call per stage on the cpu and cuda backends: the two autograd ops (bn_act_batch,
-// bn_act_running), their backward in C++, and bn_act_stage (checks, the op, the running-statistics update).
-// The kernels they launch are the kernel ops of csrc/ops.cpp (kernel_ops.h); the same math in Python, for the
-// torch and Triton backends, is resnet_fused/ops/bn_act.py and _bn_math.py.
+// bn_act as one op call per stage on the cpu and cuda backends: the autograd of the two stage kernels (bn_act_batch,
+// bn_act_running: their kernels are bn_act_compose.h's, registered per backend), their backward in C++, and
+// bn_act_stage (checks, the op, the running-statistics update). The kernel ops they call go through kernel_ops.h;
+// the same math in Python, for the torch and Triton backends, is resnet_fused/ops/bn_act.py and _bn_math.py.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -36,52 +36,27 @@ struct BnActGrads {
 
 // (grad_input, grad_weight, grad_bias, grad_residual) of out = act(x * scale + shift (+ residual)), scale and shift
 // from (batch or running) statistics mean, var (the math: resnet_fused/ops/_bn_math.py, bn_act_grads):
-//   dz = grad_out * act'(z): ReLU's mask is read off `out` inside the two passes; another activation takes one
-//        act_backward pass first (z recomputed in fp32), which is also grad_residual
-//   training: dx = w invstd (dz - sum dz / M - (x - mean) invstd^2 sum dz (x - mean) / M)
-//   eval:     dx = dz * w invstd;   grad_weight = invstd sum dz (x - mean),  grad_bias = sum dz
+//   dz = grad_out * act'(z): ReLU's mask is read off `out` inside bn_act_backward's passes; another activation takes
+//        one act_backward pass first (z recomputed in fp32), which is also grad_residual
+//   then the normalization's backward, one bn_act_backward call (the math: its schema in csrc/ops.cpp)
 BnActGrads bn_act_grads(Tensor grad_out, const Tensor& x, const Tensor& out, const Tensor& mean, const Tensor& var,
                         const Tensor& weight, const Tensor& bias, const Tensor& residual, double eps, std::string_view act_name,
                         double alpha, bool training, const std::array<bool, 4>& needs, at::ScalarType bias_dtype) {
   const auto [needs_x, needs_w, needs_b, needs_r] = needs;
   const Act act = parse_act(act_name, training ? "bn_act_batch" : "bn_act_running");
   const bool relu = act == Act::Relu;
-  grad_out = grad_out.contiguous(layout_of(x));  // one layout for both passes
-  const OptTensor relu_out = relu ? opt(out) : std::nullopt;
   if (reads_input(act)) {  // dz = grad_out * act'(z), z = x * z_scale + z_shift (+ residual)
     const auto [z_scale, z_shift] = kernel_ops::bn_scale_shift(mean, var, opt(weight), opt(bias), eps);
     grad_out = kernel_ops::act_backward(grad_out, x, z_scale, z_shift, opt(residual), act_name, alpha);
   }
-  const Tensor mean_f = as_dtype(mean, at::kFloat);  // batch statistics are fp32 already
-
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      kernel_ops::bn_act_backward(grad_out, x, mean, var, opt(weight), relu ? opt(out) : std::nullopt, eps, training, needs_x,
+                                  needs_w || needs_b, needs_r && relu);
   BnActGrads g;
-  Tensor dy_scale, x_scale, shift, sum_dy;
-  if ((training && needs_x) || needs_w || needs_b) {
-    Tensor sum_dy_xmu;
-    std::tie(sum_dy, sum_dy_xmu) = kernel_ops::bn_act_backward_reduce(grad_out, x, mean_f, relu_out);
-    std::tie(dy_scale, x_scale, shift, g.weight) =
-        kernel_ops::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, opt(weight), eps, count_of(x), training);
-  } else if (needs_x) {  // eval, only grad_input = dz * weight invstd: bn_scale_shift's scale
-    dy_scale = std::get<0>(kernel_ops::bn_scale_shift(mean, var, opt(weight), std::nullopt, eps));
-  }
-
-  const bool masked_residual = needs_r && relu;
-  if (needs_x) {
-    Tensor masked;
-    if (training) {
-      std::tie(g.input, masked) = kernel_ops::bn_act_backward_elemt(grad_out, relu_out, x, mean_f, dy_scale, x_scale, shift,
-                                                                    masked_residual);
-    } else {
-      std::tie(g.input, masked) = kernel_ops::bn_act_backward_elemt(grad_out, relu_out, std::nullopt, std::nullopt, dy_scale,
-                                                                    std::nullopt, std::nullopt, masked_residual);
-    }
-    if (masked_residual) g.residual = masked;
-  } else if (masked_residual) {  // d relu(z)/dz = (out > 0), NaN passing
-    g.residual = at::threshold_backward(grad_out, out, 0);
-  }
-  if (needs_r && !relu) g.residual = grad_out;
-  g.weight = needs_w ? as_dtype(g.weight, weight.scalar_type()) : Tensor();
-  g.bias = needs_b ? as_dtype(sum_dy, bias_dtype) : Tensor();
+  g.input = needs_x ? grad_input : Tensor();
+  g.weight = needs_w ? as_dtype(grad_weight, weight.scalar_type()) : Tensor();
+  g.bias = needs_b ? as_dtype(grad_bias, bias_dtype) : Tensor();
+  g.residual = !needs_r ? Tensor() : relu ? grad_residual : grad_out;
   return g;
 }
 
@@ -122,26 +97,16 @@ BnActGrads grads_from(AutogradContext* ctx, const Tensor& grad_out, bool trainin
 
 // ---- bn_act_batch: training, batch statistics ----
 
-std::tuple<Tensor, Tensor, Tensor> bn_act_batch_kernel(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                                                       const OptTensor& residual, double eps, std::string_view act, double alpha,
-                                                       const OptTensor& batch_mean, const OptTensor& batch_var) {
-  RF_CHECK(batch_mean.has_value() == batch_var.has_value(), "bn_act_batch", "give both batch_mean and batch_var, or neither");
-  Tensor mean, var;
-  if (batch_mean.has_value()) {
-    mean = batch_mean->clone();  // an op's outputs may not alias its inputs
-    var = batch_var->clone();
-  } else {
-    std::tie(mean, var) = kernel_ops::bn_stats(input);
-  }
-  const auto [scale, shift] = kernel_ops::bn_scale_shift(mean, var, weight, bias, eps);
-  return {kernel_ops::bn_act_apply(input, scale, shift, residual, act, alpha), mean, var};
-}
+using BnActBatchOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
+                                                        std::string_view, double, const OptTensor&, const OptTensor&);
+using BnActRunningOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                              double, std::string_view, double);
 
 struct BnActBatch : torch::autograd::Function<BnActBatch> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                const OptTensor& residual, double eps, const std::string& act, double alpha,
                                const OptTensor& batch_mean, const OptTensor& batch_var) {
-    static const auto op = kernel_ops::handle<decltype(bn_act_batch_kernel)>("resnet_fused::bn_act_batch");
+    static const auto op = kernel_ops::handle<BnActBatchOp>("resnet_fused::bn_act_batch");
     Tensor out, mean, var;
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -176,17 +141,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_batch_autograd(const Tensor& input, co
 
 // ---- bn_act_running: eval, running statistics ----
 
-Tensor bn_act_running_kernel(const Tensor& input, const Tensor& running_mean, const Tensor& running_var, const OptTensor& weight,
-                             const OptTensor& bias, const OptTensor& residual, double eps, std::string_view act, double alpha) {
-  const auto [scale, shift] = kernel_ops::bn_scale_shift(running_mean, running_var, weight, bias, eps);
-  return kernel_ops::bn_act_apply(input, scale, shift, residual, act, alpha);
-}
-
 struct BnActRunning : torch::autograd::Function<BnActRunning> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& residual, double eps,
                                const std::string& act, double alpha) {
-    static const auto op = kernel_ops::handle<decltype(bn_act_running_kernel)>("resnet_fused::bn_act_running");
+    static const auto op = kernel_ops::handle<BnActRunningOp>("resnet_fused::bn_act_running");
     Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -213,15 +172,6 @@ Tensor bn_act_running_autograd(const Tensor& input, const Tensor& running_mean, 
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& residual, double eps,
                                std::string_view act, double alpha) {
   return BnActRunning::apply(input, running_mean, running_var, weight, bias, residual, eps, std::string(act), alpha)[0];
-}
-
-// a BN parameter or running statistic: None, or a floating (C,) vector on the input's device
-void check_bn_vector(const OptTensor& v, const Tensor& input, const char* op, const char* name, const char* of) {
-  if (!v.has_value()) return;
-  RF_CHECK(v->dim() == 1 && v->sym_numel() == input.sym_size(1), op, "expected `", name, "` of shape (", input.sym_size(1),
-           "), one per channel of ", of, " ", input.sym_sizes(), ", got ", v->sym_sizes());
-  RF_CHECK(v->is_floating_point(), op, "expected `", name, "` to be floating point, got ", v->scalar_type());
-  RF_CHECK(v->device() == input.device(), op, "`", name, "` is on ", v->device(), " but `input` is on ", input.device());
 }
 
 // running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count` values per channel,
@@ -266,8 +216,8 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
              " but `", of, "` is on ", input.device());
   }
   parse_act(act, op);
-  static const auto batch = kernel_ops::handle<decltype(bn_act_batch_kernel)>("resnet_fused::bn_act_batch");
-  static const auto running = kernel_ops::handle<decltype(bn_act_running_kernel)>("resnet_fused::bn_act_running");
+  static const auto batch = kernel_ops::handle<BnActBatchOp>("resnet_fused::bn_act_batch");
+  static const auto running = kernel_ops::handle<BnActRunningOp>("resnet_fused::bn_act_running");
   if (!training) {
     RF_CHECK(running_mean.has_value(), op, "running_mean and running_var must be given in evaluation mode");
     return running.call(input, *running_mean, *running_var, weight, bias, residual, eps, act, alpha);
@@ -277,16 +227,6 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
   auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, std::nullopt, std::nullopt);
   update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor, num_batches_tracked);
   return out;
-}
-
-TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
-  m.impl("bn_act_batch", &bn_act_batch_kernel);
-  m.impl("bn_act_running", &bn_act_running_kernel);
-}
-
-TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
-  m.impl("bn_act_batch", &bn_act_batch_kernel);
-  m.impl("bn_act_running", &bn_act_running_kernel);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {

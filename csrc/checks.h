@@ -33,6 +33,16 @@ inline void check_channel_vector(const at::Tensor& v, const at::Tensor& ref, con
   RF_CHECK(v.device() == ref.device(), op, "`", name, "` is on ", v.device(), " but the activations are on ", ref.device());
 }
 
+// A BN parameter or statistic: None, or a floating (C,) vector, C = input's channels (`of` names input), on input's device.
+inline void check_bn_vector(const std::optional<at::Tensor>& v, const at::Tensor& input, const char* op, const char* name,
+                            const char* of) {
+  if (!v.has_value()) return;
+  RF_CHECK(v->dim() == 1 && v->sym_numel() == input.sym_size(1), op, "expected `", name, "` of shape (", input.sym_size(1),
+           "), one per channel of ", of, " ", input.sym_sizes(), ", got ", v->sym_sizes());
+  RF_CHECK(v->is_floating_point(), op, "expected `", name, "` to be floating point, got ", v->scalar_type());
+  RF_CHECK(v->device() == input.device(), op, "`", name, "` is on ", v->device(), " but `", of, "` is on ", input.device());
+}
+
 // Dispatch over the activation dtypes the kernels take (fp64 goes to the plain-PyTorch path in Python).
 #define RF_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                        \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
@@ -108,6 +118,18 @@ inline void check_bn_act_backward_elemt(const at::Tensor& grad_out, const std::o
     check_channel_vector(*x_scale, grad_out, op, "x_scale");
     check_channel_vector(*shift, grad_out, op, "shift");
   }
+}
+
+inline void check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                  const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& output) {
+  const char* op = "bn_act_backward";
+  check_activation(input, op, "input");
+  check_like(grad_out, input, op, "grad_out", "input");
+  if (output.has_value()) check_like(*output, input, op, "output", "input");
+  check_bn_vector(mean, input, op, "mean", "input");
+  check_bn_vector(var, input, op, "var", "input");
+  check_bn_vector(weight, input, op, "weight", "input");
 }
 
 // A per-channel statistic or parameter read by the coefficient ops: a 1-D float32 / float64 / float16 /

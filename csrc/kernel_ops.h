@@ -1,5 +1,5 @@
 // The kernel ops (csrc/ops.cpp) called from C++ through the dispatcher, one typed handle each, found once:
-// what the stage ops (bn_act_stage.cpp, conv_bn_act_stage.cpp) launch on the input's device (CPU kernels in
+// what the stage ops (bn_act_stage.cpp, conv_act_stage.cpp) launch on the input's device (CPU kernels in
 // cpu/, CUDA kernels in cuda/, the fakes under torch.compile's tracing).
 #pragma once
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -20,17 +20,16 @@ c10::TypedOperatorHandle<Signature> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-#define RF_KERNEL_OP(name, ...) \
-  static const auto op = handle<__VA_ARGS__>("resnet_fused::" name)
+// A kernel op has no autograd of its own: its callers run it where no gradient flows through it (a backward, a no-grad
+// path) or inside their autograd Function. Called below the Autograd keys, it skips autograd's boxed fallback (a
+// stack of IValues per call).
+#define RF_KERNEL_OP(name, ...)                                       \
+  static const auto op = handle<__VA_ARGS__>("resnet_fused::" name); \
+  const at::AutoDispatchBelowAutograd below_autograd
 
 inline Tensor add_relu_forward(const Tensor& input, const Tensor& residual) {
   RF_KERNEL_OP("add_relu_forward", Tensor(const Tensor&, const Tensor&));
   return op.call(input, residual);
-}
-
-inline Pair bn_stats(const Tensor& input) {
-  RF_KERNEL_OP("bn_stats", Pair(const Tensor&));
-  return op.call(input);
 }
 
 inline Pair bn_scale_shift(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps) {
@@ -51,25 +50,16 @@ inline Tensor act_backward(const Tensor& grad_out, const Tensor& input, const Te
   return op.call(grad_out, input, scale, shift, residual, act, alpha);
 }
 
-inline Pair bn_act_backward_reduce(const Tensor& grad_out, const Tensor& input, const Tensor& mean, const OptTensor& output) {
-  RF_KERNEL_OP("bn_act_backward_reduce", Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&));
-  return op.call(grad_out, input, mean, output);
-}
-
-inline Pair bn_act_backward_elemt(const Tensor& grad_out, const OptTensor& output, const OptTensor& input, const OptTensor& mean,
-                                  const Tensor& dy_scale, const OptTensor& x_scale, const OptTensor& shift,
-                                  bool need_grad_residual) {
-  RF_KERNEL_OP("bn_act_backward_elemt", Pair(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                             const OptTensor&, const OptTensor&, bool));
-  return op.call(grad_out, output, input, mean, dy_scale, x_scale, shift, need_grad_residual);
-}
-
-inline std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_coeffs(const Tensor& sum_dy, const Tensor& sum_dy_xmu,
-                                                                     const Tensor& var, const OptTensor& weight, double eps,
-                                                                     double count, bool training) {
-  RF_KERNEL_OP("bn_backward_coeffs", std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                                  const OptTensor&, double, double, bool));
-  return op.call(sum_dy, sum_dy_xmu, var, weight, eps, count, training);
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                                                  const Tensor& var, const OptTensor& weight,
+                                                                  const OptTensor& output, double eps, bool training,
+                                                                  bool need_grad_input, bool need_grad_params,
+                                                                  bool need_grad_residual) {
+  RF_KERNEL_OP("bn_act_backward", std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                               const Tensor&, const OptTensor&, const OptTensor&,
+                                                                               double, bool, bool, bool, bool));
+  return op.call(grad_out, input, mean, var, weight, output, eps, training, need_grad_input, need_grad_params,
+                 need_grad_residual);
 }
 
 inline void bn_update_running(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,

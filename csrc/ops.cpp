@@ -59,6 +59,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("bn_act_batch(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha, Tensor? batch_mean=None, Tensor? batch_var=None) -> (Tensor out, Tensor mean, Tensor var)");
   // act(batch_norm(input) with running statistics + residual): eval, autograd
   m.def("bn_act_running(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha) -> Tensor");
+  // the normalization's backward in one call (bn_act_batch's and bn_act_running's backward, after act_backward for an
+  // activation other than ReLU): dy = grad_out, 0 where output <= 0 (output=None: no ReLU); invstd = 1 / sqrt(var + eps);
+  //   training: grad_input = w invstd (dy - sum dy / M - (input - mean) invstd^2 sum dy (input - mean) / M), M = N H W
+  //   eval:     grad_input = dy w invstd
+  //   grad_weight = invstd sum dy (input - mean), grad_bias = sum dy (fp32), taken in training or if need_grad_params;
+  //   grad_residual = dy. An output not asked for is an empty tensor.
+  m.def("bn_act_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? output, float eps, bool training, bool need_grad_input, bool need_grad_params, bool need_grad_residual) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual), running
   // statistics updated in place in training; num_batches_tracked (training) += 1; the momentum: momentum_tensor (0-dim)
   // if given, else momentum, else (None: nn.BatchNorm2d's cumulative average) 1 / num_batches_tracked

@@ -52,7 +52,8 @@ FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, act_b
                                  bn_act_backward_elemt, bn_scale_shift, bn_backward_coeffs)}
 
 
-# the stages' own ops: autograd ops and the running-statistics update (csrc/bn_act_stage.cpp; bn_act_stage and conv_bn_act_stage are composites of these and aten)
+# the stages' own ops: autograd ops, their backward and the running-statistics update (csrc/bn_act_stage.cpp; bn_act_stage
+# and conv_bn_act_stage are composites of these and aten)
 def bn_act_batch(input, weight, bias, residual, eps, act, alpha, batch_mean=None, batch_var=None):
     return torch.empty_like(input, memory_format=memory_format(input)), per_channel_empty(input), per_channel_empty(input)
 
@@ -61,11 +62,21 @@ def bn_act_running(input, running_mean, running_var, weight, bias, residual, eps
     return torch.empty_like(input, memory_format=memory_format(input))
 
 
+def bn_act_backward(grad_out, input, mean, var, weight, output, eps, training, need_grad_input, need_grad_params,
+                    need_grad_residual):
+    fmt = memory_format(input)
+    grad_input = torch.empty_like(grad_out, memory_format=fmt) if need_grad_input else grad_out.new_empty(0)
+    params = training or need_grad_params
+    grad_weight, grad_bias = (per_channel_empty(input) if params else grad_out.new_empty(0) for _ in range(2))
+    grad_residual = torch.empty_like(grad_out, memory_format=fmt) if need_grad_residual else grad_out.new_empty(0)
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
 def bn_update_running(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked):
     return None  # in place
 
 
-STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running, bn_update_running)}
+STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running, bn_act_backward, bn_update_running)}
 
 
 def register() -> None:

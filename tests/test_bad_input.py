@@ -68,6 +68,8 @@ CPP_BAD_CALLS = [
     ("OPS.act_backward(_x(), _x(), torch.ones(4), torch.ones(4), None, 'swish', 0.0)", r"act_backward: unknown activation 'swish'"),
     ("OPS.bn_act_backward_reduce(_x(), _x(), torch.ones(4), _x(1, 4, 3, 3))", r"`output` has shape \[1, 4, 3, 3\]"),
     ("OPS.bn_act_backward_elemt(_x(), None, _x(), None, torch.ones(4), None, None, False)", r"given together"),
+    ("OPS.bn_act_backward(_x(), _x(), torch.ones(3), torch.ones(4), None, None, 1e-5, True, True, True, False)",
+     r"bn_act_backward: expected `mean` of shape \(4\), one per channel of input \[2, 4, 3, 3\], got \[3\]"),
     ("OPS.bn_scale_shift(torch.zeros(4), torch.ones(3), None, None, 1e-5)",
      r"bn_scale_shift: `var` has shape \[3\] but `mean` has shape \[4\]"),
     ("OPS.bn_scale_shift(torch.zeros(2, 2), torch.ones(4), None, None, 1e-5)",

@@ -7,6 +7,7 @@
 #include "checks.h"
 #include "cpu/activation_vec.h"
 #include "cpu/channel_map.h"
+#include "cpu/kernels.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -85,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
 }
 
 at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                        const std::optional<at::Tensor>& residual, c10::string_view act, double alpha) {
+                        const std::optional<at::Tensor>& residual, std::string_view act, double alpha) {
   check_bn_act_apply(input, scale, shift, residual);
   const Act a = parse_act(act, "bn_act_apply");
   const auto fmt = layout_of(input);
@@ -115,7 +116,7 @@ at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const 
 }
 
 at::Tensor act_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale,
-                        const at::Tensor& shift, const std::optional<at::Tensor>& residual, c10::string_view act,
+                        const at::Tensor& shift, const std::optional<at::Tensor>& residual, std::string_view act,
                         double alpha) {
   check_act_backward(grad_out, input, scale, shift, residual);
   const Act a = parse_act(act, "act_backward");

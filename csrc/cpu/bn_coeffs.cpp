@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "bn_coeffs.h"
+#include "cpu/kernels.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -11,6 +12,8 @@ template <class F>
 void for_each_channel(const F& f, int64_t C) {
   for (int64_t c = 0; c < C; ++c) f(c);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& mean, const at::Tensor& var,
                                                   const std::optional<at::Tensor>& weight,
@@ -35,8 +38,6 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
   coeffs::bn_update_running(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked,
                             [](const coeffs::RunningUpdate& f, int64_t C) { for_each_channel(f, C); });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_scale_shift", &bn_scale_shift);

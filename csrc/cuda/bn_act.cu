@@ -21,6 +21,7 @@
 #include "../activation.h"
 #include "../checks.h"
 #include "common.cuh"
+#include "kernels.h"
 
 namespace resnet_fused::gpu {
 namespace {
@@ -443,6 +444,8 @@ void launch_channel_reduce(const R& r, const at::Tensor& x, bool cl, bool vec) {
   });
 }
 
+}  // namespace
+
 // ================================ ops ================================
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
@@ -468,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
 }
 
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                             const std::optional<at::Tensor>& residual, c10::string_view act, double alpha) {
+                             const std::optional<at::Tensor>& residual, std::string_view act, double alpha) {
   check_bn_act_apply(input, scale, shift, residual);
   const Act a = parse_act(act, "bn_act_apply");
   const c10::cuda::CUDAGuard guard(input.device());
@@ -497,7 +500,7 @@ at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, c
 
 // Laid out like input (grad_out and residual follow it), in grad_out's dtype (= input's, checked).
 at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale,
-                             const at::Tensor& shift, const std::optional<at::Tensor>& residual, c10::string_view act,
+                             const at::Tensor& shift, const std::optional<at::Tensor>& residual, std::string_view act,
                              double alpha) {
   check_act_backward(grad_out, input, scale, shift, residual);
   const Act a = parse_act(act, "act_backward");
@@ -596,7 +599,6 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& 
   return {grad_input, grad_residual};
 }
 
-}  // namespace
 }  // namespace resnet_fused::gpu
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {

@@ -5,6 +5,7 @@
 
 #include "../bn_coeffs.h"
 #include "common.cuh"
+#include "kernels.h"
 
 namespace resnet_fused::gpu {
 namespace {
@@ -23,6 +24,8 @@ struct Launch {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean, const at::Tensor& var,
                                                        const std::optional<at::Tensor>& weight,
@@ -50,7 +53,6 @@ void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& ru
                             Launch{});
 }
 
-}  // namespace
 }  // namespace resnet_fused::gpu
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {

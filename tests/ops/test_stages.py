@@ -99,6 +99,43 @@ def test_conv_bn_act_stage_matches_eager(fmt, training):
     torch.testing.assert_close(rv, eager_rv)
 
 
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_act_backward_matches_autograd(fmt, training, relu, dtype):
+    """bn_act_backward (one call: reduction, coefficients, elementwise pass) against autograd through F.batch_norm (+ ReLU)
+    in float64, the same graph in `dtype` setting the error allowed; the outputs not asked for are empty."""
+    shape = (3, 6, 5, 7)
+    x = activation(shape, dtype, fmt)
+    w, b, rm, rv = _bn_args(shape[1], requires_grad=False)
+    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+
+    def autograd_grads(x, w, b):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = F.batch_norm(leaves[0], None if training else rm.to(w.dtype), None if training else rv.to(w.dtype), leaves[1],
+                         leaves[2], training, 0.0, 1e-5)
+        out = torch.relu(y) if relu else y
+        return out.detach(), torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+    exact_out, exact = autograd_grads(x.double(), w.double(), b.double())
+    eager_out, eager = autograd_grads(x, w, b)
+    if training:
+        mean, var = x.double().mean((0, 2, 3)).float(), x.double().var((0, 2, 3), unbiased=False).float()
+    else:
+        mean, var = rm, rv
+    output = eager_out if relu else None
+    got = OPS.bn_act_backward(grad, x, mean, var, w, output, 1e-5, training, True, True, True)
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
+    for name, g, e, ex in zip(("input", "weight", "bias"), got, eager, exact):
+        assert_within_eager_error(g.to(e.dtype), e, ex, f"grad {name}", factor=3.0)
+    dy = grad * (output > 0) if relu else grad
+    torch.testing.assert_close(got[3], dy, rtol=0, atol=0)  # grad_residual = dy, exactly
+    none = OPS.bn_act_backward(grad, x, mean, var, w, output, 1e-5, training, False, False, False)
+    assert none[0].numel() == 0 and none[3].numel() == 0
+    assert (none[1].numel() == 0) == (not training)
+
+
 def test_stage_ops_opcheck():
     x = activation((2, 5, 4, 3), torch.float32, CL)
     for training in (True, False):
@@ -113,6 +150,12 @@ def test_stage_ops_opcheck():
     torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, None, None, 1e-5, "relu", 0.0))
     torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, b, None, 1e-5, "silu", 0.0, *OPS.bn_stats(x)))
     torch.library.opcheck(OPS.bn_act_running, (x.clone().requires_grad_(), rm, rv, w, None, None, 1e-5, "hardswish", 0.0))
+    g, out = torch.randn_like(x), torch.relu(x)
+    mean, var = OPS.bn_stats(x)
+    for training, needs in ((True, (True, True, True)), (True, (False, True, False)), (False, (True, False, True)),
+                            (False, (False, False, True))):
+        for output in (out, None):
+            torch.library.opcheck(OPS.bn_act_backward, (g, x, mean, var, w.detach(), output, 1e-5, training, *needs))
     cw = torch.randn(7, 5, 3, 3, requires_grad=True)
     w, b, rm, rv = _bn_args(7)
     for training in (True, False):

@@ -1,0 +1,28 @@
+// The composed stage kernels (csrc/bn_act_compose.h) on the CPU: bn_act_batch, bn_act_running, bn_act_backward, each
+// one dispatch with this module's kernels called directly after it.
+#include <torch/library.h>
+
+#include "bn_act_compose.h"
+#include "cpu/kernels.h"
+
+namespace resnet_fused::cpu {
+namespace {
+
+struct Kernels {
+  static constexpr auto bn_stats = &cpu::bn_stats;
+  static constexpr auto bn_scale_shift = &cpu::bn_scale_shift;
+  static constexpr auto bn_act_apply = &cpu::bn_act_apply;
+  static constexpr auto bn_act_backward_reduce = &cpu::bn_act_backward_reduce;
+  static constexpr auto bn_backward_coeffs = &cpu::bn_backward_coeffs;
+  static constexpr auto bn_act_backward_elemt = &cpu::bn_act_backward_elemt;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("bn_act_batch", &compose::bn_act_batch<Kernels>);
+  m.impl("bn_act_running", &compose::bn_act_running<Kernels>);
+  m.impl("bn_act_backward", &compose::bn_act_backward<Kernels>);
+}
+
+}  // namespace resnet_fused::cpu

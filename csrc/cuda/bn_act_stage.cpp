@@ -1,0 +1,28 @@
+// The composed stage kernels (csrc/bn_act_compose.h) on CUDA: bn_act_batch, bn_act_running, bn_act_backward, each
+// one dispatch with this module's kernels called directly after it.
+#include <torch/library.h>
+
+#include "bn_act_compose.h"
+#include "cuda/kernels.h"
+
+namespace resnet_fused::gpu {
+namespace {
+
+struct Kernels {
+  static constexpr auto bn_stats = &gpu::bn_stats_cuda;
+  static constexpr auto bn_scale_shift = &gpu::bn_scale_shift_cuda;
+  static constexpr auto bn_act_apply = &gpu::bn_act_apply_cuda;
+  static constexpr auto bn_act_backward_reduce = &gpu::bn_act_backward_reduce_cuda;
+  static constexpr auto bn_backward_coeffs = &gpu::bn_backward_coeffs_cuda;
+  static constexpr auto bn_act_backward_elemt = &gpu::bn_act_backward_elemt_cuda;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("bn_act_batch", &compose::bn_act_batch<Kernels>);
+  m.impl("bn_act_running", &compose::bn_act_running<Kernels>);
+  m.impl("bn_act_backward", &compose::bn_act_backward<Kernels>);
+}
+
+}  // namespace resnet_fused::gpu
