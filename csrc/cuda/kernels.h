@@ -12,23 +12,23 @@ using OptTensor = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input);
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& residual,
-                        std::string_view act, double alpha);
+                             std::string_view act, double alpha);
 at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
-                        const OptTensor& residual, std::string_view act, double alpha);
+                             const OptTensor& residual, std::string_view act, double alpha);
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                          const at::Tensor& mean, const OptTensor& output);
+                                                               const at::Tensor& mean, const OptTensor& output);
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& grad_out, const OptTensor& output,
-                                                         const OptTensor& input, const OptTensor& mean,
-                                                         const at::Tensor& dy_scale, const OptTensor& x_scale,
-                                                         const OptTensor& shift, bool need_grad_residual);
+                                                              const OptTensor& input, const OptTensor& mean,
+                                                              const at::Tensor& dy_scale, const OptTensor& x_scale,
+                                                              const OptTensor& shift, bool need_grad_residual);
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
-                                                  const OptTensor& bias, double eps);
+                                                       const OptTensor& bias, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_cuda(const at::Tensor& sum_dy,
-                                                                              const at::Tensor& sum_dy_xmu,
-                                                                              const at::Tensor& var, const OptTensor& weight,
-                                                                              double eps, double count, bool training);
+                                                                                   const at::Tensor& sum_dy_xmu,
+                                                                                   const at::Tensor& var, const OptTensor& weight,
+                                                                                   double eps, double count, bool training);
 void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
-                       const at::Tensor& var, double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
-                       const OptTensor& num_batches_tracked);
+                            const at::Tensor& var, double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
+                            const OptTensor& num_batches_tracked);
 
 }  // namespace resnet_fused::gpu
