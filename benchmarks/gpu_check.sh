@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh STAGE OUTDIR [pytest arguments]
 #
 # STAGE: check | test-gpu | build | test | sanitize | bench | bench-kernels | bench-blocks | bench-models
-#        | bench-graphs | quick | all | verify
+#        | bench-graphs | cudnn-graphs | quick | all | verify
 #   check           build, then in what is left of CHECK_BUDGET (540 s) the benchmark that decisions need:
 #                   ops, ResNet-50 stem + layer1 convs (eval and training), both layer1 blocks, bf16 and fp16,
 #                   eager / fused-cuda / fused-triton / tuned, torch.compile only for cases that
@@ -18,6 +18,10 @@
 #   bench-models    resnet18/50, bf16, batch 1 and 256, torch.compile default and max-autotune
 #   bench-graphs    the models at batch 1 as CUDA-graph replays
 #   bench           the four parts above, then the targets table (benchmarks/targets.py)
+#   cudnn-graphs    which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats) build at the
+#                   ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time beside
+#                   today's path (benchmarks/cudnn_graphs_probe.py); installs cudnn-frontend from wheels/
+#                   (benchmarks/fetch_gpu_wheels.sh, carried with the tree) when it is missing
 #   quick           build, test, then a --quick benchmark;  all: build test sanitize bench
 #   verify          (no GPU needed) checks that OUTDIR fits what a remote machine sends back
 # Each stage fits in a command of at most 10 minutes (all and bench do not: run their parts). A bench part
@@ -31,7 +35,7 @@
 set -uo pipefail
 
 MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
-STAGES="all|check|test-gpu|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|quick|verify"
+STAGES="all|check|test-gpu|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|cudnn-graphs|quick|verify"
 usage() { echo "usage: $0 [$STAGES] OUTDIR [pytest arguments]" >&2; exit 2; }
 [[ $# -eq 1 ]] && set -- all "$1"
 [[ $# -ge 2 ]] || usage
@@ -168,6 +172,24 @@ run_check() {  # build, then the check part in what is left of CHECK_BUDGET
     return $rc
 }
 
+run_cudnn_graphs() {  # [seconds]
+    local limit=${1:-${BENCH_TIMEOUT:-540}} t0=$SECONDS rc
+    section cudnn-graphs
+    if ! $PY -c 'import cudnn' >/dev/null 2>&1; then
+        if compgen -G "wheels/nvidia_cudnn_frontend-*.whl" >/dev/null; then
+            $PY -m pip install --no-deps wheels/nvidia_cudnn_frontend-*.whl >>"$log" 2>&1
+            note "cudnn-frontend installed from wheels/: rc=$?"
+        else
+            note "cudnn-frontend missing and no wheels/ (run benchmarks/fetch_gpu_wheels.sh where there is an index)"
+        fi
+    fi
+    timeout -k 10 "$limit" $PY benchmarks/cudnn_graphs_probe.py --time --deadline $(( limit > 120 ? limit - 60 : limit / 2 )) \
+        2>&1 | tee -a "$log" | tee -a "$summary" >/dev/null
+    rc=${PIPESTATUS[0]}
+    note "cudnn-graphs: rc=$rc in $((SECONDS - t0)) s"
+    return $rc
+}
+
 run_targets() {
     section targets
     $PY benchmarks/targets.py --kernels "$out/results-kernels.json" --models "$out/results-models.json" \
@@ -182,6 +204,7 @@ case $stage in
     test) run_tests "$@" || rc=1 ;;
     sanitize) run_sanitize || rc=1 ;;
     bench-*) run_bench "${stage#bench-}" || rc=1 ;;
+    cudnn-graphs) { run_build && run_cudnn_graphs; } || rc=1 ;;
     bench) for part in kernels blocks models graphs; do run_bench $part || rc=1; done; run_targets ;;
     quick) { run_build && run_tests; } || rc=1; run_bench quick || rc=1 ;;
     all) { run_build && run_tests; } || rc=1; run_sanitize || rc=1

@@ -30,7 +30,7 @@ def test_bad_arguments_print_usage(args):
 
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the no-GPU message does not apply")
 @pytest.mark.parametrize("stage", ["all", "check", "test-gpu", "build", "test", "sanitize", "bench", "bench-kernels",
-                                   "bench-blocks", "bench-models", "bench-graphs", "quick"])
+                                   "bench-blocks", "bench-models", "bench-graphs", "cudnn-graphs", "quick"])
 def test_without_gpu_says_so_in_one_line(stage, tmp_path):
     r = _run(stage, tmp_path / "out")
     assert r.returncode == 3, r
@@ -136,3 +136,28 @@ def test_targets_table_reads_every_target_from_the_files(tmp_path, capsys):
     targets.main(["--kernels", str(tmp_path / "k.json"), "--models", str(tmp_path / "missing.json")])
     printed = capsys.readouterr().out
     assert "MISSED" in printed and "not measured" in printed and "met" in printed
+
+
+def _probe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cudnn_graphs_probe", SCRIPT.parent / "cudnn_graphs_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cudnn_graphs_probe_covers_the_resnet_convs():
+    """The probe's shapes: every distinct conv of resnet18 and resnet50 at 224x224, read off the models."""
+    convs = {_probe().conv_label(c): c["models"] for c in _probe().resnet_convs()}
+    assert convs["3->64 7x7/2 @224x224"] == ["resnet18", "resnet50"]  # the stem
+    assert convs["64->64 3x3/1 @56x56"] == ["resnet18", "resnet50"]  # BasicBlock layer1, Bottleneck layer1's 3x3
+    assert convs["256->64 1x1/1 @56x56"] == ["resnet50"]  # Bottleneck layer1's reduce
+    assert convs["1024->2048 1x1/2 @14x14"] == ["resnet50"]  # layer4's projection shortcut
+    assert len(convs) == len(set(convs))
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the no-GPU message does not apply")
+def test_cudnn_graphs_probe_without_gpu_says_so(capsys):
+    assert _probe().main([]) == 3
+    assert "no CUDA GPU" in capsys.readouterr().err
