@@ -55,9 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& grad_ou
   check_bn_act_backward(grad_out, input, mean, var, weight, output);
   const Tensor dy = dense(grad_out, layout_of(input));  // one layout for both passes
   const Tensor mean_f = mean.scalar_type() == at::kFloat ? mean : mean.to(at::kFloat);  // the passes read fp32 statistics
-  const auto none = [&] { return at::empty({0}, grad_out.options()); };
-  Tensor grad_input = none(), grad_weight = none(), grad_bias = none(), grad_residual = none();
-  Tensor a, b, c;
+  Tensor grad_input, grad_weight, grad_bias, grad_residual, a, b, c;
   if (training || need_grad_params) {
     const int64_t C = input.size(1);
     const double count = C > 0 ? static_cast<double>(input.numel() / C) : 0.0;  // M = N H W
@@ -74,6 +72,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& grad_ou
         K::bn_act_backward_elemt(dy, output, std::nullopt, std::nullopt, a, std::nullopt, std::nullopt, need_grad_residual);
   } else if (need_grad_residual) {  // d relu(z)/dz = (out > 0), NaN passing
     grad_residual = output.has_value() ? at::threshold_backward(dy, *output, 0) : dy.clone();
+  }
+  for (Tensor* t : {&grad_input, &grad_weight, &grad_bias, &grad_residual}) {
+    if (!t->defined()) *t = at::empty({0}, grad_out.options());  // an output not asked for
   }
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
