@@ -5,6 +5,7 @@
 // for the torch and Triton backends: resnet_fused/ops/_bn_math.py.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string_view>
@@ -80,3 +81,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& grad_ou
 }
 
 }  // namespace resnet_fused::compose
+
+// The composed stage kernels registered for dispatch key KEY (CPU, CUDA) over the backend's Kernels struct K.
+#define RF_REGISTER_COMPOSED_STAGE_KERNELS(KEY, K)                          \
+  TORCH_LIBRARY_IMPL(resnet_fused, KEY, m) {                                \
+    m.impl("bn_act_batch", &::resnet_fused::compose::bn_act_batch<K>);       \
+    m.impl("bn_act_running", &::resnet_fused::compose::bn_act_running<K>);   \
+    m.impl("bn_act_backward", &::resnet_fused::compose::bn_act_backward<K>); \
+  }

@@ -1,7 +1,5 @@
 // The composed stage kernels (csrc/bn_act_compose.h) on the CPU: bn_act_batch, bn_act_running, bn_act_backward, each
 // one dispatch with this module's kernels called directly after it.
-#include <torch/library.h>
-
 #include "bn_act_compose.h"
 #include "cpu/kernels.h"
 
@@ -19,10 +17,6 @@ struct Kernels {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
-  m.impl("bn_act_batch", &compose::bn_act_batch<Kernels>);
-  m.impl("bn_act_running", &compose::bn_act_running<Kernels>);
-  m.impl("bn_act_backward", &compose::bn_act_backward<Kernels>);
-}
+RF_REGISTER_COMPOSED_STAGE_KERNELS(CPU, Kernels)
 
 }  // namespace resnet_fused::cpu
