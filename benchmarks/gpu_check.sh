@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh STAGE OUTDIR [pytest arguments]
 #
 # STAGE: check | test-gpu | build | test | sanitize | bench | bench-kernels | bench-blocks | bench-models
-#        | bench-graphs | cudnn-graphs | quick | all | verify
+#        | bench-graphs | bench-overhead | cudnn-graphs | quick | all | verify
 #   check           build, then in what is left of CHECK_BUDGET (540 s) the benchmark that decisions need:
 #                   ops, ResNet-50 stem + layer1 convs (eval and training), both layer1 blocks, bf16 and fp16,
 #                   eager / fused-cuda / fused-triton / tuned, torch.compile only for cases that
@@ -17,6 +17,8 @@
 #   bench-blocks    blocks suite, bf16, batch 256, with torch.compile
 #   bench-models    resnet18/50, bf16, batch 1 and 256, torch.compile default and max-autotune
 #   bench-graphs    the models at batch 1 as CUDA-graph replays
+#   bench-overhead  host time per block call at tiny sizes, aten ops and launches per step, bf16, eager and fused
+#                   (torch.compile left out: minutes of compiling for a host-path number)
 #   bench           the four parts above, then the targets table (benchmarks/targets.py)
 #   cudnn-graphs    which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats) build at the
 #                   ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time beside
@@ -35,7 +37,7 @@
 set -uo pipefail
 
 MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
-STAGES="all|check|test-gpu|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|cudnn-graphs|quick|verify"
+STAGES="all|check|test-gpu|build|test|sanitize|bench|bench-kernels|bench-blocks|bench-models|bench-graphs|bench-overhead|cudnn-graphs|quick|verify"
 usage() { echo "usage: $0 [$STAGES] OUTDIR [pytest arguments]" >&2; exit 2; }
 [[ $# -eq 1 ]] && set -- all "$1"
 [[ $# -ge 2 ]] || usage
@@ -136,6 +138,7 @@ bench_args() {
         blocks) echo "--suite blocks --dtype bf16 --batch 256 --compile default" ;;
         models) echo "--suite models --dtype bf16 --batch 1 --batch 256 --compile default --compile max-autotune" ;;
         graphs) echo "--suite models --dtype bf16 --batch 1 --cuda-graphs" ;;
+        overhead) echo "--suite overhead --dtype bf16 --no-compile" ;;
         quick) echo "--quick --compile default" ;;
         check) echo "--suite ops --suite blocks --suite convs --quick --conv-mode inference --conv-mode training --compile default --known-compile benchmarks/results" ;;
     esac

@@ -62,6 +62,10 @@ def test_opcheck_cuda_kernel_ops():
             (ops.bn_scale_shift, (v().double(), v().abs().half() + 0.5, None, None, 1e-3)),
             (ops.bn_backward_coeffs, (v(), v(), v().abs() + 0.5, v(), 1e-5, 60.0, True)),
             (ops.bn_backward_coeffs, (v().double(), v().double(), v().abs() + 0.5, None, 1e-5, 60.0, False)),
+            (ops.bn_act_backward, (g, x, v(), v().abs() + 0.5, v(), y, 1e-5, True, True, True, True)),
+            (ops.bn_act_backward, (g, x, v(), v().abs() + 0.5, None, None, 1e-5, False, True, False, True)),
+            (ops.bn_act_batch, (x, v(), v(), r, 1e-5, "relu", 0.0)),
+            (ops.bn_act_running, (x, v(), v().abs() + 0.5, v(), v(), r, 1e-5, "relu", 0.0)),
         ]:
             torch.library.opcheck(op, args)
 

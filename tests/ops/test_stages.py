@@ -103,13 +103,15 @@ def test_conv_bn_act_stage_matches_eager(fmt, training):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bn_act_backward_matches_autograd(fmt, training, relu, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not resnet_fused.backends.extension_has_cuda() or not torch.cuda.is_available(), reason="needs a GPU and _C with CUDA"))])
+def test_bn_act_backward_matches_autograd(fmt, training, relu, dtype, device):
     """bn_act_backward (one call: reduction, coefficients, elementwise pass) against autograd through F.batch_norm (+ ReLU)
     in float64, the same graph in `dtype` setting the error allowed; the outputs not asked for are empty."""
     shape = (3, 6, 5, 7)
-    x = activation(shape, dtype, fmt)
-    w, b, rm, rv = _bn_args(shape[1], requires_grad=False)
-    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    x = activation(shape, dtype, fmt, device)
+    w, b, rm, rv = (t.to(device) for t in _bn_args(shape[1], requires_grad=False))
+    grad = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
 
     def autograd_grads(x, w, b):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
