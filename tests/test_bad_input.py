@@ -121,7 +121,7 @@ def test_cpp_op_errors_in_a_fresh_process():
     pytest-xdist) lost two workers to a segmentation fault in test_cpp_ops_reject_bad_input, each (by
     xdist's scheduling) at the first case it ran, i.e. at the first C++ exception thrown through this
     extension's frames in that process. In a child, such a crash fails this test with its signal, the
-    call it died in, its Python stack and (where gdb is installed) its native stack."""
+    call it died in, its Python stack and (where gdb or cuda-gdb is installed) its native stack."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout's resnet_fused first
     env = {**os.environ, "OMP_NUM_THREADS": "16"}
     cmd = [sys.executable, "-X", "faulthandler", "-c", _CHILD % (CPP_BAD_CALLS,)]
@@ -131,8 +131,9 @@ def test_cpp_op_errors_in_a_fresh_process():
     report = f"exit {result.returncode}"
     if result.returncode < 0:
         report = f"killed by {signal.Signals(-result.returncode).name}"
-        if shutil.which("gdb"):
-            gdb_cmd = ["gdb", "-q", "-nx", "-batch", "-iex", "set auto-load off", "-ex", "run", "-ex", "bt 40", "--args",
+        debugger = shutil.which("gdb") or shutil.which("cuda-gdb")  # the GPU image has cuda-gdb, not gdb
+        if debugger:
+            gdb_cmd = [debugger, "-q", "-nx", "-batch", "-iex", "set auto-load off", "-ex", "run", "-ex", "bt 40", "--args",
                        *cmd]
             gdb = subprocess.run(gdb_cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
             report += "\n--- gdb ---\n" + gdb.stdout[-12000:]
