@@ -34,8 +34,8 @@ def test_bn_act_stage_shapes(backend, dtype, fmt, training, poisoned):
         # in one implementation and not another (a whole grad_output element of error, not arithmetic)
         z = torch.nn.functional.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), training, 0.0,
                                            1e-5) + r.double()
-        r = (r.double() + torch.where(z.abs() < 0.05, 0.1 * torch.where(z < 0, -1.0, 1.0), 0.0)).to(dtype)
-        r = r.contiguous(memory_format=fmt)
+        push = torch.where(z.abs() < 0.05, 0.1 * torch.where(z < 0, -1.0, 1.0), 0.0)
+        r = (r.double() + push).to(dtype).contiguous(memory_format=fmt)
 
         def run(fn, cast=None, **kw):
             leaves = [t.detach().clone().to(cast or t.dtype).requires_grad_() for t in (x, r, w, b)]

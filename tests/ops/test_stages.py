@@ -104,7 +104,7 @@ def test_conv_bn_act_stage_matches_eager(fmt, training):
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not resnet_fused.backends.extension_has_cuda() or not torch.cuda.is_available(), reason="needs a GPU and _C with CUDA"))])
+    not resnet_fused.backends.available()["cuda"], reason="needs a CUDA GPU and the extension built with CUDA"))])
 def test_bn_act_backward_matches_autograd(fmt, training, relu, dtype, device):
     """bn_act_backward (one call: reduction, coefficients, elementwise pass) against autograd through F.batch_norm (+ ReLU)
     in float64, the same graph in `dtype` setting the error allowed; the outputs not asked for are empty."""
