@@ -25,6 +25,10 @@ __all__ = [
     "bn_backward_coeffs",
     "scale_shift_fp64",
     "backward_coeffs_fp64",
+    "bn_act_batch",
+    "bn_act_running",
+    "bn_act_backward",
+    "bn_update_running",
     "bn_act",
     "conv2d_stats",
     "conv_bn_act",
@@ -205,6 +209,108 @@ def bn_backward_coeffs(
     Math in fp64 whatever the inputs' floating dtypes, outputs fp32 (C,) each.
     """
     return tuple(t.float() for t in backward_coeffs_fp64(sum_dy, sum_dy_xmu, var, weight, eps, count, training))
+
+
+def bn_act_batch(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    act: str,
+    alpha: float,
+    batch_mean: torch.Tensor | None = None,
+    batch_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(act(batch_norm(input) + residual), mean, biased var): training with the batch's statistics, or with
+    batch_mean / batch_var when a producer took them (the statistics returned are then copies of those)."""
+    if batch_mean is None:
+        batch_mean, batch_var = bn_stats(input)
+    scale, shift = bn_scale_shift(batch_mean, batch_var, weight, bias, eps)
+    return bn_act_apply(input, scale, shift, residual, act, alpha), batch_mean.clone(), batch_var.clone()
+
+
+def bn_act_running(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    act: str,
+    alpha: float,
+) -> torch.Tensor:
+    """act(batch_norm(input) + residual) normalized by the running statistics (eval)."""
+    scale, shift = bn_scale_shift(running_mean, running_var, weight, bias, eps)
+    return bn_act_apply(input, scale, shift, residual, act, alpha)
+
+
+def bn_act_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    output: torch.Tensor | None,
+    eps: float,
+    training: bool,
+    need_grad_input: bool,
+    need_grad_params: bool,
+    need_grad_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual) of act(batch_norm(input) + residual), act ReLU (output given,
+    dy = grad_out, 0 where output <= 0) or none (output None, dy = grad_out); invstd = 1 / sqrt(var + eps), M = N H W:
+      training: grad_input = w invstd (dy - sum dy / M - (x - mean) invstd^2 sum dy (x - mean) / M)
+      eval (statistics are constants): grad_input = dy w invstd
+      grad_weight = invstd sum dy (x - mean), grad_bias = sum dy, in the statistics' dtype, taken in training or when
+      need_grad_params; grad_residual = dy. Computed in fp64; an output not asked for is an empty tensor."""
+    fmt = memory_format(input)
+    dy = _relu_mask(grad_out.double(), output)
+    xmu = input.double() - _per_channel(mean.double())
+    invstd = torch.rsqrt(var.double() + eps)
+    a = invstd if weight is None else invstd * weight.double()  # w invstd
+    empty = grad_out.new_empty(0)
+    grad_weight = grad_bias = empty
+    sum_dy = sum_dy_xmu = None
+    if training or need_grad_params:
+        sum_dy, sum_dy_xmu = dy.sum(_CHANNEL), (dy * xmu).sum(_CHANNEL)
+        grad_weight, grad_bias = (v.to(stat_dtype(input)) for v in (sum_dy_xmu * invstd, sum_dy))
+    grad_input = empty
+    if need_grad_input:
+        if training:
+            count = input.numel() // max(input.shape[1], 1)
+            gi = _per_channel(a) * (dy - _per_channel(sum_dy / count)
+                                    - xmu * _per_channel(invstd.square() * sum_dy_xmu / count))
+        else:
+            gi = dy * _per_channel(a)
+        grad_input = gi.to(grad_out.dtype).contiguous(memory_format=fmt)
+    grad_residual = dy.to(grad_out.dtype).contiguous(memory_format=fmt) if need_grad_residual else empty
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def bn_update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: float,
+    momentum: float | None,
+    momentum_tensor: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+) -> None:
+    """In place: running += w (batch - running) (torch.lerp), the batch variance unbiased by count / (count - 1);
+    w = momentum_tensor (one value) if given, else momentum, else 1 / num_batches_tracked (already counted: the
+    cumulative average of nn.BatchNorm2d's momentum=None). Math in fp64, stored in the running statistics' dtype."""
+    if momentum_tensor is not None:
+        w = momentum_tensor.double().reshape(())
+    elif momentum is not None:
+        w = momentum
+    else:
+        w = 1.0 / num_batches_tracked.double().reshape(())
+    for running, batch in ((running_mean, mean.double()), (running_var, var.double() * (count / (count - 1)))):
+        r = running.double()
+        running.copy_(r + w * (batch - r))
 
 
 def bn_act(

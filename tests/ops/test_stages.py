@@ -12,6 +12,7 @@ import torchvision
 from torch.profiler import profile
 
 import resnet_fused
+from resnet_fused import reference
 from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params
 
 OPS = torch.ops.resnet_fused
@@ -136,6 +137,78 @@ def test_bn_act_backward_matches_autograd(fmt, training, relu, dtype, device):
     none = OPS.bn_act_backward(grad, x, mean, var, w, output, 1e-5, training, False, False, False)
     assert none[0].numel() == 0 and none[3].numel() == 0
     assert (none[1].numel() == 0) == (not training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("weight", [True, False])
+def test_bn_act_backward_reference_is_autograd(training, relu, weight):
+    """reference.bn_act_backward, the spec of the op, against autograd through F.batch_norm (+ ReLU) in float64 (N = 1,
+    odd sizes); every subset of the outputs asked for gives the same values, the others empty."""
+    shape = (1, 5, 3, 7)
+    x = activation(shape, torch.float64, NCHW)
+    w, b, rm, rv = (t.double() for t in _bn_args(shape[1], requires_grad=False))
+    grad = torch.randn(shape, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = F.batch_norm(leaves[0], None if training else rm, None if training else rv, leaves[1] if weight else None, leaves[2],
+                     training, 0.0, 1e-5)
+    out = torch.relu(y) if relu else y
+    want = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    mean, var = (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)) if training else (rm, rv)
+    output = out.detach() if relu else None
+    for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        got = reference.bn_act_backward(grad, x, mean, var, w if weight else None, output, 1e-5, training, *needs)
+        assert (got[0].numel() > 0) == needs[0] and (got[3].numel() > 0) == needs[2]
+        assert (got[1].numel() > 0) == (training or needs[1])
+        if needs[0]:
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+        if training or needs[1]:
+            if weight:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[2], want[2], rtol=1e-10, atol=1e-12)
+        if needs[2]:
+            torch.testing.assert_close(got[3], grad * (output > 0) if relu else grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not resnet_fused.backends.available()["cuda"], reason="needs a CUDA GPU and the extension built with CUDA"))])
+def test_stage_kernels_match_reference(fmt, dtype, device):
+    """bn_act_batch, bn_act_running and bn_act_backward (the C++ kernels, no autograd) against their references in
+    float64 (reference.py), eager's error in `dtype` setting the bound; the backward with the same grad_output."""
+    shape = (2, 6, 5, 3)
+    x = activation(shape, dtype, fmt, device)
+    r = activation(shape, dtype, fmt, device)
+    w, b, rm, rv = (t.to(device) for t in _bn_args(shape[1], requires_grad=False))
+    grad = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    x64, r64, g64 = x.double(), r.double(), grad.double()
+
+    out, mean, var = OPS.bn_act_batch(x, w, b, r, 1e-5, "silu", 0.0)
+    exact, exact_mean, exact_var = reference.bn_act_batch(x64, w, b, r64, 1e-5, "silu", 0.0)
+    eager = F.silu(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5) + r)
+    assert out.is_contiguous(memory_format=fmt) and mean.dtype == var.dtype == torch.float32
+    assert_within_eager_error(out, eager, exact, "bn_act_batch out")
+    torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, exact_var.float(), rtol=1e-5, atol=1e-6)
+
+    out = OPS.bn_act_running(x, rm, rv, w, b, None, 1e-5, "relu", 0.0)
+    exact = reference.bn_act_running(x64, rm, rv, w, b, None, 1e-5, "relu", 0.0)
+    assert_within_eager_error(out, torch.relu(F.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5)), exact, "bn_act_running out")
+
+    for training in (True, False):
+        m, v = (exact_mean.float(), exact_var.float()) if training else (rm, rv)
+        z = F.batch_norm(x, None if training else rm, None if training else rv, w, b, training, 0.0, 1e-5) + r
+        output = torch.relu(z)
+        got = OPS.bn_act_backward(grad, x, m, v, w, output, 1e-5, training, True, True, True)
+        exact = reference.bn_act_backward(g64, x64, m, v, w, output, 1e-5, training, True, True, True)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        eager_out = torch.relu(F.batch_norm(leaves[0], None if training else rm, None if training else rv, leaves[1], leaves[2],
+                                            training, 0.0, 1e-5) + r)
+        eager = torch.autograd.grad(eager_out, leaves, grad)
+        for name, g, e, ex in zip(("input", "weight", "bias"), got, eager, exact):
+            assert_within_eager_error(g.to(e.dtype), e, ex, f"bn_act_backward grad {name} (training={training})", factor=3.0)
+        torch.testing.assert_close(got[3], exact[3].to(dtype), rtol=0, atol=0)
 
 
 def test_stage_ops_opcheck():
@@ -336,8 +409,8 @@ def test_bn_update_running_is_torch_lerp(dtype):
                       ((None, None, torch.tensor(4)), 0.25), ((0.3, torch.tensor(0.5), None), 0.5)):
         base = torch.randn(2 * C, dtype=dtype)
         rm, rv = base[::2], torch.rand(C, dtype=dtype) + 0.5  # running_mean strided: updated through a dense copy
-        want_m = (rm.double() + w * (mean.double() - rm.double())).to(dtype)
-        want_v = (rv.double() + w * (var.double() * count / (count - 1) - rv.double())).to(dtype)
+        want_m, want_v = rm.clone(), rv.clone()
+        reference.bn_update_running(want_m, want_v, mean, var, count, *w_args)
         OPS.bn_update_running(rm, rv, mean, var, count, *w_args)
         torch.testing.assert_close(rm, want_m)
         torch.testing.assert_close(rv, want_v)
