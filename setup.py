@@ -66,6 +66,30 @@ def _wheel_cuda_includes() -> list[str]:
     return sorted({d for root in roots for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d)})
 
 
+def _cudnn_frontend_include() -> str | None:
+    """cudnn-frontend's header folder (the `gpu` extra: PyPI nvidia-cudnn-frontend, whose wheel carries the C++
+    headers), or CUDNN_FRONTEND_INCLUDE; None without it (the cuDNN-graph kernels are then not built)."""
+    import importlib.metadata
+
+    path = os.environ.get("CUDNN_FRONTEND_INCLUDE")
+    if path:
+        return path if os.path.exists(os.path.join(path, "cudnn_frontend.h")) else None
+    try:
+        files = importlib.metadata.files("nvidia-cudnn-frontend") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    header = next((f for f in files if f.name == "cudnn_frontend.h" and f.parent.name == "include"), None)
+    return str(header.locate().parent) if header is not None else None
+
+
+def _cudnn_wheel() -> str | None:
+    """The nvidia-cudnn wheel's folder (include/cudnn.h, lib/libcudnn.so.9: the cuDNN torch loads), for the graph
+    kernels' compile and link."""
+    found = [os.path.dirname(inc) for inc in _wheel_cuda_includes()
+             if os.path.exists(os.path.join(inc, "cudnn.h")) and os.path.exists(os.path.join(inc, "..", "lib", "libcudnn.so.9"))]
+    return found[0] if found else None
+
+
 # Hidden visibility: the three modules compile the same inline functions (csrc/checks.h, the kernel
 # wrappers of torch/library.h) for different targets (nvcc's host pass, generic, AVX2); each keeps its own,
 # and exports nothing but PyInit_*, so that no module can bind to another's copy however it is loaded.
@@ -91,12 +115,29 @@ if with_cuda:
     # into the build log (tests/test_build.py checks the built kernels for spills with cuobjdump)
     nvcc_flags = ["-O3", "-lineinfo", "-Xptxas=-v", f"-Xcompiler={','.join(VISIBILITY_FLAGS)}"] + [
         f"-Xcompiler=-idirafter,{d}" for d in _wheel_cuda_includes()]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cu"))]
+    include_dirs, link_args, cxx_flags = [os.path.abspath("csrc")], [], list(CXX_FLAGS)
+    # the cuDNN graphs (csrc/cudnn/): where cudnn-frontend's headers and the cuDNN wheel's library are found
+    frontend, cudnn_wheel = _cudnn_frontend_include(), _cudnn_wheel()
+    if frontend and cudnn_wheel:
+        cudnn_lib = os.path.join(cudnn_wheel, "lib")
+        sources += [*sorted(glob.glob("csrc/cudnn/*.cpp")), *sorted(glob.glob("csrc/cudnn/*.cu"))]
+        include_dirs += [frontend, os.path.join(cudnn_wheel, "include")]
+        # ATen's CUDA headers the graph kernels include want cusparse.h and friends: the wheels' headers, after the toolkit's
+        cxx_flags += ["-DRF_WITH_CUDNN_FRONTEND", *(f"-idirafter{d}" for d in _wheel_cuda_includes())]
+        nvcc_flags.append("-DRF_WITH_CUDNN_FRONTEND")
+        link_args += [f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{cudnn_lib}"]
+        print(f"setup.py: cuDNN graphs built (cudnn-frontend headers {frontend}, libcudnn {cudnn_lib})")
+    else:
+        print("setup.py: cuDNN graphs not built (no cudnn-frontend headers: pip install nvidia-cudnn-frontend, "
+              "or set CUDNN_FRONTEND_INCLUDE)" if not frontend else "setup.py: cuDNN graphs not built (no libcudnn.so.9 found)")
     ext_modules.append(
         cpp_extension.CUDAExtension(
             name="resnet_fused._C",
-            sources=[*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cpp")), *sorted(glob.glob("csrc/cuda/*.cu"))],
-            include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
+            sources=sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_args,
         )
     )
 else:

@@ -20,9 +20,10 @@
 #   bench-overhead  host time per block call at tiny sizes, aten ops and launches per step, bf16, eager and fused
 #                   (torch.compile left out: minutes of compiling for a host-path number)
 #   bench           the four parts above, then the targets table (benchmarks/targets.py)
-#   cudnn-graphs    which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats) build at the
-#                   ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time beside
-#                   today's path (benchmarks/cudnn_graphs_probe.py); installs cudnn-frontend from wheels/
+#   cudnn-graphs    build, then which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats) build
+#                   at the ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time
+#                   beside today's path (benchmarks/cudnn_graphs_probe.py), then tests/gpu/test_cudnn_graphs.py (the
+#                   graph kernels of csrc/cudnn/). Every build installs cudnn-frontend from wheels/
 #                   (benchmarks/fetch_gpu_wheels.sh, carried with the tree) when it is missing
 #   quick           build, test, then a --quick benchmark;  all: build test sanitize bench
 #   verify          (no GPU needed) checks that OUTDIR fits what a remote machine sends back
@@ -80,8 +81,22 @@ summary="$out/summary.txt" log="$out/gpu_check.log"
 note() { echo "$*" | tee -a "$summary"; }
 section() { note "== $* $(date -u +%FT%TZ)"; echo "==== $* $(date -u +%FT%TZ)" >>"$log"; }
 
+# cudnn-frontend (the `gpu` extra: the C++ headers csrc/cudnn/ compiles with, and the probe's Python module), from
+# wheels/ (benchmarks/fetch_gpu_wheels.sh, carried with the tree) when it is missing: before the build, which then
+# compiles the cuDNN graphs in
+install_frontend() {
+    $PY -c 'import importlib.metadata as m; m.version("nvidia-cudnn-frontend")' >/dev/null 2>&1 && return 0
+    if compgen -G "wheels/nvidia_cudnn_frontend-*.whl" >/dev/null; then
+        $PY -m pip install --no-deps wheels/nvidia_cudnn_frontend-*.whl >>"$log" 2>&1
+        note "cudnn-frontend installed from wheels/: rc=$?"
+    else
+        note "cudnn-frontend missing and no wheels/ (run benchmarks/fetch_gpu_wheels.sh where there is an index): no cuDNN graphs"
+    fi
+}
+
 run_build() {
     section build
+    install_frontend
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$summary"
     $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' | tee -a "$summary"
     nvcc --version | tail -1 | tee -a "$summary"
@@ -92,7 +107,7 @@ run_build() {
     TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$log" 2>&1
     local rc=$?
     note "build (arch $arch): rc=$rc in $((SECONDS - t0)) s"
-    $PY -c 'from resnet_fused import backends; print("backends:", backends.available(), "extension has CUDA:", backends.extension_has_cuda())' 2>&1 | tee -a "$summary"
+    $PY -c 'from resnet_fused import backends; from resnet_fused.ops import cudnn; print("backends:", backends.available(), "extension has CUDA:", backends.extension_has_cuda(), "cuDNN graphs:", cudnn.graphs_built())' 2>&1 | tee -a "$summary"
     return $rc
 }
 
@@ -178,18 +193,13 @@ run_check() {  # build, then the check part in what is left of CHECK_BUDGET
 run_cudnn_graphs() {  # [seconds]
     local limit=${1:-${BENCH_TIMEOUT:-540}} t0=$SECONDS rc
     section cudnn-graphs
-    if ! $PY -c 'import cudnn' >/dev/null 2>&1; then
-        if compgen -G "wheels/nvidia_cudnn_frontend-*.whl" >/dev/null; then
-            $PY -m pip install --no-deps wheels/nvidia_cudnn_frontend-*.whl >>"$log" 2>&1
-            note "cudnn-frontend installed from wheels/: rc=$?"
-        else
-            note "cudnn-frontend missing and no wheels/ (run benchmarks/fetch_gpu_wheels.sh where there is an index)"
-        fi
-    fi
+    install_frontend
     timeout -k 10 "$limit" $PY benchmarks/cudnn_graphs_probe.py --time --deadline $(( limit > 120 ? limit - 60 : limit / 2 )) \
         2>&1 | tee -a "$log" | tee -a "$summary" >/dev/null
     rc=${PIPESTATUS[0]}
-    note "cudnn-graphs: rc=$rc in $((SECONDS - t0)) s"
+    note "cudnn-graphs probe: rc=$rc in $((SECONDS - t0)) s"
+    # the graph kernels themselves (csrc/cudnn/): numerics against float64, the route, fallbacks, capture
+    TEST_TIMEOUT=${GRAPH_TEST_TIMEOUT:-180} PYTEST_WORKERS=1 run_tests tests/gpu/test_cudnn_graphs.py || rc=1
     return $rc
 }
 

@@ -5,7 +5,7 @@
 K: `python -m resnet_fused.bench --suite ops --suite convs --dtype bf16 --batch 256 ...`;
 M: `--suite models --dtype bf16 --batch 1 --batch 256 --compile default --compile max-autotune`;
 G: the models suite at batch 1 again with `--cuda-graphs` (every provider replayed as a CUDA graph).
-"fused" is the best of the fused providers (fused-cuda, fused-triton, tuned), named in each line.
+"fused" is the best of the fused providers (fused-cuda, fused-cuda-cudnn-graphs, fused-triton, tuned), named in each line.
 Prints one line per target: measured, required, met or MISSED. Every number is read from the files.
 """
 
@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterable
 
-FUSED = ("fused-cuda", "fused-triton", "tuned")
+FUSED = ("fused-cuda", "fused-cuda-cudnn-graphs", "fused-triton", "tuned")
 
 
 def _rows(path: str | None) -> list[dict]:

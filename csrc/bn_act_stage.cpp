@@ -201,7 +201,8 @@ Tensor bn_act_stage_op(const Tensor& input, const OptTensor& weight, const OptTe
 Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                     const OptTensor& running_var, const OptTensor& residual, bool training, std::optional<double> momentum,
                     const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha,
-                    const OptTensor& num_batches_tracked, const char* op, const char* of) {
+                    const OptTensor& num_batches_tracked, const char* op, const char* of, const OptTensor& batch_mean,
+                    const OptTensor& batch_var) {
   check_activation(input, op, "input");
   check_bn_vector(weight, input, op, "weight", of);
   check_bn_vector(bias, input, op, "bias", of);
@@ -224,7 +225,7 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
   }
   RF_CHECK(input.sym_numel() != input.sym_size(1) || input.sym_numel() == 0, op,
            "expected more than 1 value per channel when training, got input size ", input.sym_sizes());
-  auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, std::nullopt, std::nullopt);
+  auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var);
   update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor, num_batches_tracked);
   return out;
 }

@@ -132,6 +132,19 @@ inline void check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& 
   check_bn_vector(weight, input, op, "weight", "input");
 }
 
+inline void check_conv_genstats(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "conv_genstats";
+  RF_CHECK(input.dim() == 4 && input.is_floating_point(), op, "expected `input` to be a 4-D (N, C, H, W) floating-point tensor, got ",
+           input.scalar_type(), " of shape ", input.sizes());
+  RF_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1), op, "expected `weight` of shape (Cout, ", input.size(1),
+           ", KH, KW) for `input` of shape ", input.sizes(), " (groups 1), got ", weight.sizes());
+  RF_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(), op, "`weight` is ",
+           weight.scalar_type(), " on ", weight.device(), " but `input` is ", input.scalar_type(), " on ", input.device());
+  RF_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+           "expected two values each of stride, padding and dilation, got ", stride, ", ", padding, ", ", dilation);
+}
+
 // A per-channel statistic or parameter read by the coefficient ops: a 1-D float32 / float64 / float16 /
 // bfloat16 vector with as many elements as `ref` (the op's first vector) and on its device.
 inline void check_coeff_vector(const at::Tensor& v, const at::Tensor& ref, const char* op, const char* name,

@@ -1,10 +1,13 @@
 // conv_bn_act_stage: act(batch_norm(conv2d(input)) (+ residual)) as one op call on the cpu and cuda backends:
-// aten's convolution (cuDNN / oneDNN, with its own autograd), then bn_act_stage (bn_act_stage.cpp). The Python
+// aten's convolution (cuDNN / oneDNN, with its own autograd), then bn_act_stage (bn_act_stage.cpp); in training on
+// CUDA with the cuDNN graphs on, conv_genstats (the conv with the statistics in its epilogue) instead. The Python
 // twin, with the Triton and deferred-BN routes, is resnet_fused/ops/conv_bn_act.py.
 #include <torch/library.h>
 
 #include "bn_act_stage.h"
 #include "checks.h"
+#include "conv_genstats.h"
+#include "kernel_ops.h"
 
 namespace resnet_fused {
 namespace {
@@ -28,6 +31,13 @@ at::Tensor conv_bn_act_stage(const at::Tensor& input, const at::Tensor& conv_wei
   if (conv_bias.has_value()) {
     RF_CHECK(conv_bias->dim() == 1 && conv_bias->sym_numel() == conv_weight.sym_size(0), op, "expected `conv_bias` of shape (",
              conv_weight.sym_size(0), "), one per output channel of `conv_weight` ", conv_weight.sym_sizes(), ", got ", conv_bias->sym_sizes());
+  }
+  if (conv_genstats_route(input, conv_weight, conv_bias.has_value(), groups, training)) {
+    // the statistics from the conv's epilogue (a cuDNN graph): bn_act_batch takes no statistics pass over y
+    static const auto conv_genstats = kernel_ops::handle<ConvGenstatsOp>("resnet_fused::conv_genstats");
+    const auto [y, mean, var] = conv_genstats.call(input, conv_weight, stride, padding, dilation);
+    return bn_act_stage(y, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps,
+                        act, alpha, num_batches_tracked, op, "conv2d(input)", mean, var);
   }
   const auto y = at::conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups);
   return bn_act_stage(y, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps, act,

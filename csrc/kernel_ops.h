@@ -32,6 +32,11 @@ inline Tensor add_relu_forward(const Tensor& input, const Tensor& residual) {
   return op.call(input, residual);
 }
 
+inline Pair bn_stats(const Tensor& input) {
+  RF_KERNEL_OP("bn_stats", Pair(const Tensor&));
+  return op.call(input);
+}
+
 inline Pair bn_scale_shift(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias, double eps) {
   RF_KERNEL_OP("bn_scale_shift", Pair(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double));
   return op.call(mean, var, weight, bias, eps);

@@ -4,6 +4,7 @@
 // resnet_fused/reference.py.
 #include <torch/library.h>
 
+#include "conv_genstats.h"
 #include "cpu_arena.h"
 #include "python_module.h"
 
@@ -15,7 +16,34 @@ PyObject* arena_exit(PyObject*, PyObject*) { resnet_fused::cpu_arena_exit(); Py_
 PyObject* arena_cached_bytes(PyObject*, PyObject*) { return PyLong_FromSize_t(resnet_fused::cpu_arena_cached_bytes()); }
 PyObject* arena_empty_cache(PyObject*, PyObject*) { resnet_fused::cpu_arena_empty_cache(); Py_RETURN_NONE; }
 
+PyObject* graphs_set_enabled(PyObject*, PyObject* on) {
+  const int enabled = PyObject_IsTrue(on);
+  if (enabled < 0) return nullptr;
+  resnet_fused::cudnn_graphs_set_enabled(enabled != 0);
+  Py_RETURN_NONE;
+}
+PyObject* graphs_enabled(PyObject*, PyObject*) { return PyBool_FromLong(resnet_fused::cudnn_graphs_enabled()); }
+PyObject* graphs_built(PyObject*, PyObject*) { return PyBool_FromLong(resnet_fused::cudnn_graphs_built()); }
+PyObject* graph_report(PyObject*, PyObject*) {
+  const auto report = resnet_fused::cudnn_graph_report();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(report.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < report.size(); ++i) {
+    PyObject* item = Py_BuildValue("(ss)", report[i].first.c_str(), report[i].second.c_str());
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
 PyMethodDef methods[] = {
+    {"cudnn_graphs_set_enabled", graphs_set_enabled, METH_O, "Turn conv_bn_act_stage's cuDNN-graph statistics on or off."},
+    {"cudnn_graphs_enabled", graphs_enabled, METH_NOARGS, "Whether the cuDNN-graph path is on."},
+    {"cudnn_graphs_built", graphs_built, METH_NOARGS, "Whether this build has the cuDNN graphs (cudnn-frontend found)."},
+    {"cudnn_graph_report", graph_report, METH_NOARGS, "[(signature, '' or cuDNN's reason)] of the graphs tried."},
     {"cpu_arena_install", arena_install, METH_NOARGS, "Install the CPU arena as the CPU allocator (once); True if it is."},
     {"cpu_arena_enter", arena_enter, METH_NOARGS, "Allocations on this thread come from the arena until cpu_arena_exit."},
     {"cpu_arena_exit", arena_exit, METH_NOARGS, "Ends the innermost cpu_arena_enter."},
@@ -51,6 +79,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   // running += w (batch - running) per channel, var unbiased by count / (count - 1), in place; w = momentum_tensor[0],
   // else momentum, else 1 / num_batches_tracked (counted already): the training stages' running-statistics update
   m.def("bn_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float count, float? momentum, Tensor? momentum_tensor, Tensor? num_batches_tracked) -> ()");
+
+  // (y, mean, biased var): y = conv2d(input, weight, None, stride, padding, dilation, groups=1) and its per-channel batch
+  // statistics, fp32 (fp64 for fp64 y). CUDA: one cuDNN graph where cuDNN has an engine for the signature (conv with
+  // genstats, sum and sum of squares of y, in its epilogue; csrc/cudnn/), else aten's conv, then bn_stats. Autograd:
+  // the gradients of y (the statistics have none: the BN reading them differentiates through them)
+  m.def("conv_genstats(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor y, Tensor mean, Tensor var)");
 
   // ---- stages: one op call per fused stage on the cpu and cuda backends, autograd in C++ (bn_act_stage.cpp,
   // conv_bn_act_stage.cpp); Python twins for the torch and Triton backends in resnet_fused/ops/bn_act.py ----

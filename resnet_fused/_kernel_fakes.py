@@ -76,7 +76,14 @@ def bn_update_running(running_mean, running_var, mean, var, count, momentum, mom
     return None  # in place
 
 
-STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running, bn_act_backward, bn_update_running)}
+def conv_genstats(input, weight, stride, padding, dilation):
+    # aten's convolution layout rule; the cuDNN graph runs where input and weight are channels_last, and writes y
+    # channels_last, as aten's conv does there
+    y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation)
+    return y, per_channel_empty(y), per_channel_empty(y)
+
+
+STAGE_FAKES = {f.__name__: f for f in (bn_act_batch, bn_act_running, bn_act_backward, bn_update_running, conv_genstats)}
 
 
 def register() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "bn_update_running",
     "bn_act",
     "conv2d_stats",
+    "conv_genstats",
     "conv_bn_act",
     "cudnn_conv_add_relu",
 ]
@@ -354,6 +355,13 @@ def conv2d_stats(
         a = bn_act_apply(input, scale.to(input_mean.dtype), shift.to(input_mean.dtype), None, "relu", 0.0)
     y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
     return (y, *bn_stats(y))
+
+
+def conv_genstats(input: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                  dilation: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, biased var of y per channel), y = conv2d(input, weight) with groups 1: what resnet_fused::conv_genstats
+    computes (on CUDA in one cuDNN graph, the statistics from the conv's epilogue)."""
+    return conv2d_stats(input, weight, stride, padding, dilation, 1)
 
 
 def conv_bn_act(

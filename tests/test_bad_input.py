@@ -84,6 +84,11 @@ CPP_BAD_CALLS = [
      r"bn_backward_coeffs: expected `weight` to be a 1-D per-channel vector, got shape \[4, 1\]"),
     ("OPS.bn_backward_coeffs(torch.zeros(4, dtype=torch.int64), torch.zeros(4), torch.ones(4), None, 1e-5, 8.0, True)",
      r"bn_backward_coeffs: expected `sum_dy` to be float32, float64, float16 or bfloat16, got Long"),
+    ("OPS.conv_genstats(_x(), torch.randn(5, 3, 3, 3), [1, 1], [1, 1], [1, 1])",
+     r"conv_genstats: expected `weight` of shape \(Cout, 4, KH, KW\) for `input` of shape \[2, 4, 3, 3\] \(groups 1\), "
+     r"got \[5, 3, 3, 3\]"),
+    ("OPS.conv_genstats(_x(), torch.randn(5, 4, 3, 3, dtype=torch.float64), [1, 1], [1, 1], [1, 1])",
+     r"conv_genstats: `weight` is Double on cpu but `input` is Float on cpu"),
 ]
 
 

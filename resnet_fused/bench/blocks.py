@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 import resnet_fused
+from resnet_fused.ops import cudnn
 from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 # (name, block class name, inplanes, planes, H): the identity blocks of each stage
@@ -17,17 +18,33 @@ RESNET50_STAGES = [("resnet50.layer1", "Bottleneck", 256, 64, 56), ("resnet50.la
                    ("resnet50.layer3", "Bottleneck", 1024, 256, 14), ("resnet50.layer4", "Bottleneck", 2048, 512, 7)]
 
 
+# the cuda backend with the cuDNN graphs on (conv + genstats: csrc/cudnn/), where this build has them
+CUDA_GRAPHS = "fused-cuda-cudnn-graphs"
+
+
 def providers(device: torch.device, compile_modes: list[str]) -> list[str]:
     avail = resnet_fused.backends.available()
     fused = [f"fused-{b}" for b in (["cpu"] if device.type == "cpu" else ["cuda", "triton"]) if avail[b]]
+    if "fused-cuda" in fused and cudnn.graphs_built():
+        fused.insert(1, CUDA_GRAPHS)
     return ["eager", *[f"compile-{m}" for m in compile_modes], *fused, *(["tuned"] if fused else [])]
+
+
+def scoped(provider: str, fn):
+    """fn as `provider` runs it: with the cuDNN graphs on for CUDA_GRAPHS, off for every other provider."""
+    def call():
+        with cudnn.graphs(provider == CUDA_GRAPHS):
+            return fn()
+    return call if cudnn.graphs_built() else fn
 
 
 def prepare(module: torch.nn.Module, provider: str, device, dtype) -> torch.nn.Module:
     """The eager module moved to device / dtype / channels_last, then as `provider` runs it: as it is
     ("eager"), fused in place ("fused-<backend>", or "tuned": backend "tune"), or compiled ("compile-<mode>")."""
     module = module.to(device, dtype, memory_format=torch.channels_last)
-    if provider.startswith("fused-"):
+    if provider == CUDA_GRAPHS:
+        resnet_fused.fuse_(module, backend="cuda")
+    elif provider.startswith("fused-"):
         resnet_fused.fuse_(module, backend=provider.removeprefix("fused-"))
     elif provider == "tuned":
         resnet_fused.fuse_(module, backend="tune")
@@ -76,7 +93,7 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                     tuning_s = c.each(lambda p: first_call_s(make(blocks_[p]), device), among=["tuned"])
                     if device.type == "cuda":
                         copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
-                        fns = c.each(lambda p: [make(blocks_[p]) for _ in range(copies)])
+                        fns = c.each(lambda p: [scoped(p, make(blocks_[p])) for _ in range(copies)])
                         timings = c.each(lambda p: time_cuda(fns[p]))
                         mem = c.each(lambda p: peak_memory(fns[p][0], device))
                     else:

@@ -10,7 +10,9 @@ path, so that case runs the conv and the epilogue pass."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -102,3 +104,59 @@ def _cudnn_conv_add_relu_fake(input, weight, bias, residual, stride, padding, di
 
 
 lower_precision_fp("cudnn_conv_add_relu", cast=(0, 1, 2, 3), device_types=("cuda",))
+
+
+# ---- training: the statistics of a conv's output from cuDNN's genstats epilogue (csrc/cudnn/) ----
+#
+# conv_bn_act_stage in training on CUDA takes y's batch statistics from resnet_fused::conv_genstats, a cuDNN graph (conv
+# with genstats), where csrc/conv_genstats.h's conv_genstats_route says so (fp16 / bf16, channels_last, groups 1, no conv
+# bias, channels multiples of 8) and cuDNN builds the graph; bn_act_batch then takes no statistics pass over y. Off by
+# default until a GPU run has checked it (RESNET_FUSED_CUDNN_GRAPHS=1, or set_graphs(True)).
+
+
+def _extension():
+    from resnet_fused import _C
+
+    return _C
+
+
+def graphs_built() -> bool:
+    """Whether resnet_fused._C has the cuDNN graphs (built with CUDA and cudnn-frontend's headers: the `gpu` extra
+    installed before the build)."""
+    return backends.has_extension() and _extension().cudnn_graphs_built()
+
+
+def graphs_enabled() -> bool:
+    return graphs_built() and _extension().cudnn_graphs_enabled()
+
+
+def set_graphs(enabled: bool) -> None:
+    """Turn the cuDNN-graph statistics of training conv -> BN stages on or off, process-wide, from the next call."""
+    if enabled and not graphs_built():
+        why = backends.extension_error() or ("built without CUDA" if not backends.extension_has_cuda() else
+                                             "built without cudnn-frontend's headers (pip install nvidia-cudnn-frontend, "
+                                             "then rebuild)")
+        raise RuntimeError(f"resnet_fused: the cuDNN graphs are not in this build of resnet_fused._C: {why}")
+    if backends.has_extension():
+        _extension().cudnn_graphs_set_enabled(bool(enabled))
+
+
+@contextlib.contextmanager
+def graphs(enabled: bool = True):
+    """set_graphs(enabled) inside the block, the setting before it restored after (benchmarks: one provider's calls)."""
+    was = graphs_enabled()
+    set_graphs(enabled)
+    try:
+        yield
+    finally:
+        set_graphs(was)
+
+
+def graph_report() -> list[tuple[str, str]]:
+    """The graphs conv_genstats has tried in this process, first seen first: (signature, "" where cuDNN built it, else
+    cuDNN's reason; that signature runs aten's conv, then bn_stats)."""
+    return list(_extension().cudnn_graph_report()) if backends.has_extension() else []
+
+
+if os.environ.get("RESNET_FUSED_CUDNN_GRAPHS", "0") == "1" and graphs_built():
+    set_graphs(True)

@@ -211,6 +211,109 @@ def test_stage_kernels_match_reference(fmt, dtype, device):
         torch.testing.assert_close(got[3], exact[3].to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_genstats_matches_reference(fmt, dtype):
+    """conv_genstats (on the CPU the composite: aten's conv, then bn_stats) against reference.conv_genstats in float64,
+    N = 1, 7x7, stride 2, odd channels: y and the gradients of y under the eager-error rule, the statistics against
+    float64 statistics of the y it returned; the statistics take no gradient."""
+    x = activation((1, 5, 7, 7), dtype, fmt).requires_grad_()
+    w = (torch.randn(6, 5, 3, 3) * 0.3).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    conv = ([2, 2], [1, 1], [1, 1])
+    y, mean, var = OPS.conv_genstats(x, w, *conv)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
+    exact = reference.conv_genstats(*leaves64, *conv)
+    eager = F.conv2d(x, w, None, 2, 1)
+    assert y.dtype == dtype and mean.dtype == var.dtype == torch.float32 and not mean.requires_grad
+    assert_within_eager_error(y, eager, exact[0], "y")
+    y64 = y.detach().double()
+    torch.testing.assert_close(mean, y64.mean((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, y64.var((0, 2, 3), unbiased=False).float(), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(y.shape, dtype=dtype)
+    got = torch.autograd.grad(y, (x, w), grad)
+    eager_grads = torch.autograd.grad(eager, (x, w), grad)
+    exact_grads = torch.autograd.grad(exact[0], leaves64, grad.double())
+    for name, g, e, ex in zip(("input", "weight"), got, eager_grads, exact_grads):
+        assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
+
+
+def test_conv_genstats_then_bn_act_batch_is_conv_bn_act():
+    """The cuDNN route's composition (conv_bn_act_stage in training on CUDA with the graphs on): conv_genstats, then
+    bn_act_batch normalizing by the statistics it was handed. Output and every gradient against conv2d -> batch_norm ->
+    + residual -> ReLU in float64 (eager in fp32 setting the error allowed): bn_act_batch's backward differentiates
+    through the statistics conv_genstats returned without a gradient."""
+    x = activation((2, 5, 7, 7), torch.float32, CL).requires_grad_()
+    cw = torch.randn(6, 5, 3, 3, requires_grad=True)
+    w, b, _, _ = _bn_args(6)
+    r = activation((2, 6, 4, 4), torch.float32, CL).requires_grad_()
+    grad = torch.randn(2, 6, 4, 4)
+
+    def fused(x, cw, w, b, r):
+        y, mean, var = OPS.conv_genstats(x, cw, [2, 2], [1, 1], [1, 1])
+        return OPS.bn_act_batch(y, w, b, r, 1e-5, "relu", 0.0, mean, var)[0]
+
+    def eager(x, cw, w, b, r):
+        return torch.relu(F.batch_norm(F.conv2d(x, cw, None, 2, 1), None, None, w, b, True, 0.0, 1e-5) + r)
+
+    leaves = (x, cw, w, b, r)
+    out = fused(*leaves)
+    got = torch.autograd.grad(out, leaves, grad)
+    ref_out = eager(*leaves)
+    ref = torch.autograd.grad(ref_out, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exact_out = eager(*leaves64)
+    exact = torch.autograd.grad(exact_out, leaves64, grad.double())
+    assert_within_eager_error(out, ref_out, exact_out, "out")
+    for name, g, e, ex in zip(("input", "conv_weight", "bn_weight", "bn_bias", "residual"), got, ref, exact):
+        assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
+
+
+def test_conv_genstats_opcheck_gradcheck_and_errors():
+    x = activation((2, 4, 5, 5), torch.float32, CL).requires_grad_()
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1]))
+    torch.library.opcheck(OPS.conv_genstats, (x.detach().contiguous(), w.detach(), [2, 1], [0, 1], [1, 2]))
+    x64 = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: OPS.conv_genstats(a, b, [2, 1], [1, 0], [1, 1])[0], (x64, w64))
+    with pytest.raises(RuntimeError, match=r"conv_genstats: expected `weight` of shape \(Cout, 4, KH, KW\) for `input` of "
+                                           r"shape \[2, 4, 5, 5\] \(groups 1\), got \[8, 2, 3, 3\]"):
+        OPS.conv_genstats(x, torch.randn(8, 2, 3, 3), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="conv_genstats: `weight` is BFloat16 on cpu but `input` is Float on cpu"):
+        OPS.conv_genstats(x, w.detach().bfloat16(), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"conv_genstats: expected `input` to be a 4-D \(N, C, H, W\) floating-point tensor, "
+                                           r"got Float of shape \[4, 5, 5\]"):
+        OPS.conv_genstats(x[0], w, [1, 1], [1, 1], [1, 1])
+
+
+def test_cudnn_graphs_switch():
+    """resnet_fused.ops.cudnn's switch of the graph route: refused, saying why, in a build without the graphs (CI's:
+    no cudnn-frontend headers); in a build with them, turned on and off, and a CPU training stage still runs aten's
+    convolution (the route is CUDA's) with no conv_genstats dispatched."""
+    from resnet_fused.ops import cudnn
+
+    if not cudnn.graphs_built():
+        with pytest.raises(RuntimeError, match="the cuDNN graphs are not in this build of resnet_fused._C"):
+            cudnn.set_graphs(True)
+        assert not cudnn.graphs_enabled() and cudnn.graph_report() == []
+        return
+    was = cudnn.graphs_enabled()
+    try:
+        cudnn.set_graphs(True)
+        assert cudnn.graphs_enabled()
+        x = activation((2, 8, 6, 6), torch.float32, CL).requires_grad_()
+        w, b, rm, rv = _bn_args(8)
+        with profile() as prof:
+            OPS.conv_bn_act_stage(x, torch.randn(8, 8, 3, 3), None, w, b, rm, rv, None, [1, 1], [1, 1], [1, 1], 1, True, 0.1,
+                                  None, 1e-5, "relu", 0.0).sum().backward()
+        names = {e.name for e in prof.events()}
+        assert "resnet_fused::conv_genstats" not in names and "aten::convolution" in names
+        cudnn.set_graphs(False)
+        assert not cudnn.graphs_enabled()
+    finally:
+        cudnn.set_graphs(was)
+
+
 def test_stage_ops_opcheck():
     x = activation((2, 5, 4, 3), torch.float32, CL)
     for training in (True, False):

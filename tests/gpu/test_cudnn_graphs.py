@@ -1,0 +1,166 @@
+"""The cuDNN graphs of the cuda backend's training path (csrc/cudnn/: conv with genstats in its epilogue), on a GPU
+with a build that has them (skipped, visibly, elsewhere): resnet_fused::conv_genstats against float64 at ResNet
+shapes, that the graph (not the fallback) ran, the fallbacks (bf16 where cuDNN has no engine, odd channels, NCHW),
+conv_bn_act_stage's route in a fused block's training step against eager and float64, and CUDA-graph capture."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.profiler import profile
+
+import resnet_fused
+from helpers import CL, NCHW, activation, assert_within_eager_error
+from resnet_fused import reference
+from resnet_fused.ops import cudnn
+
+OPS = torch.ops.resnet_fused
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cudnn.graphs_built(), reason="resnet_fused._C built without the cuDNN graphs (no cudnn-frontend)"),
+]
+# (N, Cin, H, Cout, kernel, stride, padding): ResNet-18 / 50 convs at batch 32 (the 1x1 and 3x3 of layer1, a strided
+# 3x3 and a strided 1x1 projection of layer2)
+CONVS = [(32, 64, 56, 64, 3, 1, 1), (32, 256, 56, 64, 1, 1, 0), (32, 128, 56, 128, 3, 2, 1), (32, 256, 56, 512, 1, 2, 0)]
+
+
+@pytest.fixture
+def graphs_on():
+    with cudnn.graphs(True):
+        yield
+
+
+def _report_of(before: int) -> list[tuple[str, str]]:
+    return cudnn.graph_report()[before:]
+
+
+def _stats_close(mean, var, y, what):
+    # the statistics of the y the op returned, against float64 ones of it: genstats sums y and y^2 in fp32 and the
+    # finalize takes var = E[y^2] - mean^2, whose rounding scales with E[y^2] = var + mean^2
+    y64 = y.double()
+    m64, v64 = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
+    scale = v64 + m64.square()
+    assert ((mean.double() - m64).abs() <= 1e-4 * scale.sqrt() + 1e-6).all(), f"{what}: mean"
+    assert ((var.double() - v64).abs() <= 1e-4 * scale + 1e-6).all(), f"{what}: var"
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c[1]}to{c[3]}k{c[4]}s{c[5]}")
+def test_conv_genstats_graph_matches_float64(conv, graphs_on):
+    """fp16, channels_last: y and the gradients of y under the eager-error rule (2-norm over each tensor), the
+    statistics against float64 statistics of the returned y, and the graph was built (cuDNN gave no reason) for a
+    signature the H200 probe found supported."""
+    n, cin, hw, cout, k, s, p = conv
+    x = activation((n, cin, hw, hw), torch.float16, CL, "cuda").requires_grad_()
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).half().contiguous(memory_format=CL)
+    w.requires_grad_()
+    before = len(cudnn.graph_report())
+    y, mean, var = OPS.conv_genstats(x, w, [s, s], [p, p], [1, 1])
+    new = _report_of(before)
+    assert len(new) == 1 and new[0][1] == "", f"expected the cuDNN graph to be built, got {new}"
+    assert y.is_contiguous(memory_format=CL) and y.dtype == torch.float16
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
+    exact = reference.conv_genstats(*leaves64, [s, s], [p, p], [1, 1])
+    eager = F.conv2d(x, w, None, s, p)
+    assert_within_eager_error(y, eager, exact[0], f"y {conv}", norm="fro")
+    _stats_close(mean, var, y, f"{conv}")
+    grad = torch.randn_like(eager)
+    got = torch.autograd.grad(y, (x, w), grad)
+    ref = torch.autograd.grad(eager, (x, w), grad)
+    ex = torch.autograd.grad(exact[0], leaves64, grad.double())
+    for name, g, e, x64 in zip(("input", "weight"), got, ref, ex):
+        assert_within_eager_error(g, e, x64, f"grad {name} {conv}", norm="fro", factor=3.0)
+    y2, _, _ = OPS.conv_genstats(x, w, [s, s], [p, p], [1, 1])  # the cached graph: nothing new in the report
+    assert len(_report_of(before)) == 1 and torch.equal(y2, y)
+
+
+def test_conv_genstats_fallbacks(graphs_on):
+    """Where no graph runs, the composite (aten's conv, then bn_stats) gives the same function: bf16 (cuDNN 9.19 on the
+    H200 built none: the reason is reported once, and a second call reuses the decision), channels not a multiple
+    of 8 and NCHW (not tried at all: nothing reported)."""
+    x = activation((8, 64, 14, 14), torch.bfloat16, CL, "cuda")
+    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).bfloat16().contiguous(memory_format=CL)
+    before = len(cudnn.graph_report())
+    for _ in range(2):
+        y, mean, var = OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1])
+        assert_within_eager_error(y, F.conv2d(x, w, None, 1, 1), F.conv2d(x.double(), w.double(), None, 1, 1), "bf16 y",
+                                  norm="fro")
+        _stats_close(mean, var, y, "bf16")
+    assert len(_report_of(before)) == 1  # built or declined once, either way
+    for x, w in ((activation((4, 12, 9, 9), torch.float16, CL, "cuda"),
+                  torch.randn(12, 12, 3, 3, device="cuda").half().contiguous(memory_format=CL)),
+                 (activation((4, 16, 9, 9), torch.float16, NCHW, "cuda"), torch.randn(16, 16, 3, 3, device="cuda").half())):
+        before = len(cudnn.graph_report())
+        y, mean, var = OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1])
+        assert _report_of(before) == []
+        assert_within_eager_error(y, F.conv2d(x, w, None, 1, 1), F.conv2d(x.double(), w.double(), None, 1, 1), "fallback y",
+                                  norm="fro")
+        _stats_close(mean, var, y, "fallback")
+
+
+def test_conv_genstats_opcheck(graphs_on):
+    x = activation((2, 16, 8, 8), torch.float16, CL, "cuda").requires_grad_()
+    w = torch.randn(16, 16, 3, 3, device="cuda").half().contiguous(memory_format=CL).requires_grad_()
+    torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1]))
+
+
+def _block_step(block, x, grad):
+    out = block(x)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], grad)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_fused_block_training_with_graphs(kind):
+    """A torchvision block fused on the cuda backend, fp16 channels_last, one training step with the graphs on: every
+    conv -> BN stage took its statistics from conv_genstats (no aten conv forward; each signature's graph built), and the output, every gradient
+    and the running statistics agree with eager fp16 against a float64 twin (2-norm per tensor, 2x eager's error)."""
+    torch.manual_seed(0)
+    inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
+    eager = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().train()
+    exact = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().double().train()
+    exact.load_state_dict(eager.state_dict())
+    eager = eager.half().to(memory_format=CL)
+    fused = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().half().to(memory_format=CL).train()
+    fused.load_state_dict(eager.state_dict())
+    resnet_fused.fuse_(fused, backend="cuda")
+    x = activation((16, inplanes, 28, 28), torch.float16, CL, "cuda").requires_grad_()
+    grad = torch.randn(16, planes * (4 if kind == "Bottleneck" else 1), 28, 28, device="cuda").half()
+    before = len(cudnn.graph_report())
+    with cudnn.graphs(True), profile() as prof:
+        got = _block_step(fused, x, grad)
+    names = {e.name for e in prof.events()}
+    assert "resnet_fused::conv_genstats" in names and "aten::conv2d" not in names  # every stage took the route
+    new = _report_of(before)  # its distinct conv signatures (BasicBlock: conv1 = conv2), each built as a graph
+    assert len(new) == (1 if kind == "BasicBlock" else 3) and all(reason == "" for _, reason in new), new
+    ref = _block_step(eager, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    ex = _block_step(exact, x64, grad.double())
+    for i, (g, e, x_) in enumerate(zip(got, ref, ex)):
+        assert_within_eager_error(g, e, x_, f"{kind} [{i}]", norm="fro")
+    for name, buf in fused.named_buffers():
+        if buf.is_floating_point():
+            assert_within_eager_error(buf, dict(eager.named_buffers())[name], dict(exact.named_buffers())[name], name)
+
+
+def test_graphs_under_cuda_graph_capture():
+    """A fused BasicBlock's training forward and backward, graphs on, captured into a CUDA graph after warm-up (the
+    cuDNN graphs are built on the warm-up calls) and replayed: the replay gives the eager-mode call's output."""
+    block = torchvision.models.resnet.BasicBlock(64, 64).cuda().half().to(memory_format=CL).train()
+    resnet_fused.fuse_(block, backend="cuda")
+    x = activation((8, 64, 14, 14), torch.float16, CL, "cuda").requires_grad_()
+    grad = torch.randn(8, 64, 14, 14, device="cuda").half()
+    with cudnn.graphs(True):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                want = block(x)
+                want.backward(grad)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = block(x)
+            out.backward(grad)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
