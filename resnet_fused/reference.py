@@ -271,9 +271,7 @@ def bn_act_backward(
     xmu = input.double() - _per_channel(mean.double())
     invstd = torch.rsqrt(var.double() + eps)
     a = invstd if weight is None else invstd * weight.double()  # w invstd
-    empty = grad_out.new_empty(0)
-    grad_weight = grad_bias = empty
-    sum_dy = sum_dy_xmu = None
+    grad_weight = grad_bias = empty = grad_out.new_empty(0)
     if training or need_grad_params:
         sum_dy, sum_dy_xmu = dy.sum(_CHANNEL), (dy * xmu).sum(_CHANNEL)
         grad_weight, grad_bias = (v.to(stat_dtype(input)) for v in (sum_dy_xmu * invstd, sum_dy))
@@ -303,12 +301,8 @@ def bn_update_running(
     """In place: running += w (batch - running) (torch.lerp), the batch variance unbiased by count / (count - 1);
     w = momentum_tensor (one value) if given, else momentum, else 1 / num_batches_tracked (already counted: the
     cumulative average of nn.BatchNorm2d's momentum=None). Math in fp64, stored in the running statistics' dtype."""
-    if momentum_tensor is not None:
-        w = momentum_tensor.double().reshape(())
-    elif momentum is not None:
-        w = momentum
-    else:
-        w = 1.0 / num_batches_tracked.double().reshape(())
+    w = (momentum_tensor.double().reshape(()) if momentum_tensor is not None else momentum if momentum is not None
+         else 1.0 / num_batches_tracked.double().reshape(()))
     for running, batch in ((running_mean, mean.double()), (running_var, var.double() * (count / (count - 1)))):
         r = running.double()
         running.copy_(r + w * (batch - r))
