@@ -1,7 +1,12 @@
 // The stage kernels of csrc/ops.cpp that are several kernels in a row (bn_act_batch's and bn_act_running's forward,
 // bn_act_backward), written once over a backend's kernel functions K and registered per backend
 // (cpu/bn_act_stage.cpp, cuda/bn_act_stage.cpp): one dispatch per call, the kernels called directly after it.
-// K: a struct of the backend's kernels, each with its kernel op's signature (csrc/ops.cpp). The same math in Python,
+// K: a struct of the backend's kernels, each with its kernel op's signature (csrc/ops.cpp), and two pairs of them as one
+// call, where a backend saves launches by fusing them (CUDA: the coefficients in the reduction's finalize launch):
+//   bn_stats_scale_shift(input, weight, bias, eps) -> (mean, var, scale, shift)        = bn_stats, then bn_scale_shift
+//   bn_act_backward_reduce_coeffs(grad_out, input, mean, output, var, weight, eps, count, training)
+//     -> (sum_dy, sum_dy_xmu, a, b, c, grad_weight)              = bn_act_backward_reduce, then bn_backward_coeffs
+// The same math in Python,
 // for the torch and Triton backends: resnet_fused/ops/_bn_math.py.
 #pragma once
 #include <ATen/ATen.h>
@@ -25,14 +30,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_batch(const Tensor& input, const OptTe
                                                 const OptTensor& residual, double eps, std::string_view act, double alpha,
                                                 const OptTensor& batch_mean, const OptTensor& batch_var) {
   RF_CHECK(batch_mean.has_value() == batch_var.has_value(), "bn_act_batch", "give both batch_mean and batch_var, or neither");
-  Tensor mean, var;
+  Tensor mean, var, scale, shift;
   if (batch_mean.has_value()) {
     mean = batch_mean->clone();  // an op's outputs may not alias its inputs
     var = batch_var->clone();
+    std::tie(scale, shift) = K::bn_scale_shift(mean, var, weight, bias, eps);
   } else {
-    std::tie(mean, var) = K::bn_stats(input);
+    std::tie(mean, var, scale, shift) = K::bn_stats_scale_shift(input, weight, bias, eps);
   }
-  const auto [scale, shift] = K::bn_scale_shift(mean, var, weight, bias, eps);
   return {K::bn_act_apply(input, scale, shift, residual, act, alpha), mean, var};
 }
 
@@ -61,8 +66,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& grad_ou
     const int64_t C = input.size(1);
     const double count = C > 0 ? static_cast<double>(input.numel() / C) : 0.0;  // M = N H W
     Tensor sum_dy_xmu;
-    std::tie(grad_bias, sum_dy_xmu) = K::bn_act_backward_reduce(dy, input, mean_f, output);
-    std::tie(a, b, c, grad_weight) = K::bn_backward_coeffs(grad_bias, sum_dy_xmu, var, weight, eps, count, training);
+    std::tie(grad_bias, sum_dy_xmu, a, b, c, grad_weight) =
+        K::bn_act_backward_reduce_coeffs(dy, input, mean_f, output, var, weight, eps, count, training);
   } else if (need_grad_input) {
     a = std::get<0>(K::bn_scale_shift(mean, var, weight, std::nullopt, eps));
   }

@@ -6,13 +6,29 @@
 namespace resnet_fused::cpu {
 namespace {
 
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// the pairs bn_act_compose.h may take as one call, as two (no launch to save on the CPU)
 struct Kernels {
-  static constexpr auto bn_stats = &cpu::bn_stats;
   static constexpr auto bn_scale_shift = &cpu::bn_scale_shift;
   static constexpr auto bn_act_apply = &cpu::bn_act_apply;
-  static constexpr auto bn_act_backward_reduce = &cpu::bn_act_backward_reduce;
-  static constexpr auto bn_backward_coeffs = &cpu::bn_backward_coeffs;
   static constexpr auto bn_act_backward_elemt = &cpu::bn_act_backward_elemt;
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_scale_shift(const Tensor& input, const OptTensor& weight,
+                                                                         const OptTensor& bias, double eps) {
+    auto [mean, var] = cpu::bn_stats(input);
+    auto [scale, shift] = cpu::bn_scale_shift(mean, var, weight, bias, eps);
+    return {mean, var, scale, shift};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward_reduce_coeffs(
+      const Tensor& grad_out, const Tensor& input, const Tensor& mean, const OptTensor& output, const Tensor& var,
+      const OptTensor& weight, double eps, double count, bool training) {
+    auto [sum_dy, sum_dy_xmu] = cpu::bn_act_backward_reduce(grad_out, input, mean, output);
+    auto [a, b, c, grad_weight] = cpu::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training);
+    return {sum_dy, sum_dy_xmu, a, b, c, grad_weight};
+  }
 };
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "../activation.h"
+#include "../bn_coeffs.h"
 #include "../checks.h"
 #include "common.cuh"
 #include "kernels.h"
@@ -273,16 +274,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A reducer's last step per channel, after its results are written (channel_finalize_kernel's thread 0): nothing, or a
+// per-channel functor of bn_coeffs.h reading those results back (bn_stats_scale_shift, bn_act_backward_reduce_coeffs:
+// the coefficients in the finalize's launch instead of one of their own).
+struct NoEpilogue {
+  __device__ void operator()(int64_t) const {}
+};
+
 // Per-channel mean and biased variance of x. State (mean, M2, count), count shared by the V lanes.
 // Welford per element, Chan's merge (welford_merge) across lanes, threads and blocks. A thread's
 // count is exact in fp32 up to 2^24 elements per lane, far beyond any per-thread share.
-template <typename T>
+template <typename T, class E = NoEpilogue>
 struct StatsReducer {
   static constexpr int K = 3;
   struct Param {};
   const T* x;
   float* mean;
   float* var;
+  E epilogue;
 
   __device__ Param param(int64_t) const { return {}; }
 
@@ -310,12 +319,13 @@ struct StatsReducer {
   __device__ void write(int64_t c, const float (&a)[K]) const {
     mean[c] = a[0];
     var[c] = a[2] > 0.f ? a[1] / a[2] : 0.f;  // biased: M2 / count
+    epilogue(c);
   }
 };
 
 // (sum dy, sum dy * (x - mean[c])), dy = grad_out (0 where output <= 0). State: the two fp32 sums of the
 // lane; each thread sums its own share, threads and blocks are merged by trees.
-template <typename T>
+template <typename T, class E = NoEpilogue>
 struct BackwardReducer {
   static constexpr int K = 2;
   struct Param {
@@ -327,6 +337,7 @@ struct BackwardReducer {
   const float* mean;
   float* sum_dy;
   float* sum_dy_xmu;
+  E epilogue;
 
   __device__ Param param(int64_t c) const { return {mean[c]}; }
 
@@ -356,6 +367,7 @@ struct BackwardReducer {
   __device__ void write(int64_t c, const float (&a)[K]) const {
     sum_dy[c] = a[0];
     sum_dy_xmu[c] = a[1];
+    epilogue(c);
   }
 };
 
@@ -448,8 +460,12 @@ void launch_channel_reduce(const R& r, const at::Tensor& x, bool cl, bool vec) {
 
 // ================================ ops ================================
 
-std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
-  check_bn_stats(input);
+namespace {
+
+// bn_stats over the checked input, the reducer's epilogue made by make_epilogue(mean, var) (NoEpilogue, or the
+// scale / shift functor reading them back); an empty input gives zero statistics and no launch
+template <class MakeEpilogue>
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, MakeEpilogue make_epilogue) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
@@ -459,15 +475,47 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
 
   at::Tensor mean = at::empty({C}, fopts);
   at::Tensor var = at::empty({C}, fopts);
+  const auto epilogue = make_epilogue(mean, var);
   const Shape s = shape_of(x);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats", [&] {
     constexpr int VW = vec_width<scalar_t>();
-    const StatsReducer<scalar_t> r{x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
-                                   var.mutable_data_ptr<float>()};
+    const StatsReducer<scalar_t, std::decay_t<decltype(epilogue)>> r{
+        x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), epilogue};
     launch_channel_reduce<VW>(r, x, cl, vectorizable(s, cl, VW, {r.x}));
   });
   return {mean, var};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
+  check_bn_stats(input);
+  return batch_stats(input, [](const at::Tensor&, const at::Tensor&) { return NoEpilogue{}; });
+}
+
+// bn_stats, then bn_scale_shift of those statistics in the statistics' finalize launch (one launch fewer than the two
+// ops; an empty input: the two ops)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_scale_shift_cuda(const at::Tensor& input,
+                                                                                     const std::optional<at::Tensor>& weight,
+                                                                                     const std::optional<at::Tensor>& bias,
+                                                                                     double eps) {
+  check_bn_stats(input);
+  if (input.numel() == 0) {
+    auto [mean, var] = bn_stats_cuda(input);
+    auto [scale, shift] = bn_scale_shift_cuda(mean, var, weight, bias, eps);
+    return {mean, var, scale, shift};
+  }
+  const int64_t C = input.size(1);
+  const auto fopts = input.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({C}, fopts), shift = at::empty({C}, fopts);
+  const at::Tensor w = coeffs::dense_vector(weight), b = coeffs::dense_vector(bias);
+  auto [mean, var] = batch_stats(input, [&](const at::Tensor& m, const at::Tensor& v) {
+    check_bn_scale_shift(m, v, weight, bias);
+    return coeffs::ScaleShift{coeffs::in(m), coeffs::in(v), coeffs::in(w, 1.0), coeffs::in(b), eps,
+                              scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()};
+  });
+  return {mean, var, scale, shift};
 }
 
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
@@ -530,10 +578,12 @@ at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input
   return grad_z;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                               const at::Tensor& mean,
-                                                               const std::optional<at::Tensor>& output) {
-  check_bn_act_backward_reduce(grad_out, input, mean, output);
+namespace {
+
+// bn_act_backward_reduce over checked inputs, the reducer's epilogue made by make_epilogue(sum_dy, sum_dy_xmu)
+template <class MakeEpilogue>
+std::tuple<at::Tensor, at::Tensor> backward_sums(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                                 const std::optional<at::Tensor>& output, MakeEpilogue make_epilogue) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor g = dense(grad_out, fmt);
@@ -546,16 +596,52 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor&
   const at::Tensor mean_c = mean.contiguous();
   at::Tensor sum_dy = at::empty({C}, fopts);
   at::Tensor sum_dy_xmu = at::empty({C}, fopts);
+  const auto epilogue = make_epilogue(sum_dy, sum_dy_xmu);
   const Shape s = shape_of(x);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_reduce", [&] {
     constexpr int VW = vec_width<scalar_t>();
-    const BackwardReducer<scalar_t> r{g.const_data_ptr<scalar_t>(),     x.const_data_ptr<scalar_t>(),
-                                      ptr_or_null<scalar_t>(o),         mean_c.const_data_ptr<float>(),
-                                      sum_dy.mutable_data_ptr<float>(), sum_dy_xmu.mutable_data_ptr<float>()};
+    const BackwardReducer<scalar_t, std::decay_t<decltype(epilogue)>> r{
+        g.const_data_ptr<scalar_t>(),     x.const_data_ptr<scalar_t>(),        ptr_or_null<scalar_t>(o),
+        mean_c.const_data_ptr<float>(),   sum_dy.mutable_data_ptr<float>(),    sum_dy_xmu.mutable_data_ptr<float>(),
+        epilogue};
     launch_channel_reduce<VW>(r, x, cl, vectorizable(s, cl, VW, {r.grad_out, r.x, r.output}));
   });
   return {sum_dy, sum_dy_xmu};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                               const at::Tensor& mean,
+                                                               const std::optional<at::Tensor>& output) {
+  check_bn_act_backward_reduce(grad_out, input, mean, output);
+  return backward_sums(grad_out, input, mean, output, [](const at::Tensor&, const at::Tensor&) { return NoEpilogue{}; });
+}
+
+// bn_act_backward_reduce, then bn_backward_coeffs of those sums in the reduction's finalize launch (one launch fewer
+// than the two ops; an empty input: the two ops)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_coeffs_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const std::optional<at::Tensor>& output,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight, double eps, double count, bool training) {
+  check_bn_act_backward_reduce(grad_out, input, mean, output);
+  if (input.numel() == 0) {
+    auto [sum_dy, sum_dy_xmu] = bn_act_backward_reduce_cuda(grad_out, input, mean, output);
+    auto [a, b, c, grad_weight] = bn_backward_coeffs_cuda(sum_dy, sum_dy_xmu, var, weight, eps, count, training);
+    return {sum_dy, sum_dy_xmu, a, b, c, grad_weight};
+  }
+  const int64_t C = input.size(1);
+  const auto fopts = input.options().dtype(at::kFloat);
+  at::Tensor a = at::empty({C}, fopts), b = at::empty({C}, fopts), c = at::empty({C}, fopts);
+  at::Tensor grad_weight = at::empty({C}, fopts);
+  const at::Tensor v = coeffs::dense_vector(var), w = coeffs::dense_vector(weight);
+  auto [sum_dy, sum_dy_xmu] = backward_sums(grad_out, input, mean, output, [&](const at::Tensor& sd, const at::Tensor& sx) {
+    check_bn_backward_coeffs(sd, sx, var, weight);
+    return coeffs::BackwardCoeffs{coeffs::in(sd), coeffs::in(sx), coeffs::in(v), coeffs::in(w, 1.0), eps, count, training,
+                                  a.mutable_data_ptr<float>(), b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(),
+                                  grad_weight.mutable_data_ptr<float>()};
+  });
+  return {sum_dy, sum_dy_xmu, a, b, c, grad_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& grad_out,

@@ -7,11 +7,10 @@ namespace resnet_fused::gpu {
 namespace {
 
 struct Kernels {
-  static constexpr auto bn_stats = &gpu::bn_stats_cuda;
+  static constexpr auto bn_stats_scale_shift = &gpu::bn_stats_scale_shift_cuda;
   static constexpr auto bn_scale_shift = &gpu::bn_scale_shift_cuda;
   static constexpr auto bn_act_apply = &gpu::bn_act_apply_cuda;
-  static constexpr auto bn_act_backward_reduce = &gpu::bn_act_backward_reduce_cuda;
-  static constexpr auto bn_backward_coeffs = &gpu::bn_backward_coeffs_cuda;
+  static constexpr auto bn_act_backward_reduce_coeffs = &gpu::bn_act_backward_reduce_coeffs_cuda;
   static constexpr auto bn_act_backward_elemt = &gpu::bn_act_backward_elemt_cuda;
 };
 

@@ -11,12 +11,20 @@ namespace resnet_fused::gpu {
 using OptTensor = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input);
+// (mean, var, scale, shift): bn_stats, then bn_scale_shift, in bn_stats's launches
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_scale_shift_cuda(const at::Tensor& input,
+                                                                                     const OptTensor& weight,
+                                                                                     const OptTensor& bias, double eps);
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& residual,
                              std::string_view act, double alpha);
 at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
                              const OptTensor& residual, std::string_view act, double alpha);
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                                                                const at::Tensor& mean, const OptTensor& output);
+// (sum_dy, sum_dy_xmu, a, b, c, grad_weight): bn_act_backward_reduce, then bn_backward_coeffs, in the reduction's launches
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_coeffs_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean, const OptTensor& output, const at::Tensor& var,
+    const OptTensor& weight, double eps, double count, bool training);
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& grad_out, const OptTensor& output,
                                                               const OptTensor& input, const OptTensor& mean,
                                                               const at::Tensor& dy_scale, const OptTensor& x_scale,
