@@ -61,6 +61,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_autograd(const Tensor& input, c
 std::tuple<Tensor, Tensor, Tensor> conv_genstats_composite(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                                                            at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_conv_genstats(input, weight, stride, padding, dilation);
+  return conv_genstats_passes(input, weight, stride, padding, dilation);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_genstats_passes(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation) {
   Tensor y = at::conv2d(input, weight, std::nullopt, stride, padding, dilation, 1);
   if (y.scalar_type() == at::kDouble) {  // gradcheck's dtype: no bn_stats kernel takes it
     auto [var, mean] = at::var_mean(y, at::IntArrayRef{0, 2, 3}, /*correction=*/0, /*keepdim=*/false);

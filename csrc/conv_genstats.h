@@ -20,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_genstats_composite(const at:
                                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                                        at::IntArrayRef dilation);
 
+// conv_genstats_composite without its argument checks, for a kernel that has made them (the cuDNN graph's fallback)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_genstats_passes(const at::Tensor& input, const at::Tensor& weight,
+                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                    at::IntArrayRef dilation);
+
 // Whether conv_bn_act_stage takes its statistics from conv_genstats: training on CUDA with the cuDNN graphs built
 // and turned on (cudnn_graphs_set_enabled), fp16 / bf16, input and weight channels_last, groups 1, no conv bias,
 // channel counts multiples of 8 (the fused engines' 16-byte channel vectors). cuDNN may still decline a signature:

@@ -72,8 +72,8 @@ std::string describe(const Tensor& x, const Tensor& w, at::IntArrayRef stride, a
 }
 
 // "" when built into g, else why not (cuDNN's message)
-std::string build(Graph& g, const Tensor& x, const Tensor& w, const Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation, cudnnHandle_t handle) {
+std::string build(Graph& g, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, cudnnHandle_t handle) {
   const auto io = x.scalar_type() == at::kHalf ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
   auto graph = std::make_shared<fe::graph::Graph>();
   graph->set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT).set_compute_data_type(fe::DataType_t::FLOAT);
@@ -81,9 +81,10 @@ std::string build(Graph& g, const Tensor& x, const Tensor& w, const Tensor& y, a
   auto W = graph->tensor(fe::graph::Tensor_attributes().set_name("w").set_uid(kW).set_dim(vec(w.sizes())).set_stride(vec(w.strides())));
   auto Y = graph->conv_fprop(X, W, fe::graph::Conv_fprop_attributes().set_name("conv").set_padding(vec(padding)).set_stride(vec(stride))
                                        .set_dilation(vec(dilation)));
-  Y->set_output(true).set_uid(kY).set_data_type(io).set_dim(vec(y.sizes())).set_stride(vec(y.strides()));
+  // y: (N, K, P, Q) stored channels_last, as conv_genstats_cuda allocates it
+  Y->set_output(true).set_uid(kY).set_data_type(io).set_dim(vec(y_shape)).set_stride(c10::get_channels_last_strides_2d(y_shape));
   auto [sum, sum_sq] = graph->genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
-  const int64_t C = y.size(1);
+  const int64_t C = y_shape[1];
   for (const auto& [t, uid] : {std::pair{sum, kSum}, std::pair{sum_sq, kSumSq}}) {  // (1, C, 1, 1): C dense floats
     t->set_output(true).set_uid(uid).set_data_type(fe::DataType_t::FLOAT).set_dim({1, C, 1, 1}).set_stride({C, 1, C, C});
   }
@@ -106,7 +107,7 @@ std::string build(Graph& g, const Tensor& x, const Tensor& w, const Tensor& y, a
 }
 
 // the cached graph of this signature (its `graph` null where cuDNN has none), built on first sight
-std::shared_ptr<const Graph> graph_for(const Tensor& x, const Tensor& w, const Tensor& y, at::IntArrayRef stride,
+std::shared_ptr<const Graph> graph_for(const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation, cudnnHandle_t handle) {
   Cache& c = cache();
   const Key key = signature(x, w, stride, padding, dilation);
@@ -115,7 +116,7 @@ std::shared_ptr<const Graph> graph_for(const Tensor& x, const Tensor& w, const T
   auto g = std::make_shared<Graph>();
   std::string reason;
   try {
-    reason = build(*g, x, w, y, stride, padding, dilation, handle);
+    reason = build(*g, x, w, y_shape, stride, padding, dilation, handle);
   } catch (const std::exception& e) {  // the frontend throws on some failures (e.g. a cuDNN too old for a node)
     reason = e.what();
   }
@@ -145,14 +146,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const
   const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);
   const bool nonempty = std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; });
   if (!cudnn_graphs_enabled() || !nonempty || !graph_applies(input, weight)) {  // (aten's conv says what is wrong with a shape)
-    return conv_genstats_composite(input, weight, stride, padding, dilation);
+    return conv_genstats_passes(input, weight, stride, padding, dilation);
   }
   const c10::cuda::CUDAGuard guard(input.device());
-  Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   cudnnHandle_t handle = at::native::getCudnnHandle();
+  const auto g = graph_for(input, weight, shape, stride, padding, dilation, handle);
+  if (!g->graph) return conv_genstats_passes(input, weight, stride, padding, dilation);
   AT_CUDNN_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()));
-  const auto g = graph_for(input, weight, y, stride, padding, dilation, handle);
-  if (!g->graph) return conv_genstats_composite(input, weight, stride, padding, dilation);
+  Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t C = y.size(1);
   Tensor sum = at::empty({C}, input.options().dtype(at::kFloat)), sum_sq = at::empty_like(sum);
   Tensor workspace = at::empty({g->workspace}, input.options().dtype(at::kByte));
