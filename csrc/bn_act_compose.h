@@ -1,21 +1,24 @@
 // The stage kernels of csrc/ops.cpp that are several kernels in a row (bn_act_batch's and bn_act_running's forward,
 // bn_act_backward), written once over a backend's kernel functions K and registered per backend
 // (cpu/bn_act_stage.cpp, cuda/bn_act_stage.cpp): one dispatch per call, the kernels called directly after it.
-// K: a struct of the backend's kernels, each with its kernel op's signature (csrc/ops.cpp), and two pairs of them as one
-// call, where a backend saves launches by fusing them (CUDA: the coefficients in the reduction's finalize launch):
-//   bn_stats_scale_shift(input, weight, bias, eps) -> (mean, var, scale, shift)        = bn_stats, then bn_scale_shift
+// K: a struct of the backend's kernels, each with its kernel op's signature (csrc/ops.cpp); update_running(running,
+// mean, var), bn_coeffs.h's Running update; and two sequences as one call, where a backend saves launches by fusing
+// them (CUDA: the coefficients and the running update in the reduction's finalize launch, the count in its first):
+//   bn_stats_scale_shift(input, weight, bias, eps, running) -> (mean, var, scale, shift)
+//     = bn_stats, then bn_scale_shift, then update_running(running, mean, var)
 //   bn_act_backward_reduce_coeffs(grad_out, input, mean, output, var, weight, eps, count, training)
 //     -> (sum_dy, sum_dy_xmu, a, b, c, grad_weight)              = bn_act_backward_reduce, then bn_backward_coeffs
-// The same math in Python,
-// for the torch and Triton backends: resnet_fused/ops/_bn_math.py.
+// The same math in Python, for the torch and Triton backends: resnet_fused/ops/_bn_math.py.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string_view>
 #include <tuple>
 
+#include "bn_coeffs.h"
 #include "checks.h"
 
 namespace resnet_fused::compose {
@@ -24,20 +27,32 @@ using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 // (act(batch_norm(input) + residual), batch mean, biased batch var): statistics (or the producer's batch_mean /
-// batch_var), then scale = weight invstd, shift = bias - mean scale, then one apply pass
+// batch_var), then scale = weight invstd, shift = bias - mean scale, then one apply pass; where given, the running
+// statistics' update (coeffs::Running) in the statistics' step (K::bn_stats_scale_shift) or after the coefficients
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> bn_act_batch(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                 const OptTensor& residual, double eps, std::string_view act, double alpha,
-                                                const OptTensor& batch_mean, const OptTensor& batch_var) {
+                                                const OptTensor& batch_mean, const OptTensor& batch_var,
+                                                const OptTensor& running_mean, const OptTensor& running_var,
+                                                std::optional<double> momentum, const OptTensor& momentum_tensor,
+                                                const OptTensor& num_batches_tracked) {
   RF_CHECK(batch_mean.has_value() == batch_var.has_value(), "bn_act_batch", "give both batch_mean and batch_var, or neither");
+  check_running(input, running_mean, running_var, momentum, momentum_tensor, num_batches_tracked, "bn_act_batch");
+  const int64_t C = input.dim() > 1 ? input.size(1) : 0;
+  const coeffs::Running running{running_mean, running_var, momentum, momentum_tensor, num_batches_tracked,
+                                C > 0 ? static_cast<double>(input.numel() / C) : 0.0};
   Tensor mean, var, scale, shift;
   if (batch_mean.has_value()) {
     mean = batch_mean->clone();  // an op's outputs may not alias its inputs
     var = batch_var->clone();
     std::tie(scale, shift) = K::bn_scale_shift(mean, var, weight, bias, eps);
+    K::update_running(running, mean, var);
   } else {
-    std::tie(mean, var, scale, shift) = K::bn_stats_scale_shift(input, weight, bias, eps);
+    std::tie(mean, var, scale, shift) = K::bn_stats_scale_shift(input, weight, bias, eps, running);
   }
+  // the counter moved in place below the ADInplaceOrView key: its version, which fold caches read, bumped here (the
+  // running statistics' are not, as aten's batch_norm leaves theirs)
+  if (num_batches_tracked.has_value()) torch::autograd::impl::bump_version(*num_batches_tracked);
   return {K::bn_act_apply(input, scale, shift, residual, act, alpha), mean, var};
 }
 

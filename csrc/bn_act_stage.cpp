@@ -25,11 +25,6 @@ Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() 
 // ReLU's backward reads its output (the mask); another activation's recomputes z = x * scale + shift (+ residual)
 bool reads_input(Act a) { return a != Act::None && a != Act::Relu; }
 
-// values per channel: N * H * W (symbolic under torch.compile's dynamic shapes: specialized here)
-double count_of(const Tensor& x) {
-  return x.sym_size(1) > 0 ? static_cast<double>((x.sym_numel() / x.sym_size(1)).guard_int(__FILE__, __LINE__)) : 0.0;
-}
-
 struct BnActGrads {
   Tensor input, weight, bias, residual;
 };
@@ -98,19 +93,24 @@ BnActGrads grads_from(AutogradContext* ctx, const Tensor& grad_out, bool trainin
 // ---- bn_act_batch: training, batch statistics ----
 
 using BnActBatchOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
-                                                        std::string_view, double, const OptTensor&, const OptTensor&);
+                                                        std::string_view, double, const OptTensor&, const OptTensor&,
+                                                        const OptTensor&, const OptTensor&, std::optional<double>,
+                                                        const OptTensor&, const OptTensor&);
 using BnActRunningOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                               double, std::string_view, double);
 
 struct BnActBatch : torch::autograd::Function<BnActBatch> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                const OptTensor& residual, double eps, const std::string& act, double alpha,
-                               const OptTensor& batch_mean, const OptTensor& batch_var) {
+                               const OptTensor& batch_mean, const OptTensor& batch_var, const OptTensor& running_mean,
+                               const OptTensor& running_var, std::optional<double> momentum, const OptTensor& momentum_tensor,
+                               const OptTensor& num_batches_tracked) {
     static const auto op = kernel_ops::handle<BnActBatchOp>("resnet_fused::bn_act_batch");
     Tensor out, mean, var;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, mean, var) = op.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var);
+      std::tie(out, mean, var) = op.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var, running_mean,
+                                         running_var, momentum, momentum_tensor, num_batches_tracked);
     }
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for mean and var
@@ -121,7 +121,7 @@ struct BnActBatch : torch::autograd::Function<BnActBatch> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(9);
+    variable_list none(14);
     if (!grads[0].defined()) return none;  // out took no gradient
     const auto given = ctx->saved_data["given"].toBoolList();
     const std::array<bool, 4> tensors{true, given[0], given[1], given[2]};  // input, weight, bias, residual
@@ -134,8 +134,12 @@ struct BnActBatch : torch::autograd::Function<BnActBatch> {
 std::tuple<Tensor, Tensor, Tensor> bn_act_batch_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                          const OptTensor& residual, double eps, std::string_view act,
                                                          double alpha, const OptTensor& batch_mean,
-                                                         const OptTensor& batch_var) {
-  auto r = BnActBatch::apply(input, weight, bias, residual, eps, std::string(act), alpha, batch_mean, batch_var);
+                                                         const OptTensor& batch_var, const OptTensor& running_mean,
+                                                         const OptTensor& running_var, std::optional<double> momentum,
+                                                         const OptTensor& momentum_tensor,
+                                                         const OptTensor& num_batches_tracked) {
+  auto r = BnActBatch::apply(input, weight, bias, residual, eps, std::string(act), alpha, batch_mean, batch_var, running_mean,
+                             running_var, momentum, momentum_tensor, num_batches_tracked);
   return {r[0], r[1], r[2]};
 }
 
@@ -174,20 +178,6 @@ Tensor bn_act_running_autograd(const Tensor& input, const Tensor& running_mean, 
   return BnActRunning::apply(input, running_mean, running_var, weight, bias, residual, eps, std::string(act), alpha)[0];
 }
 
-// running = (1 - momentum) running + momentum batch, with the unbiased variance of the `count` values per channel,
-// as F.batch_norm. num_batches_tracked (given in training with running statistics tracked, as nn.BatchNorm2d) counts
-// the batch; the momentum: momentum_tensor if given, else `momentum`, else (None, nn.BatchNorm2d's cumulative
-// average) 1 / num_batches_tracked on the device (0 without a count, as nn.BatchNorm2d)
-void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean, const Tensor& var,
-                          double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
-                          const OptTensor& num_batches_tracked) {
-  at::NoGradGuard no_grad;
-  if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
-  if (!running_mean.has_value() || count == 0) return;
-  if (!momentum.has_value() && !momentum_tensor.has_value() && !num_batches_tracked.has_value()) momentum = 0.0;
-  kernel_ops::bn_update_running(*running_mean, *running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked);
-}
-
 Tensor bn_act_stage_op(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                        const OptTensor& running_var, const OptTensor& residual, bool training, std::optional<double> momentum,
                        const OptTensor& momentum_tensor, double eps, std::string_view act, double alpha,
@@ -216,6 +206,7 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
     RF_CHECK(num_batches_tracked->device() == input.device(), op, "`num_batches_tracked` is on ", num_batches_tracked->device(),
              " but `", of, "` is on ", input.device());
   }
+  RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
   parse_act(act, op);
   static const auto batch = kernel_ops::handle<BnActBatchOp>("resnet_fused::bn_act_batch");
   static const auto running = kernel_ops::handle<BnActRunningOp>("resnet_fused::bn_act_running");
@@ -225,9 +216,9 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
   }
   RF_CHECK(input.sym_numel() != input.sym_size(1) || input.sym_numel() == 0, op,
            "expected more than 1 value per channel when training, got input size ", input.sym_sizes());
-  auto [out, mean, var] = batch.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var);
-  update_running_stats(running_mean, running_var, mean, var, count_of(input), momentum, momentum_tensor, num_batches_tracked);
-  return out;
+  // the running statistics move inside the op (in the statistics' launches on CUDA)
+  return std::get<0>(batch.call(input, weight, bias, residual, eps, act, alpha, batch_mean, batch_var, running_mean, running_var,
+                                momentum, momentum_tensor, num_batches_tracked));
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {

@@ -113,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& mean, const 
                                                   const std::optional<at::Tensor>& weight,
                                                   const std::optional<at::Tensor>& bias, double eps, Run run) {
   const at::Tensor m = dense_vector(mean), v = dense_vector(var), w = dense_vector(weight), b = dense_vector(bias);
-  at::Tensor scale = at::empty({m.numel()}, m.options().dtype(at::kFloat));
-  at::Tensor shift = at::empty_like(scale);
+  const auto fopts = m.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({m.numel()}, fopts), shift = at::empty({m.numel()}, fopts);
   run(ScaleShift{in(m), in(v), in(w, 1.0), in(b), eps, scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()},
       m.numel());
   return {scale, shift};
@@ -125,12 +125,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     double eps, double count, bool training, Run run) {
   const at::Tensor s = dense_vector(sum_dy), sx = dense_vector(sum_dy_xmu), v = dense_vector(var), w = dense_vector(weight);
-  at::Tensor a = at::empty({s.numel()}, s.options().dtype(at::kFloat));
-  at::Tensor b = at::empty_like(a), c = at::empty_like(a), grad_weight = at::empty_like(a);
+  const int64_t C = s.numel();
+  const auto fopts = s.options().dtype(at::kFloat);
+  at::Tensor a = at::empty({C}, fopts), b = at::empty({C}, fopts), c = at::empty({C}, fopts), grad_weight = at::empty({C}, fopts);
   run(BackwardCoeffs{in(s), in(sx), in(v), in(w, 1.0), eps, count, training, a.mutable_data_ptr<float>(),
                      b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>()},
       s.numel());
   return {a, b, c, grad_weight};
+}
+
+// the update functor over dense running statistics rm, rv, batch statistics m, v, momentum_tensor w and int64
+// num_batches_tracked n (undefined: absent)
+inline RunningUpdate running_update(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& m, const at::Tensor& v,
+                                    const at::Tensor& w, const at::Tensor& n, std::optional<double> momentum, double count) {
+  return RunningUpdate{{rm.data_ptr(), rm.scalar_type()}, {rv.data_ptr(), rv.scalar_type()}, in(m), in(v), in(w),
+                       n.defined() ? n.const_data_ptr<int64_t>() : nullptr, momentum.value_or(-1.0), count / (count - 1)};
 }
 
 // running statistics updated in place (through a dense copy if one is strided); momentum < 0: none given
@@ -145,11 +154,48 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
   const at::Tensor n = !num_batches_tracked.has_value()                 ? at::Tensor()
                        : num_batches_tracked->scalar_type() == at::kLong ? num_batches_tracked->contiguous()
                                                                          : num_batches_tracked->to(at::kLong).contiguous();
-  run(RunningUpdate{{rm.data_ptr(), rm.scalar_type()}, {rv.data_ptr(), rv.scalar_type()}, in(m), in(v), in(w),
-                    n.defined() ? n.const_data_ptr<int64_t>() : nullptr, momentum.value_or(-1.0), count / (count - 1)},
-      rm.numel());
+  run(running_update(rm, rv, m, v, w, n, momentum, count), rm.numel());
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
+}
+
+// A training stage's running statistics as bn_act_batch takes them (its schema's optional arguments, csrc/ops.cpp) and
+// count = N H W: num_batches_tracked += 1 where given, then, where running_mean is and the batch is not empty,
+// bn_update_running's update (nn.BatchNorm2d's order: the batch is counted before the momentum 1 / count is read)
+struct Running {
+  std::optional<at::Tensor> mean, var;
+  std::optional<double> momentum;
+  std::optional<at::Tensor> momentum_tensor, num_batches_tracked;
+  double count = 0;
+
+  bool updates() const { return mean.has_value() && count > 0; }
+  // momentum None with neither momentum_tensor nor num_batches_tracked: 0 (the statistics stay), as bn_act_stage's spec
+  std::optional<double> momentum_used() const {
+    return momentum.has_value() || momentum_tensor.has_value() || num_batches_tracked.has_value() ? momentum : 0.0;
+  }
+  // whether a kernel can take the update in place: running statistics dense, num_batches_tracked int64
+  bool in_place() const {
+    return (!mean.has_value() || (mean->is_contiguous() && var->is_contiguous())) &&
+           (!num_batches_tracked.has_value() || num_batches_tracked->scalar_type() == at::kLong);
+  }
+};
+
+// num_batches_tracked += 1 (a CPU int64 counter written directly: no op dispatched)
+inline void count_batch(const at::Tensor& n) {
+  if (n.is_cpu() && n.scalar_type() == at::kLong) {
+    ++*n.mutable_data_ptr<int64_t>();
+  } else {
+    n.add_(1);
+  }
+}
+
+// Running's whole update as separate steps: count, then bn_update_running over `run` (the device's per-channel loop)
+template <class Run>
+void update_running(const Running& r, const at::Tensor& mean, const at::Tensor& var, Run run) {
+  if (r.num_batches_tracked.has_value()) count_batch(*r.num_batches_tracked);
+  if (r.updates()) {
+    bn_update_running(*r.mean, *r.var, mean, var, r.count, r.momentum_used(), r.momentum_tensor, r.num_batches_tracked, run);
+  }
 }
 
 }  // namespace resnet_fused::coeffs

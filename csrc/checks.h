@@ -64,6 +64,10 @@ inline at::Tensor dense(const std::optional<at::Tensor>& x, at::MemoryFormat fmt
   return x.has_value() ? dense(*x, fmt) : at::Tensor();
 }
 
+// Uninitialized, shaped and typed as x, laid out in fmt: one allocation op (at::empty_like dispatches empty_like, then
+// empty or empty_strided under it).
+inline at::Tensor empty_as(const at::Tensor& x, at::MemoryFormat fmt) { return at::empty(x.sizes(), x.options().memory_format(fmt)); }
+
 // ---- per-op checks, called by every backend before it touches memory ----
 
 inline void check_add_relu(const at::Tensor& input, const at::Tensor& residual) {
@@ -165,6 +169,28 @@ inline void check_bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, 
   check_coeff_vector(var, mean, op, "var", "mean");
   if (weight.has_value()) check_coeff_vector(*weight, mean, op, "weight", "mean");
   if (bias.has_value()) check_coeff_vector(*bias, mean, op, "bias", "mean");
+}
+
+// a training stage's optional running statistics (bn_act_batch, bn_act_stage): per-channel vectors of input given
+// together, a momentum >= 0, one-value momentum_tensor and 0-dim num_batches_tracked on input's device
+inline void check_running(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var, std::optional<double> momentum,
+                          const std::optional<at::Tensor>& momentum_tensor,
+                          const std::optional<at::Tensor>& num_batches_tracked, const char* op) {
+  check_bn_vector(running_mean, input, op, "running_mean", "input");
+  check_bn_vector(running_var, input, op, "running_var", "input");
+  RF_CHECK(running_mean.has_value() == running_var.has_value(), op, "give both running_mean and running_var, or neither");
+  RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
+  if (momentum_tensor.has_value()) {
+    RF_CHECK(momentum_tensor->sym_numel() == 1 && momentum_tensor->device() == input.device(), op,
+             "expected `momentum_tensor` to be one value on ", input.device(), ", got shape ", momentum_tensor->sym_sizes(),
+             " on ", momentum_tensor->device());
+  }
+  if (num_batches_tracked.has_value()) {
+    RF_CHECK(num_batches_tracked->dim() == 0 && num_batches_tracked->device() == input.device(), op,
+             "expected `num_batches_tracked` to be a 0-dim tensor on ", input.device(), ", got shape ",
+             num_batches_tracked->sym_sizes(), " on ", num_batches_tracked->device());
+  }
 }
 
 inline void check_bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,

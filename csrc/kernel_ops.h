@@ -67,14 +67,6 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(const Tensor& 
                  need_grad_residual);
 }
 
-inline void bn_update_running(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
-                              double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
-                              const OptTensor& num_batches_tracked) {
-  RF_KERNEL_OP("bn_update_running", void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                         std::optional<double>, const OptTensor&, const OptTensor&));
-  op.call(running_mean, running_var, mean, var, count, momentum, momentum_tensor, num_batches_tracked);
-}
-
 #undef RF_KERNEL_OP
 
 // an undefined tensor (a None argument, or one not saved) as the schema's `Tensor?`

@@ -89,8 +89,10 @@ TORCH_LIBRARY(resnet_fused, m) {
   // ---- stages: one op call per fused stage on the cpu and cuda backends, autograd in C++ (bn_act_stage.cpp,
   // conv_bn_act_stage.cpp); Python twins for the torch and Triton backends in resnet_fused/ops/bn_act.py ----
   // (act(batch_norm(input) + residual), batch mean, biased batch var): training, autograd; batch_mean / batch_var:
-  // statistics a producer already took
-  m.def("bn_act_batch(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha, Tensor? batch_mean=None, Tensor? batch_var=None) -> (Tensor out, Tensor mean, Tensor var)");
+  // statistics a producer already took; num_batches_tracked += 1 where given, then running_mean / running_var (given
+  // together) updated as bn_update_running with count N H W (momentum None without momentum_tensor or
+  // num_batches_tracked: no change) where given and the batch is not empty
+  m.def("bn_act_batch(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha, Tensor? batch_mean=None, Tensor? batch_var=None, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float? momentum=None, Tensor? momentum_tensor=None, Tensor(c!)? num_batches_tracked=None) -> (Tensor out, Tensor mean, Tensor var)");
   // act(batch_norm(input) with running statistics + residual): eval, autograd
   m.def("bn_act_running(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str act, float alpha) -> Tensor");
   // the normalization's backward in one call (bn_act_batch's and bn_act_running's backward, after act_backward for an

@@ -54,7 +54,8 @@ FAKES = {f.__name__: f for f in (add_relu_forward, bn_stats, bn_act_apply, act_b
 
 # the stages' own ops: autograd ops, their backward and the running-statistics update (csrc/bn_act_stage.cpp; bn_act_stage
 # and conv_bn_act_stage are composites of these and aten)
-def bn_act_batch(input, weight, bias, residual, eps, act, alpha, batch_mean=None, batch_var=None):
+def bn_act_batch(input, weight, bias, residual, eps, act, alpha, batch_mean=None, batch_var=None, running_mean=None,
+                 running_var=None, momentum=None, momentum_tensor=None, num_batches_tracked=None):  # (the update in place)
     return torch.empty_like(input, memory_format=memory_format(input)), per_channel_empty(input), per_channel_empty(input)
 
 

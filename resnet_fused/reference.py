@@ -213,21 +213,25 @@ def bn_backward_coeffs(
 
 
 def bn_act_batch(
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    eps: float,
-    act: str,
-    alpha: float,
-    batch_mean: torch.Tensor | None = None,
-    batch_var: torch.Tensor | None = None,
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    eps: float, act: str, alpha: float, batch_mean: torch.Tensor | None = None, batch_var: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None, momentum: float | None = None,
+    momentum_tensor: torch.Tensor | None = None, num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(act(batch_norm(input) + residual), mean, biased var): training with the batch's statistics, or with
-    batch_mean / batch_var when a producer took them (the statistics returned are then copies of those)."""
+    batch_mean / batch_var when a producer took them (the statistics returned are then copies of those). In place:
+    num_batches_tracked += 1, then bn_update_running (count N H W) where running_mean is given and the batch is not
+    empty; momentum None with neither momentum_tensor nor num_batches_tracked leaves the statistics as they are."""
     if batch_mean is None:
         batch_mean, batch_var = bn_stats(input)
     scale, shift = bn_scale_shift(batch_mean, batch_var, weight, bias, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    count = input.numel() // max(input.shape[1], 1)
+    moves = any(v is not None for v in (momentum, momentum_tensor, num_batches_tracked))
+    if running_mean is not None and count > 0 and moves:
+        bn_update_running(running_mean, running_var, batch_mean, batch_var, count, momentum, momentum_tensor,
+                          num_batches_tracked)
     return bn_act_apply(input, scale, shift, residual, act, alpha), batch_mean.clone(), batch_var.clone()
 
 

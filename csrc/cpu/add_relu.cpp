@@ -10,7 +10,7 @@ at::Tensor add_relu_forward(const at::Tensor& input, const at::Tensor& residual)
   check_add_relu(input, residual);
   const auto fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt), r = dense(residual, fmt);
-  at::Tensor out = at::empty_like(x, fmt);
+  at::Tensor out = empty_as(x, fmt);
   if (x.numel() == 0) return out;
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_relu_cpu", [&] {
     channel_map(Runs(x, fmt), std::array<const scalar_t*, 2>{x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>()},

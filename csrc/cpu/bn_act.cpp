@@ -92,7 +92,7 @@ at::Tensor bn_act_apply(const at::Tensor& input, const at::Tensor& scale, const 
   const auto fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt), r = dense(residual, fmt);
   const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
-  at::Tensor out = at::empty_like(x, fmt);
+  at::Tensor out = empty_as(x, fmt);
   if (x.numel() == 0) return out;
   const Runs g(x, fmt);
   const std::array<const float*, 2> params{sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
@@ -123,7 +123,7 @@ at::Tensor act_backward(const at::Tensor& grad_out, const at::Tensor& input, con
   const auto fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt), r = dense(residual, fmt), dout = dense(grad_out, fmt);
   const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
-  at::Tensor dz = at::empty_like(x, fmt);
+  at::Tensor dz = empty_as(x, fmt);
   if (x.numel() == 0) return dz;
   const Runs g(x, fmt);
   const std::array<const float*, 2> params{sc.const_data_ptr<float>(), sh.const_data_ptr<float>()};
@@ -218,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt(const at::Tensor& grad_
   const at::Tensor mu = x.defined() ? mean->contiguous() : at::Tensor();
   const at::Tensor b = x.defined() ? x_scale->contiguous() : at::Tensor();
   const at::Tensor c = x.defined() ? shift->contiguous() : at::Tensor();
-  at::Tensor grad_input = at::empty_like(dout, fmt);
-  at::Tensor grad_residual = need_grad_residual ? at::empty_like(dout, fmt) : at::empty({0}, grad_out.options());
+  at::Tensor grad_input = empty_as(dout, fmt);
+  at::Tensor grad_residual = need_grad_residual ? empty_as(dout, fmt) : at::empty({0}, grad_out.options());
   if (dout.numel() == 0) return {grad_input, grad_residual};
   const Runs g(dout, fmt);
   RF_DISPATCH_FLOATING_TYPES(dout.scalar_type(), "bn_act_backward_elemt_cpu", [&] {

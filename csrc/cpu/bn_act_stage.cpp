@@ -9,16 +9,24 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// the pairs bn_act_compose.h may take as one call, as two (no launch to save on the CPU)
+// the sequences bn_act_compose.h may take as one call, as their steps (no launch to save on the CPU)
 struct Kernels {
   static constexpr auto bn_scale_shift = &cpu::bn_scale_shift;
   static constexpr auto bn_act_apply = &cpu::bn_act_apply;
   static constexpr auto bn_act_backward_elemt = &cpu::bn_act_backward_elemt;
 
+  static void update_running(const coeffs::Running& running, const Tensor& mean, const Tensor& var) {
+    coeffs::update_running(running, mean, var, [](const coeffs::RunningUpdate& f, int64_t C) {
+      for (int64_t c = 0; c < C; ++c) f(c);
+    });
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_scale_shift(const Tensor& input, const OptTensor& weight,
-                                                                         const OptTensor& bias, double eps) {
+                                                                         const OptTensor& bias, double eps,
+                                                                         const coeffs::Running& running) {
     auto [mean, var] = cpu::bn_stats(input);
     auto [scale, shift] = cpu::bn_scale_shift(mean, var, weight, bias, eps);
+    update_running(running, mean, var);
     return {mean, var, scale, shift};
   }
 

@@ -39,7 +39,7 @@ at::Tensor add_relu_forward_cuda(const at::Tensor& input, const at::Tensor& resi
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
   const at::Tensor r = dense(residual, fmt);
-  at::Tensor out = at::empty_like(x, fmt);
+  at::Tensor out = empty_as(x, fmt);
   const int64_t n = x.numel();
   if (n == 0) return out;
 

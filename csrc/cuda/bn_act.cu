@@ -202,6 +202,7 @@ __global__ void __launch_bounds__(kThreads, 4) channel_reduce_kernel(R r, float*
   __shared__ float smem[reduce_smem_floats<(CL ? V : 1) * K>()];
   const int64_t bx = blockDim.x, by = blockDim.y, parts = gridDim.x;
   const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) r.begin();  // once per launch, before the finalize launch
   if constexpr (CL) {
     const int64_t n_cv = s.C / V, rows = s.N * s.HW;
     for (int64_t cv0 = blockIdx.y * bx; cv0 < n_cv; cv0 += gridDim.y * bx) {  // block-uniform
@@ -281,6 +282,19 @@ struct NoEpilogue {
   __device__ void operator()(int64_t) const {}
 };
 
+// The training forward's finalize step per channel: scale and shift, and where `update`, the running statistics' update
+// (num_batches_tracked counted by the reduction's launch: StatsReducer::begin)
+struct ScaleShiftRunning {
+  coeffs::ScaleShift scale_shift;
+  coeffs::RunningUpdate running;
+  bool update;
+
+  __device__ void operator()(int64_t c) const {
+    scale_shift(c);
+    if (update) running(c);
+  }
+};
+
 // Per-channel mean and biased variance of x. State (mean, M2, count), count shared by the V lanes.
 // Welford per element, Chan's merge (welford_merge) across lanes, threads and blocks. A thread's
 // count is exact in fp32 up to 2^24 elements per lane, far beyond any per-thread share.
@@ -292,7 +306,11 @@ struct StatsReducer {
   float* mean;
   float* var;
   E epilogue;
+  int64_t* num_batches_tracked = nullptr;  // counted (+= 1) once per launch where given
 
+  __device__ void begin() const {
+    if (num_batches_tracked != nullptr) ++*num_batches_tracked;
+  }
   __device__ Param param(int64_t) const { return {}; }
 
   // n' = n + 1;  mean' = mean + (x - mean) / n';  M2' = M2 + (x - mean) * (x - mean')
@@ -339,6 +357,7 @@ struct BackwardReducer {
   float* sum_dy_xmu;
   E epilogue;
 
+  __device__ void begin() const {}
   __device__ Param param(int64_t c) const { return {mean[c]}; }
 
   template <int V>
@@ -463,9 +482,11 @@ void launch_channel_reduce(const R& r, const at::Tensor& x, bool cl, bool vec) {
 namespace {
 
 // bn_stats over the checked input, the reducer's epilogue made by make_epilogue(mean, var) (NoEpilogue, or the
-// scale / shift functor reading them back); an empty input gives zero statistics and no launch
+// scale / shift functor reading them back), num_batches_tracked (nullptr: none) counted in the reduction's launch; an
+// empty input gives zero statistics and no launch
 template <class MakeEpilogue>
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, MakeEpilogue make_epilogue) {
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, MakeEpilogue make_epilogue,
+                                               int64_t* num_batches_tracked = nullptr) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
@@ -481,7 +502,8 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, MakeEpil
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats", [&] {
     constexpr int VW = vec_width<scalar_t>();
     const StatsReducer<scalar_t, std::decay_t<decltype(epilogue)>> r{
-        x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), epilogue};
+        x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), epilogue,
+        num_batches_tracked};
     launch_channel_reduce<VW>(r, x, cl, vectorizable(s, cl, VW, {r.x}));
   });
   return {mean, var};
@@ -494,27 +516,39 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   return batch_stats(input, [](const at::Tensor&, const at::Tensor&) { return NoEpilogue{}; });
 }
 
-// bn_stats, then bn_scale_shift of those statistics in the statistics' finalize launch (one launch fewer than the two
-// ops; an empty input: the two ops)
+// bn_stats, then bn_scale_shift, then the running update, in bn_stats's two launches (the count in the first, the
+// coefficients and the update in the finalize: three launches fewer than the ops); an empty input, or running
+// statistics a kernel cannot update in place: the steps
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_scale_shift_cuda(const at::Tensor& input,
                                                                                      const std::optional<at::Tensor>& weight,
                                                                                      const std::optional<at::Tensor>& bias,
-                                                                                     double eps) {
+                                                                                     double eps, const coeffs::Running& running) {
   check_bn_stats(input);
-  if (input.numel() == 0) {
+  if (input.numel() == 0 || !running.in_place()) {
     auto [mean, var] = bn_stats_cuda(input);
     auto [scale, shift] = bn_scale_shift_cuda(mean, var, weight, bias, eps);
+    update_running_cuda(running, mean, var);
     return {mean, var, scale, shift};
   }
   const int64_t C = input.size(1);
   const auto fopts = input.options().dtype(at::kFloat);
   at::Tensor scale = at::empty({C}, fopts), shift = at::empty({C}, fopts);
   const at::Tensor w = coeffs::dense_vector(weight), b = coeffs::dense_vector(bias);
-  auto [mean, var] = batch_stats(input, [&](const at::Tensor& m, const at::Tensor& v) {
-    check_bn_scale_shift(m, v, weight, bias);
-    return coeffs::ScaleShift{coeffs::in(m), coeffs::in(v), coeffs::in(w, 1.0), coeffs::in(b), eps,
-                              scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()};
-  });
+  const at::Tensor n = running.num_batches_tracked.value_or(at::Tensor());
+  const at::Tensor rm = running.mean.value_or(at::Tensor()), rv = running.var.value_or(at::Tensor());
+  const at::Tensor momentum = coeffs::dense_vector(running.momentum_tensor);
+  auto [mean, var] = batch_stats(
+      input,
+      [&](const at::Tensor& m, const at::Tensor& v) {
+        check_bn_scale_shift(m, v, weight, bias);
+        return ScaleShiftRunning{
+            coeffs::ScaleShift{coeffs::in(m), coeffs::in(v), coeffs::in(w, 1.0), coeffs::in(b), eps,
+                               scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>()},
+            running.updates() ? coeffs::running_update(rm, rv, m, v, momentum, n, running.momentum_used(), running.count)
+                              : coeffs::RunningUpdate{},
+            running.updates()};
+      },
+      n.defined() ? n.mutable_data_ptr<int64_t>() : nullptr);
   return {mean, var, scale, shift};
 }
 
@@ -526,7 +560,7 @@ at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, c
   const at::MemoryFormat fmt = layout_of(input);
   const at::Tensor x = dense(input, fmt);
   const at::Tensor res = dense(residual, fmt);
-  at::Tensor out = at::empty_like(x, fmt);
+  at::Tensor out = empty_as(x, fmt);
   if (x.numel() == 0) return out;
 
   const at::Tensor scale_c = scale.contiguous();
@@ -557,7 +591,7 @@ at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input
   const at::Tensor g = dense(grad_out, fmt);
   const at::Tensor x = dense(input, fmt);
   const at::Tensor res = dense(residual, fmt);
-  at::Tensor grad_z = at::empty_like(g, fmt);
+  at::Tensor grad_z = empty_as(g, fmt);
   if (x.numel() == 0) return grad_z;
 
   const at::Tensor scale_c = scale.contiguous();
@@ -658,8 +692,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(const at::Tensor& 
   const at::Tensor g = dense(grad_out, fmt);
   const at::Tensor o = dense(output, fmt);
   const at::Tensor x = dense(input, fmt);
-  at::Tensor grad_input = at::empty_like(g, fmt);
-  at::Tensor grad_residual = need_grad_residual ? at::empty_like(g, fmt) : at::empty({0}, grad_out.options());
+  at::Tensor grad_input = empty_as(g, fmt);
+  at::Tensor grad_residual = need_grad_residual ? empty_as(g, fmt) : at::empty({0}, grad_out.options());
   if (g.numel() == 0) return {grad_input, grad_residual};
 
   const at::Tensor dy_scale_c = dy_scale.contiguous();

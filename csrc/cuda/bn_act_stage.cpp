@@ -9,6 +9,7 @@ namespace {
 struct Kernels {
   static constexpr auto bn_stats_scale_shift = &gpu::bn_stats_scale_shift_cuda;
   static constexpr auto bn_scale_shift = &gpu::bn_scale_shift_cuda;
+  static constexpr auto update_running = &gpu::update_running_cuda;
   static constexpr auto bn_act_apply = &gpu::bn_act_apply_cuda;
   static constexpr auto bn_act_backward_reduce_coeffs = &gpu::bn_act_backward_reduce_coeffs_cuda;
   static constexpr auto bn_act_backward_elemt = &gpu::bn_act_backward_elemt_cuda;

@@ -53,6 +53,11 @@ void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& ru
                             Launch{});
 }
 
+void update_running_cuda(const coeffs::Running& running, const at::Tensor& mean, const at::Tensor& var) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  coeffs::update_running(running, mean, var, Launch{});
+}
+
 }  // namespace resnet_fused::gpu
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {

@@ -6,15 +6,18 @@
 #include <string_view>
 #include <tuple>
 
+#include "bn_coeffs.h"
+
 namespace resnet_fused::gpu {
 
 using OptTensor = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input);
-// (mean, var, scale, shift): bn_stats, then bn_scale_shift, in bn_stats's launches
+// (mean, var, scale, shift): bn_stats, then bn_scale_shift, then update_running_cuda, in bn_stats's launches
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_scale_shift_cuda(const at::Tensor& input,
                                                                                      const OptTensor& weight,
-                                                                                     const OptTensor& bias, double eps);
+                                                                                     const OptTensor& bias, double eps,
+                                                                                     const coeffs::Running& running);
 at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, const OptTensor& residual,
                              std::string_view act, double alpha);
 at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
@@ -38,5 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_cu
 void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                             const at::Tensor& var, double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
                             const OptTensor& num_batches_tracked);
+// coeffs::Running's update as its steps (num_batches_tracked's += 1, then bn_update_running's kernel)
+void update_running_cuda(const coeffs::Running& running, const at::Tensor& mean, const at::Tensor& var);
 
 }  // namespace resnet_fused::gpu

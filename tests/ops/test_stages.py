@@ -192,6 +192,19 @@ def test_stage_kernels_match_reference(fmt, dtype, device):
     torch.testing.assert_close(mean, exact_mean.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var, exact_var.float(), rtol=1e-5, atol=1e-6)
 
+    # the running update in the op: a momentum, then nn.BatchNorm2d's momentum=None (1 / num_batches_tracked, counted
+    # first); the counter's version moves (fold caches read it)
+    for momentum in (0.1, None):
+        got_rm, got_rv, want_rm, want_rv = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        got_n, want_n = torch.tensor(3, device=device), torch.tensor(3, device=device)
+        version = got_n._version
+        OPS.bn_act_batch(x, w, b, r, 1e-5, "silu", 0.0, None, None, got_rm, got_rv, momentum, None, got_n)
+        reference.bn_act_batch(x64, w, b, r64, 1e-5, "silu", 0.0, None, None, want_rm, want_rv, momentum, None, want_n)
+        assert got_n.item() == want_n.item() == 4 and got_n._version > version
+        assert not torch.equal(got_rm, rm) and not torch.equal(got_rv, rv)
+        torch.testing.assert_close(got_rm, want_rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_rv, want_rv, rtol=1e-5, atol=1e-6)
+
     out = OPS.bn_act_running(x, rm, rv, w, b, None, 1e-5, "relu", 0.0)
     exact = reference.bn_act_running(x64, rm, rv, w, b, None, 1e-5, "relu", 0.0)
     assert_within_eager_error(out, torch.relu(F.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5)), exact, "bn_act_running out")
@@ -327,6 +340,10 @@ def test_stage_ops_opcheck():
                                               torch.tensor(0.5), 1e-5, "relu", 0.0))
     torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, None, None, 1e-5, "relu", 0.0))
     torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, b, None, 1e-5, "silu", 0.0, *OPS.bn_stats(x)))
+    torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, b, None, 1e-5, "relu", 0.0, None, None,
+                                             rm.clone(), rv.clone(), None, None, torch.tensor(2)))
+    torch.library.opcheck(OPS.bn_act_batch, (x.clone().requires_grad_(), w, None, None, 1e-5, "relu", 0.0, *OPS.bn_stats(x),
+                                             rm.clone(), rv.clone(), 0.1, torch.tensor(0.3), None))
     torch.library.opcheck(OPS.bn_act_running, (x.clone().requires_grad_(), rm, rv, w, None, None, 1e-5, "hardswish", 0.0))
     g, out = torch.randn_like(x), torch.relu(x)
     mean, var = OPS.bn_stats(x)
