@@ -206,7 +206,6 @@ Tensor bn_act_stage(const Tensor& input, const OptTensor& weight, const OptTenso
     RF_CHECK(num_batches_tracked->device() == input.device(), op, "`num_batches_tracked` is on ", num_batches_tracked->device(),
              " but `", of, "` is on ", input.device());
   }
-  RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
   parse_act(act, op);
   static const auto batch = kernel_ops::handle<BnActBatchOp>("resnet_fused::bn_act_batch");
   static const auto running = kernel_ops::handle<BnActRunningOp>("resnet_fused::bn_act_running");

@@ -171,6 +171,13 @@ inline void check_bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, 
   if (bias.has_value()) check_coeff_vector(*bias, mean, op, "bias", "mean");
 }
 
+// an optional one-value tensor (a momentum_tensor, a num_batches_tracked) on `device`
+inline void check_one_value(const std::optional<at::Tensor>& t, const at::Device& device, const char* op, const char* name) {
+  if (!t.has_value()) return;
+  RF_CHECK(t->sym_numel() == 1 && t->device() == device, op, "expected `", name, "` to be one value on ", device, ", got shape ",
+           t->sym_sizes(), " on ", t->device());
+}
+
 // a training stage's optional running statistics (bn_act_batch, bn_act_stage): per-channel vectors of input given
 // together, a momentum >= 0, one-value momentum_tensor and 0-dim num_batches_tracked on input's device
 inline void check_running(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
@@ -181,11 +188,7 @@ inline void check_running(const at::Tensor& input, const std::optional<at::Tenso
   check_bn_vector(running_var, input, op, "running_var", "input");
   RF_CHECK(running_mean.has_value() == running_var.has_value(), op, "give both running_mean and running_var, or neither");
   RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
-  if (momentum_tensor.has_value()) {
-    RF_CHECK(momentum_tensor->sym_numel() == 1 && momentum_tensor->device() == input.device(), op,
-             "expected `momentum_tensor` to be one value on ", input.device(), ", got shape ", momentum_tensor->sym_sizes(),
-             " on ", momentum_tensor->device());
-  }
+  check_one_value(momentum_tensor, input.device(), op, "momentum_tensor");
   if (num_batches_tracked.has_value()) {
     RF_CHECK(num_batches_tracked->dim() == 0 && num_batches_tracked->device() == input.device(), op,
              "expected `num_batches_tracked` to be a 0-dim tensor on ", input.device(), ", got shape ",
@@ -205,11 +208,8 @@ inline void check_bn_update_running(const at::Tensor& running_mean, const at::Te
   RF_CHECK(momentum_tensor.has_value() || momentum.has_value() || num_batches_tracked.has_value(), op,
            "give a momentum, a momentum_tensor or num_batches_tracked (momentum=None: 1 / num_batches_tracked)");
   RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
-  for (const auto& [t, name] : {std::pair{&momentum_tensor, "momentum_tensor"}, std::pair{&num_batches_tracked, "num_batches_tracked"}}) {
-    if (!t->has_value()) continue;
-    RF_CHECK((*t)->numel() == 1 && (*t)->device() == mean.device(), op, "expected `", name, "` to be one value on ", mean.device(),
-             ", got shape ", (*t)->sizes(), " on ", (*t)->device());
-  }
+  check_one_value(momentum_tensor, mean.device(), op, "momentum_tensor");
+  check_one_value(num_batches_tracked, mean.device(), op, "num_batches_tracked");
 }
 
 inline void check_bn_backward_coeffs(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var,

@@ -15,11 +15,7 @@ struct Kernels {
   static constexpr auto bn_act_apply = &cpu::bn_act_apply;
   static constexpr auto bn_act_backward_elemt = &cpu::bn_act_backward_elemt;
 
-  static void update_running(const coeffs::Running& running, const Tensor& mean, const Tensor& var) {
-    coeffs::update_running(running, mean, var, [](const coeffs::RunningUpdate& f, int64_t C) {
-      for (int64_t c = 0; c < C; ++c) f(c);
-    });
-  }
+  static constexpr auto update_running = &cpu::update_running;
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_scale_shift(const Tensor& input, const OptTensor& weight,
                                                                          const OptTensor& bias, double eps,

@@ -39,6 +39,10 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
                             [](const coeffs::RunningUpdate& f, int64_t C) { for_each_channel(f, C); });
 }
 
+void update_running(const coeffs::Running& running, const at::Tensor& mean, const at::Tensor& var) {
+  coeffs::update_running(running, mean, var, [](const coeffs::RunningUpdate& f, int64_t C) { for_each_channel(f, C); });
+}
+
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_scale_shift", &bn_scale_shift);
   m.impl("bn_update_running", &bn_update_running);

@@ -6,6 +6,8 @@
 #include <string_view>
 #include <tuple>
 
+#include "bn_coeffs.h"
+
 namespace resnet_fused::cpu {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -30,5 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(co
 void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                        const at::Tensor& var, double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
                        const OptTensor& num_batches_tracked);
+// coeffs::Running's update as its steps (num_batches_tracked's += 1, then bn_update_running's loop)
+void update_running(const coeffs::Running& running, const at::Tensor& mean, const at::Tensor& var);
 
 }  // namespace resnet_fused::cpu
