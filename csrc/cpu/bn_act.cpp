@@ -1,5 +1,6 @@
 // Batch-norm + (residual add) + activation on the CPU: statistics, the fused apply pass, the activation's
-// backward, and the normalization's two backward passes (one reduction, one elementwise). Math in fp32, chunk combines in fp64.
+// backward, and the normalization's two backward passes (one reduction, one elementwise). Math in fp32; sums in
+// fp32 or fp64 lanes (channel_map.h), combined in fp64.
 #include <torch/library.h>
 
 #include <vector>
@@ -41,22 +42,25 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
-      Scratch<2> s(C);  // [0]: sum, then chunk mean; [1]: M2
+      Scratch<2> s(C);  // [0]: sum, then chunk mean; [1]: sum (x - m)^2
+      std::vector<float> shift(C);  // m: the chunk mean in fp32
       double* sum = s.v[0].data();
       for (int64_t k = begin; k < end; ++k) {
         const int64_t c0 = ch.first_channel(k);
-        const double inv_n = 1.0 / static_cast<double>(ch.elems(k));
-        // two passes over the chunk (cached): mean first, then the centred sum of squares
-        chunk_sums<1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
-        for (int64_t c = c0; c < c0 + ch.width; ++c) sum[c] *= inv_n;
-        chunk_sums<1, 1, 1>(ch, k, std::array{xp}, std::array<const double*, 1>{sum}, std::array{s.v[1].data()},
-                            [](auto v, auto p) {
-                              const auto d = v[0] - p[0];
-                              return std::array{d * d};
-                            });
+        const double n_k = static_cast<double>(ch.elems(k));
+        // two passes over the chunk (cached): the mean in fp64 lanes, then the sum of squares about m in fp32 lanes
+        // (non-negative terms); shifted data, so  M2 = sum (x - m)^2 - n_k (mean_k - m)^2  whatever m's rounding
+        chunk_sums<double, 1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
+        for (int64_t c = c0; c < c0 + ch.width; ++c) sum[c] /= n_k, shift[c] = static_cast<float>(sum[c]);
+        chunk_sums<float, 1, 1, 1>(ch, k, std::array{xp}, std::array<const float*, 1>{shift.data()},
+                                   std::array{s.v[1].data()}, [](auto v, auto p) {
+                                     const auto d = v[0] - p[0];
+                                     return std::array{d * d};
+                                   });
         for (int64_t c = c0; c < c0 + ch.width; ++c) {
+          const double d = sum[c] - static_cast<double>(shift[c]);
           part_mean[k * ch.width + c - c0] = sum[c];
-          part_m2[k * ch.width + c - c0] = s.v[1][c];
+          part_m2[k * ch.width + c - c0] = std::max(0.0, s.v[1][c] - n_k * d * d);
         }
       }
     });
@@ -161,8 +165,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
   const Runs g(x, fmt);
   const Chunks ch(g);
   std::vector<double> part(2 * ch.count * ch.width);  // (sum dy, sum dy (x - mean)) per chunk and channel
-  const std::vector<double> mean64(mu.const_data_ptr<float>(), mu.const_data_ptr<float>() + C);
-  const std::array<const double*, 1> params{mean64.data()};
+  const std::array<const float*, 1> params{mu.const_data_ptr<float>()};
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dout.const_data_ptr<scalar_t>();
@@ -171,14 +174,14 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad
       for (int64_t k = begin; k < end; ++k) {
         // terms (dy, dy * (x - mean)); dy = (out <= 0 ? 0 : grad) with a ReLU, else grad
         if (y.defined()) {
-          chunk_sums<3, 1, 2>(ch, k, std::array{gp, xp, y.const_data_ptr<scalar_t>()}, params, s.ptrs(),
-                              [](auto v, auto p) {
-                                const auto dy = relu_mask(v[0], v[2]);
-                                return std::array{dy, dy * (v[1] - p[0])};
-                              });
+          chunk_sums<double, 3, 1, 2>(ch, k, std::array{gp, xp, y.const_data_ptr<scalar_t>()}, params, s.ptrs(),
+                                      [](auto v, auto p) {
+                                        const auto dy = relu_mask(v[0], v[2]);
+                                        return std::array{dy, dy * (v[1] - p[0])};
+                                      });
         } else {
-          chunk_sums<2, 1, 2>(ch, k, std::array{gp, xp}, params, s.ptrs(),
-                              [](auto v, auto p) { return std::array{v[0], v[0] * (v[1] - p[0])}; });
+          chunk_sums<double, 2, 1, 2>(ch, k, std::array{gp, xp}, params, s.ptrs(),
+                                      [](auto v, auto p) { return std::array{v[0], v[0] * (v[1] - p[0])}; });
         }
         const int64_t c0 = ch.first_channel(k);
         for (int64_t c = c0; c < c0 + ch.width; ++c) {

@@ -9,14 +9,14 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
+#include <vector>
 
 namespace resnet_fused::cpu {
 
 using fVec = at::vec::Vectorized<float>;
-using dVec = at::vec::Vectorized<double>;
 constexpr int64_t kVec = fVec::size();
-constexpr int64_t kDVec = dVec::size();
 
 // ---- loads and stores of kVec elements, converted to / from fp32 ----
 template <typename T>
@@ -37,17 +37,6 @@ inline void store_f(T* p, fVec v) {
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, kVec);
   }
-}
-
-// kDVec elements of T, widened to fp64 (reductions accumulate in fp64 on the CPU, as eager does)
-template <typename T>
-inline dVec load_d(const T* p) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) return dVec(_mm256_cvtps_pd(_mm_loadu_ps(p)));  // 4 floats -> 4 doubles
-#endif
-  __at_align__ double buf[kDVec];
-  for (int64_t i = 0; i < kDVec; ++i) buf[i] = static_cast<double>(static_cast<float>(p[i]));
-  return dVec::loadu(buf);
 }
 
 // ---- the same math on a scalar and on a vector ----
@@ -125,12 +114,15 @@ void channel_map(const Runs& g, std::array<const T*, kIn> in, std::array<const f
 }
 
 // ---- per-channel reductions, in two levels ----
-// The activation is cut into chunks of about kChunkElems elements: a block of rows (channels_last) or
-// a segment of one plane (contiguous). Each chunk is reduced in fp64 vector lanes (the CPU has the
-// bandwidth to spare, and eager PyTorch accumulates in fp64 here too); chunk results are combined per
-// channel in a fixed order (deterministic).
+// The activation is cut into chunks: a block of rows (channels_last) or a segment of one plane (contiguous), each
+// small enough to stay in L2 when read twice (bn_stats), streamed in memory order. Each term is computed in fp32 and
+// summed per lane in fp64 (Acc = double, as eager's acc_type<float>: signed sums such as sum dy), or (Acc = float) in
+// fp32 over kNarrowTerms terms, then added to the fp64 sums: for non-negative terms (sums of squares) a relative
+// error of at most kNarrowTerms / 2 fp32 ulps per partial, at half the widening work. Chunk sums are combined per
+// channel in fp64 in a fixed order (deterministic).
 struct Chunks {
-  static constexpr int64_t kChunkElems = 16384;  // stays in L1/L2 when a chunk is read twice
+  static constexpr int64_t kChunkElems = 16384;  // 64 KiB of fp32: L1/L2
+  static constexpr int64_t kNarrowTerms = 16;    // fp32 terms per lane before they are widened (Acc = float)
   const Runs& g;
   int64_t len;        // rows per chunk (channels_last) or elements per plane segment (contiguous)
   int64_t per_plane;  // segments per plane (contiguous)
@@ -171,57 +163,72 @@ struct Chunks {
   }
 };
 
-// acc[k][c] = sum over the chunk's elements of channel c of math(in..., param...)[k], in fp64, for the
-// channels the chunk covers (all C in channels_last, its one channel in contiguous; others untouched).
-// acc and params are indexed by channel; math takes and returns double or Vectorized<double>.
-template <size_t kIn, size_t kParam, size_t kAcc, typename T, typename Math>
-void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, std::array<const double*, kParam> params,
+// lane[i] += t[i], i < kVec: fp32 terms into fp64 sums
+inline void add_widened(double* lane, fVec t) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = t;  // 8 floats -> 2 x 4 doubles
+  _mm256_storeu_pd(lane, _mm256_add_pd(_mm256_loadu_pd(lane), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(lane + 4, _mm256_add_pd(_mm256_loadu_pd(lane + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+#else
+  __at_align__ float v[kVec];
+  t.store(v);
+  for (int64_t i = 0; i < kVec; ++i) lane[i] += static_cast<double>(v[i]);
+#endif
+}
+
+// acc[k][c] = sum over the chunk's elements of channel c of math(in..., param...)[k], for the channels the chunk
+// covers (all C in channels_last, its one channel in contiguous; others untouched), summed in Acc lanes (see Chunks).
+// acc and params are indexed by channel; math takes and returns float or fVec (each term in fp32).
+template <typename Acc, size_t kIn, size_t kParam, size_t kAcc, typename T, typename Math>
+void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, std::array<const float*, kParam> params,
                 std::array<double*, kAcc> acc, const Math& math) {
+  static_assert(std::is_same_v<Acc, float> || std::is_same_v<Acc, double>);
+  constexpr bool kNarrow = std::is_same_v<Acc, float>;
   const Runs& g = ch.g;
   if (g.channels_last) {
-    // rows [r0, r1) of C channels. Blocks of kBlock channels: the block's sums stay in registers while
-    // the rows stream by (a row's block is one cache line of fp32); leftover channels go row by row.
-    constexpr int64_t kUnroll = kIn + kAcc > 3 ? 2 : 4, kBlock = kUnroll * kDVec;  // within 16 vector registers
+    // rows [r0, r1) in order into per-channel lanes, C values per accumulator (L1): acc itself when Acc is double,
+    // else fp32 lanes added to acc every kNarrowTerms rows
+    thread_local std::vector<float> narrow;
+    std::array<Acc*, kAcc> sum;
+    if constexpr (kNarrow) {
+      narrow.assign(kAcc * g.C, 0.0f);
+      for (size_t k = 0; k < kAcc; ++k) sum[k] = narrow.data() + k * g.C;
+    } else {
+      sum = acc;
+    }
+    const auto flush = [&] {  // acc += narrow lanes; narrow lanes = 0
+      for (size_t k = 0; k < kAcc; ++k)
+        for (int64_t c = 0; c < g.C; ++c) acc[k][c] += static_cast<double>(sum[k][c]), sum[k][c] = 0.0f;
+    };
+    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k], acc[k] + g.C, 0.0);
     const int64_t r0 = chunk * ch.len, r1 = std::min(g.num_runs, r0 + ch.len);
-    int64_t j0 = 0;
-    for (; j0 + kBlock <= g.C; j0 += kBlock) {
-      std::array<std::array<dVec, kUnroll>, kAcc> sums;
-      std::array<std::array<dVec, kParam>, kUnroll> cs;
-      for (size_t k = 0; k < kAcc; ++k) sums[k].fill(dVec(0.0));
-      for (int64_t u = 0; u < kUnroll; ++u)
-        for (size_t k = 0; k < kParam; ++k) cs[u][k] = dVec::loadu(params[k] + j0 + u * kDVec);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * g.C + j0;
-        for (int64_t u = 0; u < kUnroll; ++u) {
-          std::array<dVec, kIn> xs;
-          for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + u * kDVec);
-          const std::array<dVec, kAcc> t = math(xs, cs[u]);
-          for (size_t k = 0; k < kAcc; ++k) sums[k][u] = sums[k][u] + t[k];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * g.C;
+      int64_t j = 0;
+      for (; j + kVec <= g.C; j += kVec) {
+        std::array<fVec, kIn> xs;
+        std::array<fVec, kParam> cs;
+        for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+        for (size_t k = 0; k < kParam; ++k) cs[k] = fVec::loadu(params[k] + j);
+        const std::array<fVec, kAcc> t = math(xs, cs);
+        for (size_t k = 0; k < kAcc; ++k) {
+          if constexpr (kNarrow) {
+            (fVec::loadu(sum[k] + j) + t[k]).store(sum[k] + j);
+          } else {
+            add_widened(sum[k] + j, t[k]);
+          }
         }
       }
-      for (size_t k = 0; k < kAcc; ++k)
-        for (int64_t u = 0; u < kUnroll; ++u) sums[k][u].store(acc[k] + j0 + u * kDVec);
-    }
-    for (size_t k = 0; k < kAcc; ++k) std::fill(acc[k] + j0, acc[k] + g.C, 0.0);
-    for (int64_t r = r0; r < r1 && j0 < g.C; ++r) {
-      const int64_t base = r * g.C;
-      int64_t j = j0;
-      for (; j + kDVec <= g.C; j += kDVec) {
-        std::array<dVec, kIn> xs;
-        std::array<dVec, kParam> cs;
-        for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + j);
-        for (size_t k = 0; k < kParam; ++k) cs[k] = dVec::loadu(params[k] + j);
-        const std::array<dVec, kAcc> t = math(xs, cs);
-        for (size_t k = 0; k < kAcc; ++k) (dVec::loadu(acc[k] + j) + t[k]).store(acc[k] + j);
-      }
       for (; j < g.C; ++j) {
-        std::array<double, kIn> xs;
-        std::array<double, kParam> cs;
+        std::array<float, kIn> xs;
+        std::array<float, kParam> cs;
         for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
         for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][j];
-        const std::array<double, kAcc> t = math(xs, cs);
-        for (size_t k = 0; k < kAcc; ++k) acc[k][j] += t[k];
+        const std::array<float, kAcc> t = math(xs, cs);
+        for (size_t k = 0; k < kAcc; ++k) sum[k][j] += static_cast<Acc>(t[k]);
       }
+      if constexpr (kNarrow)
+        if ((r - r0 + 1) % Chunks::kNarrowTerms == 0 || r + 1 == r1) flush();
     }
   } else {
     // one segment of one (n, c) plane; params are that channel's scalars
@@ -229,27 +236,39 @@ void chunk_sums(const Chunks& ch, int64_t chunk, std::array<const T*, kIn> in, s
     const int64_t base = plane * g.run_len + seg * ch.len;
     const int64_t n = ch.elems(chunk);
     const int64_t c = g.channel_of_run(plane);
-    std::array<dVec, kParam> cv;
-    std::array<double, kParam> cs;
-    for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][c], cv[k] = dVec(cs[k]);
-    std::array<dVec, kAcc> vsum;
-    vsum.fill(dVec(0.0));
-    int64_t j = 0;
-    for (; j + kDVec <= n; j += kDVec) {
-      std::array<dVec, kIn> xs;
-      for (size_t k = 0; k < kIn; ++k) xs[k] = load_d(in[k] + base + j);
-      const std::array<dVec, kAcc> t = math(xs, cv);
-      for (size_t k = 0; k < kAcc; ++k) vsum[k] = vsum[k] + t[k];
+    std::array<fVec, kParam> cv;
+    std::array<float, kParam> cs;
+    for (size_t k = 0; k < kParam; ++k) cs[k] = params[k][c], cv[k] = fVec(cs[k]);
+    __at_align__ double wide[kAcc][kVec] = {};
+    std::array<fVec, kAcc> partial;  // kNarrow: fp32 lanes of the current kNarrowTerms vectors
+    partial.fill(fVec(0.0f));
+    int64_t j = 0, terms = 0;
+    for (; j + kVec <= n; j += kVec) {
+      std::array<fVec, kIn> xs;
+      for (size_t k = 0; k < kIn; ++k) xs[k] = load_f(in[k] + base + j);
+      const std::array<fVec, kAcc> t = math(xs, cv);
+      if constexpr (kNarrow) {
+        for (size_t k = 0; k < kAcc; ++k) partial[k] = partial[k] + t[k];
+        if (++terms == Chunks::kNarrowTerms) {
+          for (size_t k = 0; k < kAcc; ++k) add_widened(wide[k], partial[k]), partial[k] = fVec(0.0f);
+          terms = 0;
+        }
+      } else {
+        for (size_t k = 0; k < kAcc; ++k) add_widened(wide[k], t[k]);
+      }
     }
-    std::array<double, kAcc> sum;
-    for (size_t k = 0; k < kAcc; ++k) sum[k] = at::vec::vec_reduce_all<double>(std::plus<dVec>(), vsum[k]);
+    for (size_t k = 0; k < kAcc; ++k) {
+      if constexpr (kNarrow) add_widened(wide[k], partial[k]);
+      double total = 0.0;
+      for (int64_t i = 0; i < kVec; ++i) total += wide[k][i];
+      acc[k][c] = total;
+    }
     for (; j < n; ++j) {
-      std::array<double, kIn> xs;
+      std::array<float, kIn> xs;
       for (size_t k = 0; k < kIn; ++k) xs[k] = static_cast<float>(in[k][base + j]);
-      const std::array<double, kAcc> t = math(xs, cs);
-      for (size_t k = 0; k < kAcc; ++k) sum[k] += t[k];
+      const std::array<float, kAcc> t = math(xs, cs);
+      for (size_t k = 0; k < kAcc; ++k) acc[k][c] += static_cast<double>(t[k]);
     }
-    for (size_t k = 0; k < kAcc; ++k) acc[k][c] = sum[k];
   }
 }
 
