@@ -5,8 +5,10 @@
 //   fused_conv, CUDA: cuDNN's conv + add + bias + ReLU graph (aten's cudnn_convolution_add_relu, alpha 1)
 //   CUDA otherwise:   cuDNN's convolution without bias (aten adds a bias in a pass of its own), then one
 //                     epilogue pass act(y * 1 + bias (+ residual)) in fp32 (the bn_act_apply kernel)
-//   CPU otherwise:    aten's convolution with bias (oneDNN adds it), then add_relu's one pass, or the activation
-//                     in place
+//   CPU otherwise:    with a bias and a residual or an activation, as CUDA: the convolution without bias, then the one
+//                     epilogue pass (aten's CPU conv with a bias (NCHW, AVX2, small outputs) was measured at 2.3x the
+//                     error of the conv then bias: BN's eval shift is added after the conv in eager too); else aten's
+//                     convolution with the bias, then add_relu's one pass, or the activation in place
 // Where a gradient is wanted: aten's differentiable conv2d, add and activation. The Python twin (other backends,
 // and the tuner's variants) is resnet_fused/ops/conv_bn_act.py, conv_act.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -147,8 +149,9 @@ Tensor conv_act_stage(const Tensor& input, const Tensor& weight, const OptTensor
              input.device(), " tensors, act='", std::string(act), "'", residual.has_value() ? "" : ", no residual");
     return at::cudnn_convolution_add_relu(input, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, groups);
   }
-  const bool epilogue = bias.has_value() || residual.has_value() || !(a == Act::None || a == Act::Relu);
-  if (input.is_cuda() && !wants_grad && epilogue) {
+  const bool epilogue = input.is_cuda() ? bias.has_value() || residual.has_value() || !(a == Act::None || a == Act::Relu)
+                                         : bias.has_value() && (residual.has_value() || a != Act::None);
+  if (!wants_grad && epilogue) {
     const auto y = at::conv2d(input, weight, std::nullopt, stride, padding, dilation, groups);
     const int64_t channels = y.size(1);
     const Tensor shift = !bias.has_value()                  ? constant_vector(0.0, channels, y.device())
