@@ -10,7 +10,7 @@ from torch import nn
 from resnet_fused import backends, tuning
 from resnet_fused.activations import activation
 from resnet_fused.ops import arena
-from resnet_fused.ops.conv_bn_act import conv_act, conv_bn_act, conv_bn_act_stage, route, stage_applies
+from resnet_fused.ops.conv_bn_act import BnSpec, ConvSpec, conv_act, conv_bn_act, conv_bn_act_stage, route, stage_applies
 from resnet_fused.ops.conv_stats import DeferredBnReLU, conv_bn_defer
 from resnet_fused.ops.onednn import onednn_inference, prepack_conv_weight
 from resnet_fused.nn.batchnorm import batch_norm_call, is_plain_batchnorm, lowers_to_inductor, uses_batch_stats
@@ -50,9 +50,9 @@ def fused_conv_bn_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, 
     if input_bn is None and stage_applies(x, impl, process_group):  # cpu / cuda: one C++ op, or the folded conv
         if uses_batch_stats(bn) or cache is None or torch.compiler.is_compiling() or _params_need_grad(conv, bn):
             call = batch_norm_call(bn)  # bn may be a view (a FrozenBatchNorm2d as an eval nn.BatchNorm2d)
-            return conv_bn_act_stage(x, conv.weight, conv.bias, call.running_mean, call.running_var, call.weight, call.bias,
-                                     conv.stride, conv.padding, conv.dilation, conv.groups, call.use_batch_stats,
-                                     call.momentum, call.eps, residual, activation(act))
+            return conv_bn_act_stage(x, ConvSpec(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups),
+                                     BnSpec(call.running_mean, call.running_var, call.weight, call.bias, call.use_batch_stats,
+                                            call.momentum, call.eps), residual, activation(act))
         weight, bias = cache.get(name, conv, bn)
         return _folded_conv_act(conv, x, weight, bias, residual, act, impl, cache, name)
     call = batch_norm_call(bn)

@@ -1,7 +1,8 @@
 """conv_bn_act: act(batch_norm(conv2d(input)) + residual), and conv_act, its eval form once BN is folded.
 
-route() names the path a call takes; conv_bn_act runs it, and resnet_fused.nn asks it too (the
-modules keep folded weights cached for the "fold" path):
+conv_bn_act checks its arguments and gathers them into a ConvSpec and a BnSpec; run_conv_bn_act runs the
+path route() names for them (resnet_fused.nn asks route() too: the modules keep folded weights cached for
+the "fold" path):
 
   "conv_stats"       training, Triton conv (statistics in its epilogue) or a deferred input BN + ReLU
                      (applied in the conv's prologue): conv2d_stats, then one bn_act_train pass
@@ -13,6 +14,8 @@ modules keep folded weights cached for the "fold" path):
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +49,29 @@ def route(input: Tensor, groups: int, use_batch_stats: bool, backend: str, *, co
 
 def _requires_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class ConvSpec(NamedTuple):
+    """A convolution's parameters: weight (Cout, Cin / groups, KH, KW), bias (Cout,) or None; stride, padding and
+    dilation as pairs."""
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+class BnSpec(NamedTuple):
+    """What a BatchNorm normalizes with in one call: its (C,) vectors (each may be None), whether batch statistics
+    normalize (and update the running ones, where given, with `momentum`), eps."""
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    use_batch_stats: bool
+    momentum: float | Tensor
+    eps: float
 
 
 def conv_bn_act(
@@ -87,42 +113,47 @@ def conv_bn_act(
                                conv_bias=conv_bias), conv_weight.shape[0], input.device, fn, f"conv_weight {tuple(conv_weight.shape)}")
     check_input_bn(input_bn, input, fn)
     check_running_args(running_mean, running_var, momentum, fn)
-    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-    act = activation(act)
-    impl = backends.resolve(backend, input)
-    use_batch_stats = training or running_mean is None
-    path = route(input, groups, use_batch_stats, impl, conv_bias=conv_bias, input_bn=input_bn, process_group=process_group,
-                 params_need_grad=_requires_grad(conv_weight, conv_bias, bn_weight, bn_bias),
-                 any_needs_grad=_requires_grad(input, conv_weight, conv_bias, bn_weight, bn_bias, residual))
+    conv = ConvSpec(conv_weight, conv_bias, pair(stride), pair(padding), pair(dilation), groups)
+    bn = BnSpec(running_mean, running_var, bn_weight, bn_bias, training or running_mean is None, momentum, eps)
+    return run_conv_bn_act(input, conv, bn, residual, activation(act), backends.resolve(backend, input), input_bn=input_bn,
+                           process_group=process_group)
 
-    if path == "conv_stats":
-        # conv2d_stats, then one fused normalize + add + ReLU pass; the residual is checked first,
-        # before any running statistic moves
-        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
-        y, mean, var = conv_with_stats(input, conv_weight, stride, padding, dilation, groups, impl, input_bn, fn)
-        update_running_stats(running_mean, running_var, mean, var, y.numel() // max(y.shape[1], 1), momentum)
-        return bn_act_train(y, bn_weight, bn_bias, residual, eps, act.name, act.alpha, impl, mean, var)[0]
+
+def run_conv_bn_act(input: Tensor, conv: ConvSpec, bn: BnSpec, residual: Tensor | None, act: Activation, backend: str, *,
+                    input_bn: DeferredBnReLU | None = None, process_group=None) -> Tensor:
+    """conv_bn_act on checked conv and BN arguments and a concrete backend; the residual is checked here, against the
+    convolution's output, before any running statistic moves."""
+    fn = "conv_bn_act"
+    path = route(input, conv.groups, bn.use_batch_stats, backend, conv_bias=conv.bias, input_bn=input_bn,
+                 process_group=process_group, params_need_grad=_requires_grad(conv.weight, conv.bias, bn.weight, bn.bias),
+                 any_needs_grad=_requires_grad(input, conv.weight, conv.bias, bn.weight, bn.bias, residual))
+    if path in ("conv_stats", "triton_epilogue") or stage_applies(input, backend, process_group):
+        check_residual_of_conv(residual, input, conv.weight, conv.stride, conv.padding, conv.dilation, fn)
+
+    if path == "conv_stats":  # conv2d_stats, then one fused normalize + add + ReLU pass
+        y, mean, var = conv_with_stats(input, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, backend,
+                                       input_bn, fn)
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, y.numel() // max(y.shape[1], 1), bn.momentum)
+        return bn_act_train(y, bn.weight, bn.bias, residual, bn.eps, act.name, act.alpha, backend, mean, var)[0]
     if input_bn is not None:
-        input = materialize(input, input_bn, impl)
+        input = materialize(input, input_bn, backend)
     if path == "triton_epilogue":
         # bn(conv(x) + b_conv) = conv(x) * s + (bn_bias - (running_mean - b_conv) * s)
-        mean = running_mean if conv_bias is None else running_mean.double() - conv_bias.double()
-        k = kernels(impl)
-        scale, shift = k.bn_scale_shift(mean, running_var, bn_weight, bn_bias, eps)
-        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
-        return k.fused_conv(input, conv_weight, list(stride), list(padding), list(dilation),
-                                             None, None, False, scale, shift, residual, act.name, act.alpha, False)[0]
+        mean = bn.running_mean if conv.bias is None else bn.running_mean.double() - conv.bias.double()
+        k = kernels(backend)
+        scale, shift = k.bn_scale_shift(mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return k.fused_conv(input, conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation),
+                            None, None, False, scale, shift, residual, act.name, act.alpha, False)[0]
     if path == "fold":
-        weight, bias = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        return conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act, backend=impl)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return conv_act(input, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, act,
+                        backend=backend)
     # "batch_stats" and "unfolded": the convolution, then the fused bn_act; on cpu / cuda one C++ op
-    if stage_applies(input, impl, process_group):
-        check_residual_of_conv(residual, input, conv_weight, stride, padding, dilation, fn)
-        return conv_bn_act_stage(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, stride, padding,
-                                 dilation, groups, use_batch_stats, momentum, eps, residual, act)
-    y = torch.nn.functional.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps,
-                  residual_for(residual, y, fn), act, backend=impl, process_group=process_group)
+    if stage_applies(input, backend, process_group):
+        return conv_bn_act_stage(input, conv, bn, residual, act)
+    y = torch.nn.functional.conv2d(input, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return bn_act(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.use_batch_stats, bn.momentum, bn.eps,
+                  residual_for(residual, y, fn), act, backend=backend, process_group=process_group)
 
 
 def stage_applies(input: Tensor, backend: str, process_group=None) -> bool:
@@ -131,15 +162,13 @@ def stage_applies(input: Tensor, backend: str, process_group=None) -> bool:
     return backend in STAGE_BACKENDS and process_group is None and not torch.is_autocast_enabled(input.device.type)
 
 
-def conv_bn_act_stage(input: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, running_mean: Tensor | None,
-                      running_var: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None, stride, padding, dilation,
-                      groups: int, training: bool, momentum: float | Tensor, eps: float, residual: Tensor | None,
-                      act: Activation) -> Tensor:
+def conv_bn_act_stage(input: Tensor, conv: ConvSpec, bn: BnSpec, residual: Tensor | None, act: Activation) -> Tensor:
     """``resnet_fused::conv_bn_act_stage`` (csrc/conv_bn_act_stage.cpp): aten's convolution, then bn_act_stage, in one
-    op call; stride, padding, dilation as pairs."""
+    op call (its checks in C++)."""
     return torch.ops.resnet_fused.conv_bn_act_stage(
-        input, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-        groups, training, *momentum_args(momentum), eps, act.name, act.alpha)
+        input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, conv.stride,
+        conv.padding, conv.dilation, conv.groups, bn.use_batch_stats, *momentum_args(bn.momentum), bn.eps, act.name,
+        act.alpha)
 
 
 def conv_act(
