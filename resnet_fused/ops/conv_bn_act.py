@@ -29,7 +29,7 @@ from resnet_fused.ops._checks import check_channel_vectors, check_conv, check_re
 from resnet_fused.ops.add_relu import add_relu
 from resnet_fused.ops.bn_act import STAGE_BACKENDS, bn_act, bn_act_train, momentum_args, update_running_stats
 from resnet_fused.ops.conv_stats import DeferredBnReLU, check_input_bn, conv_with_stats, materialize, prologue_fusable
-from resnet_fused.ops.kernels import kernels, triton_conv_applies
+from resnet_fused.ops.kernels import bias_act, kernels, triton_conv_applies
 
 ROUTES = ("conv_stats", "batch_stats", "triton_epilogue", "unfolded", "fold")
 
@@ -127,7 +127,8 @@ def run_conv_bn_act(input: Tensor, conv: ConvSpec, bn: BnSpec, residual: Tensor 
     path = route(input, conv.groups, bn.use_batch_stats, backend, conv_bias=conv.bias, input_bn=input_bn,
                  process_group=process_group, params_need_grad=_requires_grad(conv.weight, conv.bias, bn.weight, bn.bias),
                  any_needs_grad=_requires_grad(input, conv.weight, conv.bias, bn.weight, bn.bias, residual))
-    if path in ("conv_stats", "triton_epilogue") or stage_applies(input, backend, process_group):
+    staged = stage_applies(input, backend, process_group)
+    if path in ("conv_stats", "triton_epilogue") or staged:
         check_residual_of_conv(residual, input, conv.weight, conv.stride, conv.padding, conv.dilation, fn)
 
     if path == "conv_stats":  # conv2d_stats, then one fused normalize + add + ReLU pass
@@ -149,7 +150,7 @@ def run_conv_bn_act(input: Tensor, conv: ConvSpec, bn: BnSpec, residual: Tensor 
         return conv_act(input, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, act,
                         backend=backend)
     # "batch_stats" and "unfolded": the convolution, then the fused bn_act; on cpu / cuda one C++ op
-    if stage_applies(input, backend, process_group):
+    if staged:
         return conv_bn_act_stage(input, conv, bn, residual, act)
     y = torch.nn.functional.conv2d(input, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return bn_act(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.use_batch_stats, bn.momentum, bn.eps,
@@ -204,9 +205,7 @@ def conv_act(
         # the bias, residual and activation in one pass after a conv without bias, as conv_act_stage: aten's CPU conv
         # with a bias (NCHW, AVX2, small outputs) was measured at 2.3x the error of the conv, then the bias
         y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
-        ones = torch.ones(y.shape[1], dtype=torch.float32, device=y.device)
-        return kernels(backends.resolve(backend, input)).bn_act_apply(
-            y, ones, bias.float(), residual_for(residual, y, "conv_act"), act.name, act.alpha)
+        return bias_act(y, bias, residual_for(residual, y, "conv_act"), act, backends.resolve(backend, input))
     y = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     residual = residual_for(residual, y, "conv_act")
     if residual is not None and act.name == "relu":

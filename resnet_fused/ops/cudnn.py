@@ -11,7 +11,6 @@ path, so that case runs the conv and the epilogue pass."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -22,7 +21,7 @@ from resnet_fused._layout import conv_output_shape
 from resnet_fused.activations import Activation
 from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._checks import check_residual_of_conv, residual_for
-from resnet_fused.ops.kernels import kernels
+from resnet_fused.ops.kernels import bias_act
 
 # cuDNN's runtime-fusion engines (the ones that take a conv + pointwise graph) read and write 16-byte channel
 # vectors of NHWC tensors: channel counts a multiple of 8 in fp16 / bf16; fp32 runs on their tensor-core
@@ -65,13 +64,6 @@ def _fused_call(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Te
                             torch.backends.cudnn.allow_tf32))
 
 
-@functools.cache
-def _ones(channels: int, device: torch.device) -> Tensor:
-    # the epilogue kernel's per-channel scale: the BN scale is in the folded weight already. Kept for good (never
-    # freed, so also safe when first made inside a CUDA graph capture: its replays write the same ones again)
-    return torch.ones(channels, device=device)
-
-
 def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
              residual: Tensor | None, act: Activation) -> Tensor:
     """act(conv2d(input, weight) + bias (+ residual)) where applies(): with a residual and a ReLU where cuDNN
@@ -84,8 +76,7 @@ def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding
     residual = residual_for(residual, y, "conv_act")
     if bias is None and residual is None and act.name in ("none", "relu"):
         return torch.relu(y) if act.name == "relu" else y
-    shift = bias.float() if bias is not None else torch.zeros(y.shape[1], device=y.device)
-    return kernels("cuda").bn_act_apply(y, _ones(y.shape[1], y.device), shift, residual, act.name, act.alpha)
+    return bias_act(y, bias, residual, act, "cuda")  # the BN scale is in the folded weight already
 
 
 # relu(conv(input, weight) + residual + bias) in one cuDNN call (aten's cudnn_convolution_add_relu, alpha 1: a

@@ -7,8 +7,11 @@ import types
 
 import torch
 
+from torch import Tensor
+
 from resnet_fused import reference
 from resnet_fused._kernel_fakes import FAKES
+from resnet_fused.activations import Activation
 
 KERNELS = tuple(FAKES)  # add_relu_forward, bn_stats, bn_act_apply, bn_act_backward_{reduce,elemt}, bn_scale_shift, bn_backward_coeffs
 
@@ -28,6 +31,23 @@ def kernels(backend: str) -> types.SimpleNamespace:
         return types.SimpleNamespace(**{**spec, "add_relu_forward": reference.add_relu, "bn_scale_shift": _scale_shift_fp64_kept,
                                         "bn_backward_coeffs": _backward_coeffs_fp64_kept})
     raise ValueError(f"resnet_fused: {backend!r} is not a concrete backend; resolve it first")
+
+
+def bias_act(y: Tensor, bias: Tensor | None, residual: Tensor | None, act: Activation, backend: str) -> Tensor:
+    """act(y + bias (+ residual)) in one bn_act_apply pass of the backend (scale 1): the epilogue of a convolution run
+    without its bias. Coefficients in fp32, as the kernels take them; in fp64 for an fp64 y (the torch backend's
+    fp64 path keeps its precision)."""
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    shift = bias.to(dtype) if bias is not None else _constant(0.0, y.shape[1], dtype, y.device)
+    return kernels(backend).bn_act_apply(y, _constant(1.0, y.shape[1], dtype, y.device), shift, residual, act.name,
+                                         act.alpha)
+
+
+@functools.cache
+def _constant(value: float, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # a per-channel coefficient vector, made once: kept for good (never freed, so also safe when first made inside
+    # a CUDA graph capture: its replays write the same values again); nothing writes to it
+    return torch.full((channels,), value, dtype=dtype, device=device)
 
 
 def _scale_shift_fp64_kept(mean, var, weight, bias, eps):

@@ -231,3 +231,18 @@ def test_small_convs_skip_onednn(monkeypatch):
         exact = reference_conv_act(x, w, b, 1, 1, 1, r, True)
         assert_within_eager_error(small, torch.relu(F.conv2d(x, w, b, 1, 1) + r), exact, "aten conv + add_relu")
         assert_within_eager_error(fused_onednn, torch.relu(F.conv2d(x, w, b, 1, 1) + r), exact, "oneDNN")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_extension)])
+def test_conv_act_bias_epilogue_keeps_float64(backend):
+    """The bias (+ residual) + activation pass after a bias-free conv keeps an fp64 call in fp64: its coefficients
+    are not rounded to fp32 (a large bias makes an fp32 rounding show at 1e-5)."""
+    fmt = torch.contiguous_format
+    x, w = activation((2, 8, 9, 9), torch.float64, fmt), torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    b, r = 1e3 * torch.randn(8, dtype=torch.float64), activation((2, 8, 9, 9), torch.float64, fmt)
+    for residual in (None, r):
+        with torch.no_grad():
+            out = functional.conv_act(x, w, b, 1, 1, 1, 1, residual, "relu", backend=backend)
+        y = F.conv2d(x, w, b, 1, 1)
+        exact = torch.relu(y if residual is None else y + residual)
+        torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-9)
