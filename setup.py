@@ -90,6 +90,19 @@ def _cudnn_wheel() -> str | None:
     return found[0] if found else None
 
 
+def _nvrtc_lib() -> str | None:
+    """The folder holding libnvrtc.so.<major> for the graph kernels' link: the nvidia wheels' (the NVRTC torch loads),
+    else the toolkit's. cudnn-frontend's headers call NVRTC (its experimental engines); torch loads NVRTC without
+    exporting its symbols to later modules (torch 2.11), so _C links it itself or fails to import."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    folders = sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "lib")))
+    folders += [os.path.join(cuda_home, "lib64")] if cuda_home else []
+    return next((d for d in folders if glob.glob(os.path.join(d, "libnvrtc.so.[0-9]*"))), None)
+
+
 # Hidden visibility: the three modules compile the same inline functions (csrc/checks.h, the kernel
 # wrappers of torch/library.h) for different targets (nvcc's host pass, generic, AVX2); each keeps its own,
 # and exports nothing but PyInit_*, so that no module can bind to another's copy however it is loaded.
@@ -127,6 +140,10 @@ if with_cuda:
         cxx_flags += ["-DRF_WITH_CUDNN_FRONTEND", *(f"-idirafter{d}" for d in _wheel_cuda_includes())]
         nvcc_flags.append("-DRF_WITH_CUDNN_FRONTEND")
         link_args += [f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{cudnn_lib}"]
+        nvrtc_lib = _nvrtc_lib()
+        if nvrtc_lib:
+            nvrtc = os.path.basename(sorted(glob.glob(os.path.join(nvrtc_lib, "libnvrtc.so.[0-9]*")))[0])
+            link_args += [f"-L{nvrtc_lib}", f"-l:{nvrtc}", f"-Wl,-rpath,{nvrtc_lib}"]
         print(f"setup.py: cuDNN graphs built (cudnn-frontend headers {frontend}, libcudnn {cudnn_lib})")
     else:
         print("setup.py: cuDNN graphs not built (no cudnn-frontend headers: pip install nvidia-cudnn-frontend, "
