@@ -137,7 +137,9 @@ inline void check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 inline void check_conv_genstats(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                const std::optional<at::Tensor>& input_mean, const std::optional<at::Tensor>& input_var,
+                                const std::optional<at::Tensor>& input_weight, const std::optional<at::Tensor>& input_bias) {
   const char* op = "conv_genstats";
   RF_CHECK(input.dim() == 4 && input.is_floating_point(), op, "expected `input` to be a 4-D (N, C, H, W) floating-point tensor, got ",
            input.scalar_type(), " of shape ", input.sizes());
@@ -147,6 +149,15 @@ inline void check_conv_genstats(const at::Tensor& input, const at::Tensor& weigh
            weight.scalar_type(), " on ", weight.device(), " but `input` is ", input.scalar_type(), " on ", input.device());
   RF_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
            "expected two values each of stride, padding and dilation, got ", stride, ", ", padding, ", ", dilation);
+  // the input BN: its batch statistics together; weight and bias only with them
+  RF_CHECK(input_mean.has_value() == input_var.has_value() &&
+               (input_mean.has_value() || (!input_weight.has_value() && !input_bias.has_value())),
+           op, "give `input_mean` and `input_var` together (the input's batch statistics), and `input_weight` / `input_bias` "
+           "only with them");
+  check_bn_vector(input_mean, input, op, "input_mean", "input");
+  check_bn_vector(input_var, input, op, "input_var", "input");
+  check_bn_vector(input_weight, input, op, "input_weight", "input");
+  check_bn_vector(input_bias, input, op, "input_bias", "input");
 }
 
 // A per-channel statistic or parameter read by the coefficient ops: a 1-D float32 / float64 / float16 /

@@ -35,7 +35,8 @@ at::Tensor conv_bn_act_stage(const at::Tensor& input, const at::Tensor& conv_wei
   if (conv_genstats_route(input, conv_weight, conv_bias.has_value(), groups, training)) {
     // the statistics from the conv's epilogue (a cuDNN graph): bn_act_batch takes no statistics pass over y
     static const auto conv_genstats = kernel_ops::handle<ConvGenstatsOp>("resnet_fused::conv_genstats");
-    const auto [y, mean, var] = conv_genstats.call(input, conv_weight, stride, padding, dilation);
+    const auto [y, mean, var] = conv_genstats.call(input, conv_weight, stride, padding, dilation, std::nullopt, std::nullopt,
+                                                    std::nullopt, std::nullopt, 0.0);
     return bn_act_stage(y, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, momentum_tensor, eps,
                         act, alpha, num_batches_tracked, op, "conv2d(input)", mean, var);
   }

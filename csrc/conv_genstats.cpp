@@ -1,9 +1,12 @@
 // resnet_fused::conv_genstats: its autograd (the statistics are outputs without a gradient: the BN that reads them
-// differentiates through them, bn_act_batch's training backward), the composite kernel (CPU; CUDA without a graph),
-// and the route conv_bn_act_stage asks. The cuDNN graph kernel: cudnn/conv_genstats_graph.cpp.
+// differentiates through them: bn_act_batch's training backward, or the next conv_genstats's input BN), the
+// composite kernel (CPU; CUDA without a graph), and the route conv_bn_act_stage asks. The cuDNN graph kernel:
+// cudnn/conv_genstats_graph.cpp.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 
 #include "checks.h"
@@ -16,57 +19,143 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
 
 std::atomic<bool> graphs_enabled{false};
 
+// grad_weight, grad_bias of a BN parameter, in the parameter's dtype (the kernels reduce in fp32)
+Tensor in_dtype_of(const Tensor& grad, const Tensor& like) {
+  return !grad.defined() || !like.defined() || grad.scalar_type() == like.scalar_type() ? grad : grad.to(like.scalar_type());
+}
+
+// The input BN's backward in float64 (gradcheck's dtype; the kernels take fp32 / fp16 / bf16): dz = grad_a where
+// a > 0, then batch norm's training backward with the batch statistics, which depend on input
+std::tuple<Tensor, Tensor, Tensor> input_bn_backward_fp64(const Tensor& grad_a, const Tensor& input, const Tensor& a,
+                                                          const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                                          double eps, std::array<bool, 3> mask) {
+  const Tensor dz = grad_a * (a > 0);
+  return at::native_batch_norm_backward(dz, input, kernel_ops::opt(weight), std::nullopt, std::nullopt, mean,
+                                        (var + eps).rsqrt(), /*train=*/true, eps, mask);
+}
+
 struct ConvGenstats : torch::autograd::Function<ConvGenstats> {
+  // the tensor arguments, in order: input, weight, input_mean, input_var, input_weight, input_bias
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, const OptTensor& input_mean,
+                               const OptTensor& input_var, const OptTensor& input_weight, const OptTensor& input_bias,
+                               double input_eps) {
     static const auto op = kernel_ops::handle<ConvGenstatsOp>("resnet_fused::conv_genstats");
     Tensor y, mean, var;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, mean, var) = op.call(input, weight, stride, padding, dilation);
+      std::tie(y, mean, var) =
+          op.call(input, weight, stride, padding, dilation, input_mean, input_var, input_weight, input_bias, input_eps);
     }
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight});
+    const auto value = [](const OptTensor& t) { return t.value_or(Tensor()); };
+    ctx->save_for_backward({input, weight, value(input_mean), value(input_var), value(input_weight), value(input_bias)});
     ctx->saved_data["conv"] = c10::List<int64_t>({stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]});
+    ctx->saved_data["eps"] = input_eps;
+    ctx->saved_data["given"] = c10::List<bool>({input_mean.has_value(), input_var.has_value(), input_weight.has_value(),
+                                                input_bias.has_value()});
     return {y, mean, var};
   }
 
-  // d conv / d input, d conv / d weight: aten's convolution backward (cuDNN's dgrad and wgrad on CUDA)
+  // y = conv(a, weight), a = input or relu(input * scale + shift):
+  //   d y / d a, d y / d weight: aten's convolution backward (cuDNN's dgrad and wgrad on CUDA), on a recomputed
+  //   d a / d input, d input_weight, d input_bias: ReLU's mask (a > 0), then batch norm's training backward (the batch
+  //   statistics are functions of input: their gradient is in it), one bn_act_backward call
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(5);
-    if (!grads[0].defined()) return none;
+    variable_list out(10);
+    if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &in_mean = saved[2], &in_var = saved[3], &in_weight = saved[4];
     const auto c = ctx->saved_data["conv"].toIntVector();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), false};
-    auto [grad_input, grad_weight, grad_bias] =
-        at::convolution_backward(grads[0], saved[0], saved[1], std::nullopt, {c[0], c[1]}, {c[2], c[3]}, {c[4], c[5]}, false,
-                                 {0, 0}, 1, mask);
-    none[0] = grad_input, none[1] = grad_weight;
-    return none;
+    const auto given = ctx->saved_data["given"].toBoolList();
+    const bool prologue = given[0];
+    // Function::apply gave an autograd edge to each tensor argument that was given: edge k of argument i
+    const auto needs = [&](size_t i) {
+      size_t edge = std::min<size_t>(i, 2);
+      for (size_t j = 2; j < i; ++j) edge += given[j - 2];
+      return (i < 2 || given[i - 2]) && ctx->needs_input_grad(edge);
+    };
+    const bool needs_input = needs(0), needs_in_weight = needs(4), needs_in_bias = needs(5);
+    const bool needs_a = needs_input || needs_in_weight || needs_in_bias;
+    const double eps = ctx->saved_data["eps"].toDouble();
+    Tensor a = input;
+    if (prologue) {  // one elementwise pass instead of a saved activation
+      const auto [scale, shift] =
+          input_scale_shift(input, in_mean, in_var, kernel_ops::opt(in_weight), kernel_ops::opt(saved[5]), eps);
+      a = input_bn_relu(input, scale, shift);
+    }
+    auto [grad_a, grad_weight, grad_bias] =
+        at::convolution_backward(grads[0], a, weight, std::nullopt, {c[0], c[1]}, {c[2], c[3]}, {c[4], c[5]}, false, {0, 0}, 1,
+                                 {prologue ? needs_a : needs_input, needs(1), false});
+    out[1] = grad_weight;
+    if (!prologue) {
+      out[0] = grad_a;
+      return out;
+    }
+    if (!needs_a) return out;
+    Tensor grad_input, grad_in_weight, grad_in_bias;
+    if (input.scalar_type() == at::kDouble) {
+      std::tie(grad_input, grad_in_weight, grad_in_bias) = input_bn_backward_fp64(
+          grad_a, input, a, in_mean, in_var, in_weight, eps, {needs_input, needs_in_weight, needs_in_bias});
+    } else {
+      std::tie(grad_input, grad_in_weight, grad_in_bias, std::ignore) =
+          kernel_ops::bn_act_backward(grad_a, input, in_mean, in_var, kernel_ops::opt(in_weight), a, eps, /*training=*/true,
+                                      needs_input, needs_in_weight || needs_in_bias, false);
+    }
+    out[0] = needs_input ? grad_input : Tensor();
+    out[7] = needs_in_weight ? in_dtype_of(grad_in_weight, in_weight) : Tensor();
+    out[8] = needs_in_bias ? in_dtype_of(grad_in_bias, saved[5]) : Tensor();
+    return out;
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> conv_genstats_autograd(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
-                                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
-  auto r = ConvGenstats::apply(input, weight, stride, padding, dilation);
+                                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                          const OptTensor& input_mean, const OptTensor& input_var,
+                                                          const OptTensor& input_weight, const OptTensor& input_bias,
+                                                          double input_eps) {
+  auto r = ConvGenstats::apply(input, weight, stride, padding, dilation, input_mean, input_var, input_weight, input_bias,
+                               input_eps);
   return {r[0], r[1], r[2]};
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> conv_genstats_composite(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
-                                                           at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_conv_genstats(input, weight, stride, padding, dilation);
-  return conv_genstats_passes(input, weight, stride, padding, dilation);
+std::tuple<Tensor, Tensor> input_scale_shift(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                            const OptTensor& bias, double eps) {
+  if (input.scalar_type() != at::kDouble) return kernel_ops::bn_scale_shift(mean, var, weight, bias, eps);
+  Tensor scale = (var.to(at::kDouble) + eps).rsqrt();  // float64: aten, in float64
+  if (weight.has_value()) scale = scale * weight->to(at::kDouble);
+  Tensor shift = -mean.to(at::kDouble) * scale;
+  if (bias.has_value()) shift = shift + bias->to(at::kDouble);
+  return {scale, shift};
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv_genstats_passes(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+Tensor input_bn_relu(const Tensor& input, const Tensor& scale, const Tensor& shift) {
+  if (input.scalar_type() != at::kDouble) return kernel_ops::bn_act_apply(input, scale, shift, std::nullopt, "relu", 0.0);
+  const std::array<int64_t, 4> per_channel{1, -1, 1, 1};
+  return at::relu(input * scale.view(per_channel) + shift.view(per_channel));
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_genstats_composite(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                                                           at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                           const OptTensor& input_mean, const OptTensor& input_var,
+                                                           const OptTensor& input_weight, const OptTensor& input_bias,
+                                                           double input_eps) {
+  check_conv_genstats(input, weight, stride, padding, dilation, input_mean, input_var, input_weight, input_bias);
+  if (!input_mean.has_value()) return conv_genstats_passes(input, weight, stride, padding, dilation);
+  const auto [scale, shift] = input_scale_shift(input, *input_mean, *input_var, input_weight, input_bias, input_eps);
+  return conv_genstats_passes(input_bn_relu(input, scale, shift), weight, stride, padding, dilation);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_genstats_passes(const Tensor& a, const Tensor& weight, at::IntArrayRef stride,
                                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-  Tensor y = at::conv2d(input, weight, std::nullopt, stride, padding, dilation, 1);
+  Tensor y = at::conv2d(a, weight, std::nullopt, stride, padding, dilation, 1);
   if (y.scalar_type() == at::kDouble) {  // gradcheck's dtype: no bn_stats kernel takes it
     auto [var, mean] = at::var_mean(y, at::IntArrayRef{0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
     return {y, mean, var};

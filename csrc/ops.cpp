@@ -80,11 +80,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   // else momentum, else 1 / num_batches_tracked (counted already): the training stages' running-statistics update
   m.def("bn_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, float count, float? momentum, Tensor? momentum_tensor, Tensor? num_batches_tracked) -> ()");
 
-  // (y, mean, biased var): y = conv2d(input, weight, None, stride, padding, dilation, groups=1) and its per-channel batch
-  // statistics, fp32 (fp64 for fp64 y). CUDA: one cuDNN graph where cuDNN has an engine for the signature (conv with
-  // genstats, sum and sum of squares of y, in its epilogue; csrc/cudnn/), else aten's conv, then bn_stats. Autograd:
-  // the gradients of y (the statistics have none: the BN reading them differentiates through them)
-  m.def("conv_genstats(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor y, Tensor mean, Tensor var)");
+  // (y, mean, biased var): y = conv2d(a, weight, None, stride, padding, dilation, groups=1) and its per-channel batch
+  // statistics, fp32 (fp64 for fp64 y); a = input, or with input_mean / input_var (input's batch statistics, as a
+  // conv_genstats returned them) a = relu(batch_norm(input)) = relu(input * scale + shift), scale = input_weight /
+  // sqrt(input_var + input_eps), shift = input_bias - input_mean * scale. CUDA: one cuDNN graph where cuDNN has an
+  // engine for the signature (the input BN + ReLU applied as the conv loads its input, genstats (sum and sum of squares
+  // of y) in its epilogue; csrc/cudnn/), else a written, aten's conv, then bn_stats. Autograd: the gradients of y, a
+  // recomputed (the statistics have none: the BN reading them differentiates through them)
+  m.def("conv_genstats(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, Tensor? input_mean=None, Tensor? input_var=None, Tensor? input_weight=None, Tensor? input_bias=None, float input_eps=1e-05) -> (Tensor y, Tensor mean, Tensor var)");
 
   // ---- stages: one op call per fused stage on the cpu and cuda backends, autograd in C++ (bn_act_stage.cpp,
   // conv_bn_act_stage.cpp); Python twins for the torch and Triton backends in resnet_fused/ops/bn_act.py ----

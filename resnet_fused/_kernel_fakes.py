@@ -77,9 +77,10 @@ def bn_update_running(running_mean, running_var, mean, var, count, momentum, mom
     return None  # in place
 
 
-def conv_genstats(input, weight, stride, padding, dilation):
-    # aten's convolution layout rule; the cuDNN graph runs where input and weight are channels_last, and writes y
-    # channels_last, as aten's conv does there
+def conv_genstats(input, weight, stride, padding, dilation, input_mean=None, input_var=None, input_weight=None,
+                  input_bias=None, input_eps=1e-5):
+    # aten's convolution layout rule (the input BN + ReLU keeps input's layout); the cuDNN graph runs where input and
+    # weight are channels_last, and writes y channels_last, as aten's conv does there
     y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation)
     return y, per_channel_empty(y), per_channel_empty(y)
 

@@ -59,8 +59,9 @@ class Variant:
     """How a fused layer runs on its backend, where a backend has more than one way (the tuner's
     candidates; None everywhere: the rules). onednn: CPU inference through oneDNN's fused convolution
     (True) or aten's convolution + the fused epilogue (False); cudnn_fused: CUDA inference through cuDNN's
-    fused conv + bias + add + ReLU; defer: training on Triton, the inner BN + ReLU applied by the next
-    convolution as it loads."""
+    fused conv + bias + add + ReLU; defer: training, a block's inner BN + ReLU applied by the next
+    convolution as it loads (Triton's conv prologue, cuDNN's fused graphs) rather than written (None: on
+    Triton, and on CUDA where resnet_fused.ops.cudnn.defers_bn_relu says so)."""
 
     onednn: bool | None = None
     cudnn_fused: bool | None = None

@@ -355,11 +355,11 @@ def conv2d_stats(
     return (y, *bn_stats(y))
 
 
-def conv_genstats(input: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
-                  dilation: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, biased var of y per channel), y = conv2d(input, weight) with groups 1: what resnet_fused::conv_genstats
-    computes (on CUDA in one cuDNN graph, the statistics from the conv's epilogue)."""
-    return conv2d_stats(input, weight, stride, padding, dilation, 1)
+def conv_genstats(input, weight, stride, padding, dilation, input_mean=None, input_var=None, input_weight=None,
+                  input_bias=None, input_eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """conv2d_stats with groups 1: what resnet_fused::conv_genstats computes (on CUDA in one cuDNN graph, the input
+    BN + ReLU applied as the conv loads, the statistics from the conv's epilogue)."""
+    return conv2d_stats(input, weight, stride, padding, dilation, 1, input_mean, input_var, input_weight, input_bias, input_eps)
 
 
 def conv_bn_act(

@@ -49,6 +49,7 @@ from resnet_fused import backends
 from resnet_fused.activations import Activation
 from resnet_fused.backends import RULES, Variant
 from resnet_fused._layout import memory_format
+from resnet_fused.ops import cudnn
 
 logger = logging.getLogger("resnet_fused")
 
@@ -76,7 +77,9 @@ def candidates(device: torch.device, training: bool, backward: bool) -> list[Can
                   if inference else [Candidate("cpu", "cpu")])
     if device.type == "cuda" and avail["cuda"]:
         found += ([Candidate("cuda-cudnn-fused", "cuda", Variant(cudnn_fused=True)),
-                   Candidate("cuda", "cuda", Variant(cudnn_fused=False))] if inference else [Candidate("cuda", "cuda")])
+                   Candidate("cuda", "cuda", Variant(cudnn_fused=False))] if inference
+                  else [Candidate("cuda-defer", "cuda", Variant(defer=True)), Candidate("cuda", "cuda", Variant(defer=False))]
+                  if training and cudnn.graphs_enabled() else [Candidate("cuda", "cuda")])
     if device.type == "cuda" and avail["triton"]:
         found += ([Candidate("triton-defer", "triton", Variant(defer=True)), Candidate("triton", "triton", Variant(defer=False))]
                   if training else [Candidate("triton", "triton")])

@@ -18,7 +18,8 @@ RESNET50_STAGES = [("resnet50.layer1", "Bottleneck", 256, 64, 56), ("resnet50.la
                    ("resnet50.layer3", "Bottleneck", 1024, 256, 14), ("resnet50.layer4", "Bottleneck", 2048, 512, 7)]
 
 
-# the cuda backend with the cuDNN graphs on (conv + genstats: csrc/cudnn/), where this build has them
+# the cuda backend with the cuDNN graphs on (conv + genstats; fp16 blocks defer their inner BN + ReLU into the next
+# conv's graph: csrc/cudnn/), where this build has them
 CUDA_GRAPHS = "fused-cuda-cudnn-graphs"
 
 

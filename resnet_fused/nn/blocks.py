@@ -1,9 +1,10 @@
 """FusedBasicBlock and FusedBottleneck: torchvision's constructor arguments, attributes and
 state_dict keys; every conv -> BN (-> add) -> ReLU runs as one fused call.
 
-In training on the Triton backend the inner BN + ReLU are deferred (DESIGN.md, data flow): a conv
-writes its raw output and takes its BN statistics in the epilogue, and the next conv applies that
-BN + ReLU to its input tiles as they load, so the inner activations are never written or saved.
+In training on the Triton backend, and on the cuda backend where cuDNN's fused graphs apply, the inner
+BN + ReLU are deferred (DESIGN.md, data flow): a conv writes its raw output and takes its BN statistics
+in the epilogue, and the next conv applies that BN + ReLU to its input as it loads, so the inner
+activations are never written or saved.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 
 from resnet_fused import backends, tuning
 from resnet_fused.activations import Activation
-from resnet_fused.ops import arena
+from resnet_fused.ops import arena, cudnn
 from resnet_fused.nn import plan
 from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, conv_bn_projection_forward, is_fusable_conv
@@ -49,17 +50,17 @@ class _FusedBlock(nn.Module):
         return getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
 
     def _defers(self, x: torch.Tensor, backend: str | None) -> bool:
-        """Whether the inner BN + ReLU ride on the next conv's loads: training on the Triton backend
-        (elsewhere writing the activation once is as cheap as recomputing it), no synchronized BN;
-        a tuner's Variant may turn it off."""
-        return (
-            self.process_group is None
-            and backends.variant().defer is not False
-            and backends.resolve(backend, x) == "triton"
-            and all(can_defer(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_convs))
-            and is_fusable_conv(getattr(self, f"conv{self.num_convs}"))
-            and is_plain_batchnorm(getattr(self, f"bn{self.num_convs}"))
-        )
+        """Whether the inner BN + ReLU ride on the next conv's loads (training, no synchronized BN): on the
+        Triton backend (its conv's prologue), and on the cuda backend where cuDNN's fused graphs take them
+        (cudnn.defers_bn_relu; elsewhere writing the activation once is as cheap as recomputing it). A tuner's
+        Variant turns it on (on any backend) or off."""
+        convs = [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]
+        if (self.process_group is not None or backends.variant().defer is False
+                or not all(can_defer(conv, getattr(self, f"bn{i}")) for i, conv in enumerate(convs[:-1], 1))
+                or not is_fusable_conv(convs[-1]) or not is_plain_batchnorm(getattr(self, f"bn{self.num_convs}"))):
+            return False
+        impl = backends.resolve(backend, x)
+        return backends.variant().defer is True or impl == "triton" or impl == "cuda" and cudnn.defers_bn_relu(x, convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: the routed forward, or the eager one for Inductor to lower
@@ -86,6 +87,8 @@ class _FusedBlock(nn.Module):
         every_pair = pairs + ([tuple(ds)] if ds is not None else [])
         if plan.stage_backend(self, x, backend, every_pair) is None:
             return functools.partial(self._run_fused, backend=backend)
+        if self._defers(x, backend):  # the stage backends' deferred path (cuDNN's fused graphs), decided here once
+            return functools.partial(self._run_fused, backend=backend, defer=True)
         # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
         module = self.downsample if ds is None and self.downsample is not None else None
         if plan.folds(every_pair, torch.is_grad_enabled()):
@@ -110,10 +113,10 @@ class _FusedBlock(nn.Module):
                                   shift=projection.shift if projection is not None else None, name=f"conv{len(pairs)}", **folds))
         return stages, projection
 
-    def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def _run_fused(self, x: torch.Tensor, backend: str | None, *, defer: bool | None = None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
-        BN + ReLU to the next conv's loads where _defers says so."""
-        defer = self._defers(x, backend)
+        BN + ReLU to the next conv's loads where `defer` (default: _defers) says so."""
+        defer = self._defers(x, backend) if defer is None else defer
         out, deferred = x, None
         for i in range(1, self.num_convs):
             if defer:

@@ -86,13 +86,13 @@ def tensor_signature(t: torch.Tensor | None) -> tuple | None:
 
 def layer_signature(layer: nn.Module, x: torch.Tensor, backend: str | None, modules=None) -> tuple:
     """What a plan of `layer` for input x on the backend setting `backend` (None: the one in force) depends on,
-    besides the values of its parameters and buffers; the tuner's Variant in force included. modules: those the
-    layer runs (default: its submodules)."""
+    besides the values of its parameters and buffers; the tuner's Variant in force and the cuDNN graphs' switch
+    included. modules: those the layer runs (default: its submodules)."""
     modules = tuple(layer._modules.values()) if modules is None else tuple(modules)
     modes = tuple(m is not None and m.training for m in modules)
     return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
             torch.is_autocast_enabled(x.device.type), backend if backend is not None else backends.get_backend(),
-            backends.variant(), layer.process_group, modules, modes)
+            backends.variant(), cudnn.graphs_enabled(), layer.process_group, modules, modes)
 
 
 def stage_backend(layer: nn.Module, x: torch.Tensor, backend: str | None, pairs) -> str | None:

@@ -17,7 +17,7 @@ from resnet_fused.activations import RELU
 from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._bn_math import bn_act_grads
 from resnet_fused.ops._checks import check_batch, check_channel_vector, check_channel_vectors, check_conv, check_running_args
-from resnet_fused.ops.bn_act import bn_act_train, update_running_stats
+from resnet_fused.ops.bn_act import STAGE_BACKENDS, bn_act_train, update_running_stats
 from resnet_fused.ops.kernels import kernels, triton_conv_applies
 
 
@@ -42,8 +42,13 @@ def conv2d_stats(
     statistics (the previous layer's BN + ReLU in training): Triton applies it to the input tiles as
     they load (prologue), so a is never written; other backends write it once for the convolution.
     The backward recomputes a instead of saving it. Triton takes the statistics of y in the
-    convolution's epilogue; other backends run bn_stats after it.
+    convolution's epilogue; the cpu and cuda backends run resnet_fused::conv_genstats (groups 1; on CUDA
+    one cuDNN graph where the graphs are on: the prologue and the statistics fused into the convolution);
+    other calls run bn_stats after the convolution.
     """
+    if backend in STAGE_BACKENDS and groups == 1:
+        return torch.ops.resnet_fused.conv_genstats(input, weight, stride, padding, dilation, input_mean, input_var,
+                                                    input_weight, input_bias, input_eps)
     k = kernels(backend)
     prologue = input_mean is not None
     if prologue:

@@ -101,8 +101,10 @@ lower_precision_fp("cudnn_conv_add_relu", cast=(0, 1, 2, 3), device_types=("cuda
 #
 # conv_bn_act_stage in training on CUDA takes y's batch statistics from resnet_fused::conv_genstats, a cuDNN graph (conv
 # with genstats), where csrc/conv_genstats.h's conv_genstats_route says so (fp16 / bf16, channels_last, groups 1, no conv
-# bias, channels multiples of 8) and cuDNN builds the graph; bn_act_batch then takes no statistics pass over y. Off by
-# default until a GPU run has checked it (RESNET_FUSED_CUDNN_GRAPHS=1, or set_graphs(True)).
+# bias, channels multiples of 8) and cuDNN builds the graph; bn_act_batch then takes no statistics pass over y. A block
+# whose convs all qualify in fp16 (defers_bn_relu) also defers its inner BN + ReLU: conv_genstats's graph with the input
+# BN + ReLU as its prologue. Off by default until a GPU run has checked it (RESNET_FUSED_CUDNN_GRAPHS=1, or
+# set_graphs(True)).
 
 
 def _extension():
@@ -117,8 +119,11 @@ def graphs_built() -> bool:
     return backends.has_extension() and _extension().cudnn_graphs_built()
 
 
+_graphs_on = False  # set_graphs's setting, mirrored here: plan keys read it on every block call
+
+
 def graphs_enabled() -> bool:
-    return graphs_built() and _extension().cudnn_graphs_enabled()
+    return _graphs_on
 
 
 def set_graphs(enabled: bool) -> None:
@@ -128,8 +133,10 @@ def set_graphs(enabled: bool) -> None:
                                              "built without cudnn-frontend's headers (pip install nvidia-cudnn-frontend, "
                                              "then rebuild)")
         raise RuntimeError(f"resnet_fused: the cuDNN graphs are not in this build of resnet_fused._C: {why}")
+    global _graphs_on
     if backends.has_extension():
         _extension().cudnn_graphs_set_enabled(bool(enabled))
+        _graphs_on = bool(enabled)
 
 
 @contextlib.contextmanager
@@ -141,6 +148,19 @@ def graphs(enabled: bool = True):
         yield
     finally:
         set_graphs(was)
+
+
+def defers_bn_relu(x: Tensor, convs) -> bool:
+    """Whether a training block on the cuda backend defers its inner BN + ReLU into the next convolution (conv_genstats's
+    graph with the input BN + ReLU as its prologue, DESIGN.md's data flow) by the rules: the graphs on, x fp16 (Hopper
+    builds neither pattern in bf16, benchmarks/results/h200-2026-12-04-cudnn-graphs: there `tune` may still choose it)
+    and channels_last, no autocast, every conv bias-free, groups 1, fp16 channels_last weights, channels multiples of 8.
+    cuDNN may still decline a signature: conv_genstats then runs its passes, the activation written once."""
+    cl = torch.channels_last
+    return (x.is_cuda and x.dtype == torch.float16 and x.is_contiguous(memory_format=cl) and not torch.is_autocast_enabled("cuda")
+            and graphs_enabled() and all(
+                c.bias is None and c.groups == 1 and c.weight.dtype == torch.float16 and c.weight.is_contiguous(memory_format=cl)
+                and c.in_channels % 8 == 0 and c.out_channels % 8 == 0 for c in convs))
 
 
 def graph_report() -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
-"""The cuDNN graphs of the cuda backend's training path (csrc/cudnn/: conv with genstats in its epilogue), on a GPU
-with a build that has them (skipped, visibly, elsewhere): resnet_fused::conv_genstats against float64 at ResNet
-shapes, that the graph (not the fallback) ran, the fallbacks (bf16 where cuDNN has no engine, odd channels, NCHW),
-conv_bn_act_stage's route in a fused block's training step against eager and float64, and CUDA-graph capture."""
+"""The cuDNN graphs of the cuda backend's training path (csrc/cudnn/: conv with genstats in its epilogue, and with the
+previous BN + ReLU as its prologue), on a GPU with a build that has them (skipped, visibly, elsewhere):
+resnet_fused::conv_genstats against float64 at ResNet shapes with and without the input BN, that the graph (not the
+fallback) ran, the fallbacks (bf16 where cuDNN has no engine, odd channels, NCHW), a fused block's training step (the
+deferred data flow) against eager and float64, and CUDA-graph capture."""
 
 import pytest
 import torch
@@ -73,6 +74,43 @@ def test_conv_genstats_graph_matches_float64(conv, graphs_on):
     assert len(_report_of(before)) == 1 and torch.equal(y2, y)
 
 
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c[1]}to{c[3]}k{c[4]}s{c[5]}")
+def test_conv_genstats_input_bn_graph_matches_float64(conv, graphs_on):
+    """The prologue graph (relu(x * scale + shift) on load, conv, genstats), fp16 channels_last: built (the report
+    names the coefficients' dtype), y and the gradients of x, the conv weight and the input BN's weight and bias under
+    the eager-error rule (2-norm per tensor). x's channel means sit at 2 standard deviations from zero, so that the BN's
+    shift cancels most of x * scale: fp16 coefficients would show there (an fp16 ulp of |x * scale|, ~4x eager's)."""
+    n, cin, hw, cout, k, s, p = conv
+    x = activation((n, cin, hw, hw), torch.float16, CL, "cuda", scale=0.5, offset=1.0).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).half().contiguous(memory_format=CL)
+    w.requires_grad_()
+    bw = (torch.rand(cin, device="cuda") + 0.5).requires_grad_()
+    bb = (torch.randn(cin, device="cuda") * 0.3).requires_grad_()
+    var, mean = torch.var_mean(x.detach().float(), (0, 2, 3), correction=0)
+    before = len(cudnn.graph_report())
+    y, y_mean, y_var = OPS.conv_genstats(x, w, [s, s], [p, p], [1, 1], mean, var, bw, bb, 1e-5)
+    new = _report_of(before)
+    assert len(new) == 1 and new[0][1] == "" and new[0][0].startswith("bn-relu + conv + genstats"), new
+    print(new[0][0])  # which coefficient dtype cuDNN took
+    leaves = (x, w, bw, bb)
+
+    def bn_relu_conv(x, w, bw, bb):
+        return F.conv2d(torch.relu(F.batch_norm(x, None, None, bw, bb, True, 0.0, 1e-5)), w, None, s, p)
+
+    eager = bn_relu_conv(*leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exact = bn_relu_conv(*leaves64)
+    assert y.is_contiguous(memory_format=CL) and y.dtype == torch.float16
+    assert_within_eager_error(y, eager, exact, f"y {conv}", norm="fro")
+    _stats_close(y_mean, y_var, y, f"{conv}")
+    grad = torch.randn_like(eager)
+    got = torch.autograd.grad(y, leaves, grad)
+    ref = torch.autograd.grad(eager, leaves, grad)
+    ex = torch.autograd.grad(exact, leaves64, grad.double())
+    for name, g, e, x64 in zip(("input", "weight", "bn weight", "bn bias"), got, ref, ex):
+        assert_within_eager_error(g, e, x64, f"grad {name} {conv}", norm="fro", factor=3.0)
+
+
 def test_conv_genstats_fallbacks(graphs_on):
     """Where no graph runs, the composite (aten's conv, then bn_stats) gives the same function: bf16 (cuDNN 9.19 on the
     H200 built none: the reason is reported once, and a second call reuses the decision), channels not a multiple
@@ -101,6 +139,9 @@ def test_conv_genstats_opcheck(graphs_on):
     x = activation((2, 16, 8, 8), torch.float16, CL, "cuda").requires_grad_()
     w = torch.randn(16, 16, 3, 3, device="cuda").half().contiguous(memory_format=CL).requires_grad_()
     torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1]))
+    var, mean = torch.var_mean(x.detach().float(), (0, 2, 3), correction=0)
+    bw, bb = (torch.rand(16, device="cuda") + 0.5).requires_grad_(), torch.randn(16, device="cuda").requires_grad_()
+    torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1], mean, var, bw, bb, 1e-5))
 
 
 def _block_step(block, x, grad):
@@ -111,9 +152,11 @@ def _block_step(block, x, grad):
 
 @pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
 def test_fused_block_training_with_graphs(kind):
-    """A torchvision block fused on the cuda backend, fp16 channels_last, one training step with the graphs on: every
-    conv -> BN stage took its statistics from conv_genstats (no aten conv forward; each signature's graph built), and the output, every gradient
-    and the running statistics agree with eager fp16 against a float64 twin (2-norm per tensor, 2x eager's error)."""
+    """A torchvision block fused on the cuda backend, fp16 channels_last, one training step with the graphs on: the
+    deferred data flow (every conv through conv_genstats's graph, all but the first with the previous BN + ReLU as
+    its prologue: no aten conv forward and no activation written by bn_act_apply; each signature's graph built), and
+    the output, every gradient and the running statistics agree with eager fp16 against a float64 twin (2-norm per
+    tensor, 2x eager's error)."""
     torch.manual_seed(0)
     inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
     eager = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().train()
@@ -126,12 +169,16 @@ def test_fused_block_training_with_graphs(kind):
     x = activation((16, inplanes, 28, 28), torch.float16, CL, "cuda").requires_grad_()
     grad = torch.randn(16, planes * (4 if kind == "Bottleneck" else 1), 28, 28, device="cuda").half()
     before = len(cudnn.graph_report())
-    with cudnn.graphs(True), profile() as prof:
-        got = _block_step(fused, x, grad)
+    with cudnn.graphs(True):
+        with profile() as prof:
+            out = fused(x)
+        got = [out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], grad)]
     names = {e.name for e in prof.events()}
-    assert "resnet_fused::conv_genstats" in names and "aten::conv2d" not in names  # every stage took the route
-    new = _report_of(before)  # its distinct conv signatures (BasicBlock: conv1 = conv2), each built as a graph
-    assert len(new) == (1 if kind == "BasicBlock" else 3) and all(reason == "" for _, reason in new), new
+    assert "resnet_fused::conv_genstats" in names and "aten::conv2d" not in names, sorted(names)
+    assert "resnet_fused::bn_act_apply" not in names, "an inner activation was written in the forward"
+    new = _report_of(before)  # its conv signatures, each built as a graph (the first without a prologue)
+    assert len(new) == (2 if kind == "BasicBlock" else 3) and all(reason == "" for _, reason in new), new
+    assert sum(what.startswith("bn-relu") for what, _ in new) == len(new) - 1, new
     ref = _block_step(eager, x, grad)
     x64 = x.detach().double().requires_grad_()
     ex = _block_step(exact, x64, grad.double())
@@ -140,6 +187,8 @@ def test_fused_block_training_with_graphs(kind):
     for name, buf in fused.named_buffers():
         if buf.is_floating_point():
             assert_within_eager_error(buf, dict(eager.named_buffers())[name], dict(exact.named_buffers())[name], name)
+    counters = [b.item() for b in fused.buffers() if not b.is_floating_point()]
+    assert counters == [1] * len(counters), "num_batches_tracked: once per BN per step"
 
 
 def test_graphs_under_cuda_graph_capture():
@@ -164,3 +213,13 @@ def test_graphs_under_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
     torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
+
+
+def test_tune_times_the_deferred_block_with_the_graphs_on():
+    """With the graphs on, `tune` has both ways of a training block on CUDA: deferred (cuda-defer) and not (cuda)."""
+    from resnet_fused import tuning
+
+    with cudnn.graphs(True):
+        names = [c.name for c in tuning.candidates(torch.device("cuda"), training=True, backward=True)]
+    assert {"cuda-defer", "cuda"} <= set(names), names
+    assert "cuda-defer" not in [c.name for c in tuning.candidates(torch.device("cuda"), training=True, backward=True)]

@@ -240,7 +240,28 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     """Training on Triton runs the deferred data flow of DESIGN.md, and still matches torchvision's block."""
     if not resnet_fused.backends.available()["triton"]:
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
-    device = device_of("triton")
+    check_deferred_block(block, "triton", monkeypatch)
+
+
+@needs_extension
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_blocks_defer_on_the_cpu_when_the_variant_says_so(block, monkeypatch):
+    """Variant(defer=True) (a tuner's candidate) runs the deferred data flow on a stage backend, whose rules keep it
+    off on the CPU: the convs through resnet_fused::conv_genstats (on CUDA the cuDNN graphs' path, on the CPU its
+    composite), the block still torchvision's."""
+    conv_genstats = torch.ops.resnet_fused.conv_genstats
+    seen = []
+    monkeypatch.setattr(resnet_fused.ops.conv_stats.torch.ops.resnet_fused, "conv_genstats",
+                        lambda *a: seen.append(a[5] is not None) or conv_genstats(*a), raising=False)
+    with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
+        check_deferred_block(block, "cpu", monkeypatch)
+    assert seen == [False] + [True] * (1 if block == "basic" else 2), f"conv_genstats calls (input BN given): {seen}"
+
+
+def check_deferred_block(block: str, backend: str, monkeypatch):
+    """A fused block in training on `backend` takes the deferred path (every conv's statistics in conv_with_stats, all
+    but the first with a deferred input BN + ReLU) and matches torchvision's block and its float64 twin."""
+    device = device_of(backend)
     calls = []
     defer, with_stats = functional.conv_bn_defer, resnet_fused.ops.conv_stats.conv_with_stats
     monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_bn_defer",  # what the blocks call for the inner convs
@@ -248,11 +269,11 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     monkeypatch.setattr(resnet_fused.ops.conv_bn_act, "conv_with_stats",  # conv_bn_act's conv_stats path (the last)
                         lambda *a: calls.append(a[7]) or with_stats(*a))
     torch.manual_seed(0)
-    eager = (torchvision.models.resnet.BasicBlock(6, 6) if block == "basic"
+    eager = (torchvision.models.resnet.BasicBlock(8, 8) if block == "basic"
              else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)
-    fused = resnet_fused.fuse_(copy.deepcopy(eager), backend="triton")
+    fused = resnet_fused.fuse_(copy.deepcopy(eager), backend=backend)
     exact_model = copy.deepcopy(eager).double()  # before any step: all three start from the same buffers
-    x = activation((2, 6 if block == "basic" else 8, 5, 5), torch.float32, torch.channels_last, device)
+    x = activation((2, 8, 5, 5), torch.float32, torch.channels_last, device)
     x = clear_input(eager, exact_model, x, training=True, what=block)  # no ReLU sign within rounding of 0
     grad = activation(x.shape, torch.float32, torch.channels_last, device)
     got = results_of(fused, x, grad)

@@ -250,6 +250,71 @@ def test_conv_genstats_matches_reference(fmt, dtype):
         assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
 
 
+def _conv_of_bn_relu(x, w, bn_weight, bn_bias):
+    """What conv_genstats computes with an input BN (here stride 2, padding 1): conv2d(relu(batch_norm(x))) in training."""
+    return F.conv2d(torch.relu(F.batch_norm(x, None, None, bn_weight, bn_bias, True, 0.0, 1e-5)), w, None, 2, 1)
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_conv_genstats_input_bn_matches_batch_norm(fmt, dtype, affine):
+    """conv_genstats with an input BN + ReLU (the deferred BN; on the CPU the composite: bn_act_apply, aten's conv,
+    bn_stats) against conv2d(relu(batch_norm(x))) in float64, x's batch statistics handed in as a conv_genstats returns
+    them: y under the eager-error rule, y's statistics against float64 statistics of the y returned, and the gradients
+    of x, the conv weight and the input BN's weight and bias (through the batch statistics: the backward's BN is the
+    training one) under the eager-error rule. x's channel means sit off zero, so that the BN's shift matters."""
+    x = activation((2, 5, 7, 7), dtype, fmt, scale=0.7, offset=0.4).requires_grad_()
+    w = (torch.randn(6, 5, 3, 3) * 0.3).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    bn = [(torch.rand(5) + 0.5).requires_grad_(), (torch.randn(5) * 0.3).requires_grad_()] if affine else [None, None]
+    var, mean = torch.var_mean(x.detach().double(), (0, 2, 3), correction=0)
+    y, y_mean, y_var = OPS.conv_genstats(x, w, [2, 2], [1, 1], [1, 1], mean.float(), var.float(), *bn, 1e-5)
+    leaves = [t for t in (x, w, *bn) if t is not None]
+    ref = _conv_of_bn_relu(x, w, *bn)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exact = _conv_of_bn_relu(*leaves64, *([None, None] if not affine else []))
+    assert y.dtype == dtype and y.stride() == ref.stride() and not y_mean.requires_grad and not y_var.requires_grad
+    assert_within_eager_error(y, ref, exact, "y")
+    y64 = y.detach().double()
+    torch.testing.assert_close(y_mean, y64.mean((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_var, y64.var((0, 2, 3), unbiased=False).float(), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(y.shape, dtype=dtype)
+    got = torch.autograd.grad(y, leaves, grad)
+    eager = torch.autograd.grad(ref, leaves, grad)
+    exact_grads = torch.autograd.grad(exact, leaves64, grad.double())
+    for name, g, e, ex in zip(("input", "conv weight", "bn weight", "bn bias"), got, eager, exact_grads):
+        assert g.dtype == e.dtype, f"grad {name}: {g.dtype}, eager's {e.dtype}"
+        assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
+
+
+def test_conv_genstats_input_bn_opcheck_gradcheck_and_errors():
+    """The input BN through opcheck (with and without its affine parameters) and gradcheck in float64 (the statistics
+    recomputed from x inside the function: the op's backward carries their gradient), and its argument errors."""
+    x = activation((2, 4, 5, 5), torch.float32, CL, offset=0.3).requires_grad_()
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    bw, bb = (torch.rand(4) + 0.5).requires_grad_(), torch.randn(4).requires_grad_()
+    var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
+    torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1], mean, var, bw, bb, 1e-5))
+    torch.library.opcheck(OPS.conv_genstats, (x.detach().contiguous(), w, [2, 1], [0, 1], [1, 2], mean, var, None, None, 1e-3))
+    x64 = torch.randn(2, 3, 5, 4, dtype=torch.float64).add_(0.5).requires_grad_()
+    w64 = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    bw64, bb64 = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def fn(a, b, g, h):
+        v, m = torch.var_mean(a.detach(), (0, 2, 3), correction=0)
+        return OPS.conv_genstats(a, b, [2, 1], [1, 0], [1, 1], m, v, g, h, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(fn, (x64, w64, bw64, bb64))
+    x = x.detach()
+    with pytest.raises(RuntimeError, match="conv_genstats: give `input_mean` and `input_var` together"):
+        OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], mean, None)
+    with pytest.raises(RuntimeError, match="conv_genstats: give .* and `input_weight` / `input_bias` only with them"):
+        OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], None, None, bw)
+    with pytest.raises(RuntimeError, match=r"conv_genstats: expected `input_var` of shape \(4\), one per channel of input "
+                                           r"\[2, 4, 5, 5\], got \[3\]"):
+        OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], mean, var[:3])
+
+
 def test_conv_genstats_then_bn_act_batch_is_conv_bn_act():
     """The cuDNN route's composition (conv_bn_act_stage in training on CUDA with the graphs on): conv_genstats, then
     bn_act_batch normalizing by the statistics it was handed. Output and every gradient against conv2d -> batch_norm ->
