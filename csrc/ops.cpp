@@ -109,8 +109,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   // statistics updated in place in training; num_batches_tracked (training) += 1; the momentum: momentum_tensor (0-dim)
   // if given, else momentum, else (None: nn.BatchNorm2d's cumulative average) 1 / num_batches_tracked
   m.def("bn_act_stage(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, bool training, float? momentum, Tensor? momentum_tensor, float eps, str act, float alpha, Tensor(c!)? num_batches_tracked=None) -> Tensor");
-  // bn_act_stage(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups), ...)
-  m.def("conv_bn_act_stage(Tensor input, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, float? momentum, Tensor? momentum_tensor, float eps, str act, float alpha, Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  // bn_act_stage(conv2d(a, conv_weight, conv_bias, stride, padding, dilation, groups), ...); a = input, or with
+  // input_mean / input_var (training, no conv bias, groups 1) a = relu(batch_norm(input)) with those batch statistics,
+  // as conv_genstats (a BN + ReLU deferred by conv_bn_defer_stage)
+  m.def("conv_bn_act_stage(Tensor input, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool training, float? momentum, Tensor? momentum_tensor, float eps, str act, float alpha, Tensor(c!)? num_batches_tracked=None, Tensor? input_mean=None, Tensor? input_var=None, Tensor? input_weight=None, Tensor? input_bias=None, float input_eps=1e-05) -> Tensor");
+  // (y, mean, var) = conv_genstats(input, conv_weight, ..., input BN), then the running statistics updated with y's batch
+  // statistics as bn_act_batch does (num_batches_tracked += 1 where given first): a training conv -> BN whose
+  // normalization + ReLU is deferred to the next convolution's load (input_mean=mean, input_var=var there)
+  m.def("conv_bn_defer_stage(Tensor input, Tensor conv_weight, Tensor(a!)? running_mean, Tensor(b!)? running_var, int[2] stride, int[2] padding, int[2] dilation, float? momentum, Tensor? momentum_tensor, Tensor(c!)? num_batches_tracked=None, Tensor? input_mean=None, Tensor? input_var=None, Tensor? input_weight=None, Tensor? input_bias=None, float input_eps=1e-05) -> (Tensor y, Tensor mean, Tensor var)");
   // act(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual): eval with BN folded into (weight, bias);
   // fused_conv: the convolution takes the epilogue (oneDNN post-ops, weight dense or prepacked; cuDNN conv + add + ReLU)
   m.def("conv_act_stage(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, str act, float alpha, bool fused_conv) -> Tensor");

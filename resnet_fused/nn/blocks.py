@@ -87,10 +87,13 @@ class _FusedBlock(nn.Module):
         every_pair = pairs + ([tuple(ds)] if ds is not None else [])
         if plan.stage_backend(self, x, backend, every_pair) is None:
             return functools.partial(self._run_fused, backend=backend)
-        if self._defers(x, backend):  # the stage backends' deferred path (cuDNN's fused graphs), decided here once
-            return functools.partial(self._run_fused, backend=backend, defer=True)
         # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
         module = self.downsample if ds is None and self.downsample is not None else None
+        if self._defers(x, backend):  # training, the inner BN + ReLU on the next conv's loads (cuDNN's fused graphs)
+            stages = [plan.Deferring(conv, bn) for conv, bn in pairs[:-1]] + [plan.Staged(*pairs[-1], _RELU)]
+            projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
+            identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
+            return plan.Chain(functools.partial(_run_deferred, stages, identity), [], None)
         if plan.folds(every_pair, torch.is_grad_enabled()):
             stages, projection = self._folded_stages(pairs, ds, module, x)
         else:
@@ -113,10 +116,10 @@ class _FusedBlock(nn.Module):
                                   shift=projection.shift if projection is not None else None, name=f"conv{len(pairs)}", **folds))
         return stages, projection
 
-    def _run_fused(self, x: torch.Tensor, backend: str | None, *, defer: bool | None = None) -> torch.Tensor:
+    def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> ... -> conv{n} -> bn{n} (+ shortcut) -> relu, deferring the inner
-        BN + ReLU to the next conv's loads where `defer` (default: _defers) says so."""
-        defer = self._defers(x, backend) if defer is None else defer
+        BN + ReLU to the next conv's loads where _defers says so."""
+        defer = self._defers(x, backend)
         out, deferred = x, None
         for i in range(1, self.num_convs):
             if defer:
@@ -168,6 +171,14 @@ class _FusedBlock(nn.Module):
 
 def _same(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _run_deferred(stages: list, identity, x: torch.Tensor) -> torch.Tensor:
+    """A deferred plan's block: Deferring stages, each handing its BN + ReLU to the next, then the last Staged one."""
+    out, input_bn = x, ()
+    for stage in stages[:-1]:
+        out, input_bn = stage(out, input_bn)
+    return stages[-1](out, identity(x) if identity is not None else None, input_bn)
 
 
 def _run_stages(stages: list, identity, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ _MAX_PLANS = 8  # signatures kept per layer (a layer sees few: train / eval, a b
 _conv_act_stage = torch.ops.resnet_fused.conv_act_stage.default if backends.has_extension() else None
 _conv_bn_act_stage = torch.ops.resnet_fused.conv_bn_act_stage.default if backends.has_extension() else None
 _bn_act_stage = torch.ops.resnet_fused.bn_act_stage.default if backends.has_extension() else None
+_conv_bn_defer_stage = torch.ops.resnet_fused.conv_bn_defer_stage.default if backends.has_extension() else None
 
 
 def plans_of(module: nn.Module) -> PlanCache:
@@ -148,15 +149,16 @@ def _bn_reads(bn: nn.BatchNorm2d):
 
 
 def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, input_bn: tuple = ()) -> torch.Tensor:
     """act(bn(conv(x)) (+ residual)) as one resnet_fused::conv_bn_act_stage call, with what nn.BatchNorm2d's forward
     reads per call: training, track_running_stats, momentum (None: the cumulative average), eps; the op counts the
-    batch in num_batches_tracked where nn.BatchNorm2d would."""
+    batch in num_batches_tracked where nn.BatchNorm2d would. input_bn: a Deferring stage's BN + ReLU of x, applied as
+    the conv loads x."""
     p = conv._parameters
     (weight, bias, running_mean, running_var), batch_stats, counted = _bn_reads(bn)
     return _conv_bn_act_stage(x, p["weight"], p["bias"], weight, bias, running_mean, running_var, residual, conv.stride,
                               conv.padding, conv.dilation, conv.groups, batch_stats, bn.momentum, None, bn.eps, act.name,
-                              act.alpha, counted)
+                              act.alpha, counted, *input_bn)
 
 
 def bn_stage(bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +175,27 @@ class Staged:
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation):
         self.conv, self.bn, self.act = conv, bn, act
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return conv_bn_stage(self.conv, self.bn, self.act, x, residual)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, input_bn: tuple = ()) -> torch.Tensor:
+        return conv_bn_stage(self.conv, self.bn, self.act, x, residual, input_bn)
+
+
+class Deferring:
+    """An inner conv -> bn -> ReLU of a block in training with its BN + ReLU deferred (DESIGN.md, data flow): one
+    resnet_fused::conv_bn_defer_stage call writes the conv's raw output y and its batch statistics, and moves the
+    running statistics as nn.BatchNorm2d would; relu(bn(y)) is left to the next stage, which applies it as its conv
+    loads y (called with input_bn: this stage's own input BN)."""
+
+    __slots__ = ("conv", "bn")
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        self.conv, self.bn = conv, bn
+
+    def __call__(self, x: torch.Tensor, input_bn: tuple = ()) -> tuple[torch.Tensor, tuple]:
+        conv, bn = self.conv, self.bn
+        (weight, bias, running_mean, running_var), _, counted = _bn_reads(bn)
+        y, mean, var = _conv_bn_defer_stage(x, conv._parameters["weight"], running_mean, running_var, conv.stride,
+                                            conv.padding, conv.dilation, bn.momentum, None, counted, *input_bn)
+        return y, (mean, var, weight, bias, bn.eps)
 
 
 # ---- folded: one conv_act_stage per stage, BN folded when the plan is made ----

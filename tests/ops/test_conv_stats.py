@@ -240,34 +240,34 @@ def test_blocks_defer_in_training_on_triton(block, monkeypatch):
     """Training on Triton runs the deferred data flow of DESIGN.md, and still matches torchvision's block."""
     if not resnet_fused.backends.available()["triton"]:
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
-    check_deferred_block(block, "triton", monkeypatch)
-
-
-@needs_extension
-@pytest.mark.parametrize("block", ["basic", "bottleneck"])
-def test_blocks_defer_on_the_cpu_when_the_variant_says_so(block, monkeypatch):
-    """Variant(defer=True) (a tuner's candidate) runs the deferred data flow on a stage backend, whose rules keep it
-    off on the CPU: the convs through resnet_fused::conv_genstats (on CUDA the cuDNN graphs' path, on the CPU its
-    composite), the block still torchvision's."""
-    conv_genstats = torch.ops.resnet_fused.conv_genstats
-    seen = []
-    monkeypatch.setattr(resnet_fused.ops.conv_stats.torch.ops.resnet_fused, "conv_genstats",
-                        lambda *a: seen.append(a[5] is not None) or conv_genstats(*a), raising=False)
-    with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
-        check_deferred_block(block, "cpu", monkeypatch)
-    assert seen == [False] + [True] * (1 if block == "basic" else 2), f"conv_genstats calls (input BN given): {seen}"
-
-
-def check_deferred_block(block: str, backend: str, monkeypatch):
-    """A fused block in training on `backend` takes the deferred path (every conv's statistics in conv_with_stats, all
-    but the first with a deferred input BN + ReLU) and matches torchvision's block and its float64 twin."""
-    device = device_of(backend)
     calls = []
     defer, with_stats = functional.conv_bn_defer, resnet_fused.ops.conv_stats.conv_with_stats
     monkeypatch.setattr(resnet_fused.nn.conv_bn, "conv_bn_defer",  # what the blocks call for the inner convs
                         lambda *a, **k: calls.append(k.get("input_bn")) or defer(*a, **k))
     monkeypatch.setattr(resnet_fused.ops.conv_bn_act, "conv_with_stats",  # conv_bn_act's conv_stats path (the last)
                         lambda *a: calls.append(a[7]) or with_stats(*a))
+    check_deferred_block(block, "triton", calls)
+
+
+@needs_extension
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_blocks_defer_on_the_cpu_when_the_variant_says_so(block, monkeypatch):
+    """Variant(defer=True) (a tuner's candidate) runs the deferred data flow on a stage backend, whose rules keep it
+    off on the CPU: the plan's stage ops (conv_bn_defer_stage for the inner convs, conv_bn_act_stage with the input
+    BN for the last; on CUDA the cuDNN graphs' path, on the CPU their composite), the block still torchvision's."""
+    calls = []
+    plan = resnet_fused.nn.plan
+    defer_stage, act_stage = plan._conv_bn_defer_stage, plan._conv_bn_act_stage
+    monkeypatch.setattr(plan, "_conv_bn_defer_stage", lambda *a: calls.append(a[10] if len(a) > 10 else None) or defer_stage(*a))
+    monkeypatch.setattr(plan, "_conv_bn_act_stage", lambda *a: calls.append(a[19] if len(a) > 19 else None) or act_stage(*a))
+    with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
+        check_deferred_block(block, "cpu", calls)
+
+
+def check_deferred_block(block: str, backend: str, calls: list):
+    """A fused block in training on `backend` takes the deferred path (`calls`: the input BN each conv was given, in
+    order: none for the first, a deferred one for each other) and matches torchvision's block and its float64 twin."""
+    device = device_of(backend)
     torch.manual_seed(0)
     eager = (torchvision.models.resnet.BasicBlock(8, 8) if block == "basic"
              else torchvision.models.resnet.Bottleneck(8, 2)).to(device, memory_format=torch.channels_last)
@@ -279,8 +279,6 @@ def check_deferred_block(block: str, backend: str, monkeypatch):
     got = results_of(fused, x, grad)
     ref = results_of(eager, x, grad)
     exact = results_of(exact_model, x.double(), grad.double())
-    # every conv takes its statistics in the conv (conv_bn_defer; the last, conv_bn_act's conv_stats path);
-    # all but the first apply a deferred BN + ReLU
     assert len(calls) == (2 if block == "basic" else 3) and calls[0] is None and all(c is not None for c in calls[1:])
     for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), got, ref, exact):
         assert_within_eager_error(a, e, x64, f"{block} {name}", norm="fro")

@@ -315,6 +315,85 @@ def test_conv_genstats_input_bn_opcheck_gradcheck_and_errors():
         OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], mean, var[:3])
 
 
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_deferred_stages_are_the_eager_chain(fmt, momentum):
+    """A deferred chain of the stage ops (the plan of a training block on the cuda backend with the cuDNN graphs on):
+    conv_bn_defer_stage (conv1, its statistics, bn1's running update; relu(bn1) left undone), then conv_bn_act_stage
+    applying bn1 + ReLU as conv2 loads its input, bn2, the residual, ReLU. Against conv -> batch_norm -> relu -> conv ->
+    batch_norm -> + r -> relu in float64 (eager fp32 setting the error allowed): the output, every gradient (bn1's
+    through the deferred statistics), both BNs' running statistics (momentum None: the cumulative average) and
+    num_batches_tracked."""
+    x = activation((2, 5, 7, 7), torch.float32, fmt, offset=0.2).requires_grad_()
+    w1, w2 = torch.randn(8, 5, 3, 3).mul_(0.3).requires_grad_(), torch.randn(6, 8, 3, 3).mul_(0.2).requires_grad_()
+    (bw1, bb1, rm1, rv1), (bw2, bb2, rm2, rv2) = _bn_args(8), _bn_args(6)
+    r = activation((2, 6, 4, 4), torch.float32, fmt).requires_grad_()
+    grad = torch.randn(2, 6, 4, 4)
+    leaves = (x, w1, bw1, bb1, w2, bw2, bb2, r)
+
+    def fused(x, w1, bw1, bb1, w2, bw2, bb2, r, running):
+        (rm1, rv1, n1), (rm2, rv2, n2) = running
+        y1, m1, v1 = OPS.conv_bn_defer_stage(x, w1, rm1, rv1, [2, 2], [1, 1], [1, 1], momentum, None, n1)
+        return OPS.conv_bn_act_stage(y1, w2, None, bw2, bb2, rm2, rv2, r, [1, 1], [1, 1], [1, 1], 1, True, momentum, None,
+                                     1e-5, "relu", 0.0, n2, m1, v1, bw1, bb1, 1e-5)
+
+    def eager(x, w1, bw1, bb1, w2, bw2, bb2, r, running):
+        (rm1, rv1, n1), (rm2, rv2, n2) = running
+        m = 0.0 if momentum is None else momentum
+        for n in (n1, n2):
+            n.add_(1)
+        a1 = torch.relu(F.batch_norm(F.conv2d(x, w1, None, 2, 1), rm1, rv1, bw1, bb1, True, m if momentum else 1.0, 1e-5))
+        y2 = F.batch_norm(F.conv2d(a1, w2, None, 1, 1), rm2, rv2, bw2, bb2, True, m if momentum else 1.0, 1e-5)
+        return torch.relu(y2 + r)
+
+    def running(dtype):
+        return [(rm.clone().to(dtype), rv.clone().to(dtype), torch.tensor(0)) for rm, rv in ((rm1, rv1), (rm2, rv2))]
+
+    got_running, eager_running, exact_running = running(torch.float32), running(torch.float32), running(torch.float64)
+    out = fused(*leaves, got_running)
+    got = torch.autograd.grad(out, leaves, grad)
+    ref_out = eager(*leaves, eager_running)
+    ref = torch.autograd.grad(ref_out, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exact_out = eager(*leaves64, exact_running)
+    exact = torch.autograd.grad(exact_out, leaves64, grad.double())
+    assert_within_eager_error(out, ref_out, exact_out, "out")
+    for name, g, e, ex in zip(("input", "w1", "bn1 weight", "bn1 bias", "w2", "bn2 weight", "bn2 bias", "residual"),
+                              got, ref, exact):
+        assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
+    for i, (g, e, ex) in enumerate(zip(got_running, eager_running, exact_running)):
+        assert g[2].item() == e[2].item() == 1, f"bn{i + 1} num_batches_tracked"
+        assert_within_eager_error(g[0], e[0], ex[0], f"bn{i + 1} running_mean")
+        assert_within_eager_error(g[1], e[1], ex[1], f"bn{i + 1} running_var")
+
+
+def test_deferred_stages_opcheck_and_errors():
+    x = activation((2, 4, 5, 5), torch.float32, CL, offset=0.3).requires_grad_()
+    cw = torch.randn(8, 4, 3, 3, requires_grad=True)
+    w, b, rm, rv = _bn_args(8)
+    torch.library.opcheck(OPS.conv_bn_defer_stage, (x, cw, rm, rv, [1, 1], [1, 1], [1, 1], 0.1, None, torch.tensor(3)))
+    y, mean, var = OPS.conv_bn_defer_stage(x.detach(), cw.detach(), None, None, [1, 1], [1, 1], [1, 1], 0.1, None)
+    cw2 = torch.randn(6, 8, 1, 1, requires_grad=True)
+    w2, b2, rm2, rv2 = _bn_args(6)
+    torch.library.opcheck(OPS.conv_bn_act_stage, (y.requires_grad_(), cw2, None, w2, b2, rm2, rv2, None, [1, 1], [0, 0], [1, 1],
+                                                   1, True, 0.1, None, 1e-5, "relu", 0.0, None, mean, var, w, b, 1e-5))
+    torch.library.opcheck(OPS.conv_bn_defer_stage, (y, cw2, rm2, rv2, [1, 1], [0, 0], [1, 1], None, None, torch.tensor(1),
+                                                     mean, var, None, None, 1e-5))
+    y = y.detach()
+    with pytest.raises(RuntimeError, match=r"conv_bn_defer_stage: expected `running_var` to be a floating-point vector of "
+                                           r"shape \(8\), one per output channel of `conv_weight` \[8, 4, 3, 3\]"):
+        OPS.conv_bn_defer_stage(x, cw, rm, rv[:5], [1, 1], [1, 1], [1, 1], 0.1, None)
+    with pytest.raises(RuntimeError, match="conv_bn_defer_stage: give both running_mean and running_var, or neither"):
+        OPS.conv_bn_defer_stage(x, cw, rm, None, [1, 1], [1, 1], [1, 1], 0.1, None)
+    stage_args = (y, cw2, None, w2, b2, rm2, rv2, None, [1, 1], [0, 0], [1, 1], 1, False, 0.1, None, 1e-5, "relu", 0.0, None,
+                  mean, var)
+    with pytest.raises(RuntimeError, match=r"conv_bn_act_stage: an input BN \(input_mean, input_var: a deferred BN \+ ReLU\) "
+                                           r"needs training, no conv_bias and groups=1; got training=0"):
+        OPS.conv_bn_act_stage(*stage_args)
+    with pytest.raises(RuntimeError, match="conv_genstats: give `input_mean` and `input_var` together"):
+        OPS.conv_bn_defer_stage(y, cw2, None, None, [1, 1], [0, 0], [1, 1], 0.1, None, None, mean)
+
+
 def test_conv_genstats_then_bn_act_batch_is_conv_bn_act():
     """The cuDNN route's composition (conv_bn_act_stage in training on CUDA with the graphs on): conv_genstats, then
     bn_act_batch normalizing by the statistics it was handed. Output and every gradient against conv2d -> batch_norm ->
