@@ -62,16 +62,20 @@ struct ConvGenstats : torch::autograd::Function<ConvGenstats> {
     return {y, mean, var};
   }
 
-  // y = conv(a, weight), a = input or relu(input * scale + shift):
+  // y = conv(a, weight), a = input or relu(z), z = input * scale + shift:
   //   d y / d a, d y / d weight: aten's convolution backward (cuDNN's dgrad and wgrad on CUDA), on a recomputed
-  //   d a / d input, d input_weight, d input_bias: ReLU's mask (a > 0), then batch norm's training backward (the batch
+  //   d a / d input, d input_weight, d input_bias: ReLU's mask (z > 0), then batch norm's training backward (the batch
   //   statistics are functions of input: their gradient is in it), one bn_act_backward call
+  // With the cuDNN graphs (CUDA fp16 / bf16): dgrad + dReLU + the BN's weight gradients in one graph, wgrad with a
+  // recomputed as it loads: a is not written at all; each graph cuDNN lacks falls back to the passes above.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(10);
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &in_mean = saved[2], &in_var = saved[3], &in_weight = saved[4];
+    const Tensor &input = saved[0], &weight = saved[1], &in_mean = saved[2], &in_var = saved[3];
+    const OptTensor in_weight = kernel_ops::opt(saved[4]), in_bias = kernel_ops::opt(saved[5]);
     const auto c = ctx->saved_data["conv"].toIntVector();
+    const std::array<int64_t, 2> stride{c[0], c[1]}, padding{c[2], c[3]}, dilation{c[4], c[5]};
     const auto given = ctx->saved_data["given"].toBoolList();
     const bool prologue = given[0];
     // Function::apply gave an autograd edge to each tensor argument that was given: edge k of argument i
@@ -80,35 +84,48 @@ struct ConvGenstats : torch::autograd::Function<ConvGenstats> {
       for (size_t j = 2; j < i; ++j) edge += given[j - 2];
       return (i < 2 || given[i - 2]) && ctx->needs_input_grad(edge);
     };
-    const bool needs_input = needs(0), needs_in_weight = needs(4), needs_in_bias = needs(5);
-    const bool needs_a = needs_input || needs_in_weight || needs_in_bias;
-    const double eps = ctx->saved_data["eps"].toDouble();
-    Tensor a = input;
-    if (prologue) {  // one elementwise pass instead of a saved activation
-      const auto [scale, shift] =
-          input_scale_shift(input, in_mean, in_var, kernel_ops::opt(in_weight), kernel_ops::opt(saved[5]), eps);
-      a = input_bn_relu(input, scale, shift);
-    }
-    auto [grad_a, grad_weight, grad_bias] =
-        at::convolution_backward(grads[0], a, weight, std::nullopt, {c[0], c[1]}, {c[2], c[3]}, {c[4], c[5]}, false, {0, 0}, 1,
-                                 {prologue ? needs_a : needs_input, needs(1), false});
-    out[1] = grad_weight;
+    const bool needs_input = needs(0), needs_weight = needs(1), needs_in_weight = needs(4), needs_in_bias = needs(5);
     if (!prologue) {
-      out[0] = grad_a;
+      std::tie(out[0], out[1], std::ignore) = at::convolution_backward(grads[0], input, weight, std::nullopt, stride, padding,
+                                                                       dilation, false, {0, 0}, 1,
+                                                                       {needs_input, needs_weight, false});
       return out;
     }
+    const bool needs_a = needs_input || needs_in_weight || needs_in_bias;
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto [scale, shift] = input_scale_shift(input, in_mean, in_var, in_weight, in_bias, eps);
+    // the graphs first; what they do not cover goes through one aten convolution backward on a written a
+    std::optional<std::tuple<Tensor, Tensor, Tensor>> dbn;
+    std::optional<Tensor> grad_weight;
+    if (needs_a) {
+      dbn = conv_genstats_dgrad_graph(grads[0], input, weight, stride, padding, dilation, in_mean, in_var, in_weight, in_bias,
+                                      eps, needs_input);
+    }
+    if (needs_weight) grad_weight = conv_genstats_wgrad_graph(grads[0], input, weight, stride, padding, dilation, scale, shift);
+    const bool aten_dgrad = needs_a && !dbn, aten_wgrad = needs_weight && !grad_weight;
+    Tensor a, grad_a;
+    if (aten_dgrad || aten_wgrad) {
+      a = input_bn_relu(input, scale, shift);  // one elementwise pass instead of a saved activation
+      Tensor gw;
+      std::tie(grad_a, gw, std::ignore) = at::convolution_backward(grads[0], a, weight, std::nullopt, stride, padding, dilation,
+                                                                   false, {0, 0}, 1, {aten_dgrad, aten_wgrad, false});
+      if (aten_wgrad) grad_weight = gw;
+    }
+    out[1] = grad_weight.value_or(Tensor());
     if (!needs_a) return out;
     Tensor grad_input, grad_in_weight, grad_in_bias;
-    if (input.scalar_type() == at::kDouble) {
+    if (dbn) {
+      std::tie(grad_input, grad_in_weight, grad_in_bias) = *dbn;
+    } else if (input.scalar_type() == at::kDouble) {
       std::tie(grad_input, grad_in_weight, grad_in_bias) = input_bn_backward_fp64(
-          grad_a, input, a, in_mean, in_var, in_weight, eps, {needs_input, needs_in_weight, needs_in_bias});
+          grad_a, input, a, in_mean, in_var, saved[4], eps, {needs_input, needs_in_weight, needs_in_bias});
     } else {
       std::tie(grad_input, grad_in_weight, grad_in_bias, std::ignore) =
-          kernel_ops::bn_act_backward(grad_a, input, in_mean, in_var, kernel_ops::opt(in_weight), a, eps, /*training=*/true,
-                                      needs_input, needs_in_weight || needs_in_bias, false);
+          kernel_ops::bn_act_backward(grad_a, input, in_mean, in_var, in_weight, a, eps, /*training=*/true, needs_input,
+                                      needs_in_weight || needs_in_bias, false);
     }
     out[0] = needs_input ? grad_input : Tensor();
-    out[7] = needs_in_weight ? in_dtype_of(grad_in_weight, in_weight) : Tensor();
+    out[7] = needs_in_weight ? in_dtype_of(grad_in_weight, saved[4]) : Tensor();
     out[8] = needs_in_bias ? in_dtype_of(grad_in_bias, saved[5]) : Tensor();
     return out;
   }
@@ -180,6 +197,16 @@ bool cudnn_graphs_enabled() { return graphs_enabled.load(); }
 #ifndef RF_WITH_CUDNN_FRONTEND
 bool cudnn_graphs_built() { return false; }
 std::vector<std::pair<std::string, std::string>> cudnn_graph_report() { return {}; }
+std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_genstats_dgrad_graph(const Tensor&, const Tensor&, const Tensor&,
+                                                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                                                            const Tensor&, const Tensor&, const OptTensor&,
+                                                                            const OptTensor&, double, bool) {
+  return std::nullopt;
+}
+std::optional<Tensor> conv_genstats_wgrad_graph(const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                                at::IntArrayRef, const Tensor&, const Tensor&) {
+  return std::nullopt;
+}
 #endif
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) { m.impl("conv_genstats", &conv_genstats_autograd); }

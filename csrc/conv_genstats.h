@@ -39,6 +39,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_genstats_passes(const at::Te
                                                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                                                     at::IntArrayRef dilation);
 
+// The input-BN form's backward through cuDNN graphs (cudnn/conv_genstats_graph.cpp), each where the graphs are built
+// and on, the call is CUDA fp16 / bf16 channels_last with channels multiples of 8, and cuDNN has an engine for the
+// signature (cached per signature, reported in cudnn_graph_report); nullopt otherwise, and the caller computes that
+// part through aten's convolution backward on a recomputed a. With z = input * scale + shift and a = relu(z):
+//   dgrad + dReLU + dBN weight (cuDNN's DgradDreluBNBwdWeight pattern), one graph: dz = conv_dgrad(grad_y, weight) * (z > 0),
+//   written once, with grad_input_bias = sum dz and grad_input_weight = sum dz (input - mean) invstd per channel
+//   (fp32); then grad_input = the BN's training backward on dz (the statistics' terms included), one elementwise
+//   pass, when need_grad_input. Returns (grad_input or undefined, grad_input_weight, grad_input_bias).
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgrad_graph(
+    const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& input_mean, const at::Tensor& input_var,
+    const std::optional<at::Tensor>& input_weight, const std::optional<at::Tensor>& input_bias, double input_eps,
+    bool need_grad_input);
+//   wgrad with the input BN + ReLU on load (cuDNN's ConvBNwgrad pattern): grad_weight = conv_wgrad(grad_y, a), a
+//   recomputed from input, scale, shift (input_scale_shift's) as the wgrad loads it, never written
+std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                    const at::Tensor& scale, const at::Tensor& shift);
+
 // Whether conv_bn_act_stage takes its statistics from conv_genstats: training on CUDA with the cuDNN graphs built
 // and turned on (cudnn_graphs_set_enabled), fp16 / bf16, input and weight channels_last, groups 1, no conv bias,
 // channel counts multiples of 8 (the fused engines' 16-byte channel vectors). cuDNN may still decline a signature:
@@ -51,7 +70,9 @@ void cudnn_graphs_set_enabled(bool enabled);
 bool cudnn_graphs_enabled();
 bool cudnn_graphs_built();
 
-// The graphs conv_genstats tried, in the order first seen: (signature, "" when built, else cuDNN's reason).
+// The graphs conv_genstats and its backward tried, in the order first seen: (signature, "" when built, else cuDNN's
+// reason). Each entry starts with its pattern: "conv + genstats", "bn-relu + conv + genstats",
+// "dgrad + drelu + dbn-weight", "bn-relu + wgrad".
 std::vector<std::pair<std::string, std::string>> cudnn_graph_report();
 
 }  // namespace resnet_fused

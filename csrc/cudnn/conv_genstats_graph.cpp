@@ -1,16 +1,22 @@
-// resnet_fused::conv_genstats on CUDA through one cuDNN graph (cudnn-frontend's header-only C++ graph API): conv fprop
-// with genstats in its epilogue, y written once and its per-channel (sum y, sum y^2) taken as it is stored, then
-// genstats_finalize (one tiny kernel) for (mean, var). Eager's BN reads y once more for its statistics; this does not.
-// With an input BN (input_mean given) the graph's prologue applies relu(input * scale + shift) as the conv loads its
-// input (cuDNN's ConvBNfprop pattern: scale, bias, ReLU, conv, genstats), so that activation is never written.
+// resnet_fused::conv_genstats on CUDA through cuDNN graphs (cudnn-frontend's header-only C++ graph API), forward and
+// backward; every activation between two convolutions of a block is read and written once per pass.
+//   forward: conv fprop with genstats in its epilogue, y written once and its per-channel (sum y, sum y^2) taken as it
+//     is stored, then genstats_finalize (one tiny kernel) for (mean, var); eager's BN reads y once more for them. With
+//     an input BN (input_mean given) the prologue applies a = relu(z), z = input * scale + shift, as the conv loads its
+//     input (cuDNN's ConvBNfprop pattern: scale, bias, ReLU, conv, genstats): a is never written.
+//   backward of the input-BN form: (1) dgrad + dReLU + dBN weight (cuDNN's DgradDreluBNBwdWeight pattern: conv dgrad,
+//     z recomputed from input, mean, invstd, gamma, beta, dz = dgrad * (z > 0) written, per-channel (sum dz (x - mean)
+//     invstd, sum dz)), then one elementwise pass for grad_input; (2) wgrad with a recomputed as it loads (ConvBNwgrad:
+//     scale, bias, ReLU, conv wgrad). Eager writes a, reads it for the wgrad and the ReLU mask, and takes the BN's
+//     backward reduction as a separate pass over dgrad's output; this does neither.
 //
-// One graph per signature (device, dtype, input and weight shapes and strides, stride, padding, dilation, input BN or
-// not), built on its first call and cached with its workspace size. The prologue's (1, C, 1, 1) scale and shift are
-// tried in fp32 first (no rounding of the BN's coefficients), then in the io dtype (the form the H200 probe built,
-// benchmarks/results/h200-2026-12-04-cudnn-graphs); the report says which. A signature cuDNN has no engine for (on
-// Hopper: bf16, the 7x7 stem) is cached too, with cuDNN's reason, warned once, and runs the composite's passes from then
-// on. cudnn_graph_report() lists both. First calls build (milliseconds to a second per signature): run a signature once
-// before capturing a CUDA graph.
+// One graph per (pattern, signature: device, dtype, input and weight shapes and strides, stride, padding, dilation),
+// built on its first call and cached with its workspace size. The per-channel scale and shift are tried in fp32 first
+// (no rounding of the BN's coefficients), then in the io dtype (the form the H200 probe built for the forward,
+// benchmarks/results/h200-2026-12-04-cudnn-graphs; for the wgrad with a in the io dtype too, as cudnn-frontend's
+// sample); the report says which. A signature cuDNN has no engine for (on Hopper: bf16, the 7x7 stem) is cached too,
+// with cuDNN's reason, warned once, and runs the composite's passes from then on. cudnn_graph_report() lists both.
+// First calls build (milliseconds to a second per signature): run a signature once before capturing a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <ATen/cudnn/Handle.h>
@@ -21,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -31,6 +38,7 @@
 
 #include "../checks.h"
 #include "../conv_genstats.h"
+#include "../cuda/kernels.h"
 #include "genstats_finalize.h"
 
 namespace resnet_fused {
@@ -39,13 +47,54 @@ namespace {
 
 namespace fe = cudnn_frontend;
 using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using TensorAttr = std::shared_ptr<fe::graph::Tensor_attributes>;
+using fe::graph::Pointwise_attributes;
 
-enum Uid : int64_t { kX = 1, kW, kY, kSum, kSumSq, kScale, kShift };
+enum class Pattern : int64_t { kFprop, kFpropBnRelu, kDgradDreluDbn, kWgradBnRelu };
+
+const char* pattern_name(Pattern p) {
+  switch (p) {
+    case Pattern::kFprop: return "conv + genstats";
+    case Pattern::kFpropBnRelu: return "bn-relu + conv + genstats";
+    case Pattern::kDgradDreluDbn: return "dgrad + drelu + dbn-weight";
+    case Pattern::kWgradBnRelu: return "bn-relu + wgrad";
+  }
+  return "?";
+}
+
+// what a signature runs where cuDNN has no graph for it (the warning's words)
+const char* fallback_of(Pattern p) {
+  switch (p) {
+    case Pattern::kFprop: return "aten's convolution, then bn_stats";
+    case Pattern::kFpropBnRelu: return "bn_act_apply, aten's convolution, then bn_stats";
+    case Pattern::kDgradDreluDbn: return "bn_act_apply, aten's dgrad, then bn_act_backward";
+    case Pattern::kWgradBnRelu: return "bn_act_apply, then aten's wgrad";
+  }
+  return "?";
+}
+
+enum Uid : int64_t {
+  kX = 1, kW, kY, kSum, kSumSq, kScale, kShift,                             // forward; scale, shift: the input BN's
+  kDy, kDz, kMean, kInvStd, kGamma, kBeta, kDscale, kDbias, kEqDy, kEqX, kEqBias,  // dgrad + drelu + dbn-weight
+  kDw,                                                                          // wgrad
+};
+
+// The dtypes of one way of building a pattern: the per-channel scale and shift (the patterns that take them), and the
+// graph's intermediate values
+struct Form {
+  at::ScalarType coeff = at::kFloat;
+  at::ScalarType intermediate = at::kFloat;
+};
 
 struct Graph {
   std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN has no engine for this signature
   int64_t workspace = 0;
-  at::ScalarType coeff_dtype = at::kFloat;  // the prologue's scale and shift
+  Form form;
+};
+
+struct Conv {
+  at::IntArrayRef stride, padding, dilation;
 };
 
 using Key = std::vector<int64_t>;
@@ -62,57 +111,122 @@ Cache& cache() {
 }
 
 std::vector<int64_t> vec(at::IntArrayRef a) { return {a.begin(), a.end()}; }
+std::vector<int64_t> channels_last(at::IntArrayRef sizes) { return c10::get_channels_last_strides_2d(sizes); }
 
-Key signature(const Tensor& x, const Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-              bool prologue) {
-  Key key{x.get_device(), static_cast<int64_t>(x.scalar_type()), prologue};
-  for (const at::IntArrayRef part : {x.sizes(), x.strides(), w.sizes(), w.strides(), stride, padding, dilation}) {
+// every tensor a pattern reads or writes follows from x (the conv's input), w and the conv's parameters; y and the
+// gradients are stored channels_last as the kernels below allocate them
+Key signature(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv) {
+  Key key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(p)};
+  for (const at::IntArrayRef part : {x.sizes(), x.strides(), w.sizes(), w.strides(), conv.stride, conv.padding, conv.dilation}) {
     key.insert(key.end(), part.begin(), part.end());
   }
   return key;
 }
 
-std::string describe(const Tensor& x, const Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, bool prologue) {
-  return c10::str(prologue ? "bn-relu + conv + genstats, " : "conv + genstats, ", x.scalar_type(), " input ", x.sizes(),
-                  " weight ", w.sizes(), " stride ", stride, " padding ", padding, " dilation ", dilation, " on ", x.device());
+std::string describe(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv) {
+  return c10::str(pattern_name(p), ", ", x.scalar_type(), " input ", x.sizes(), " weight ", w.sizes(), " stride ", conv.stride,
+                  " padding ", conv.padding, " dilation ", conv.dilation, " on ", x.device());
 }
 
 fe::DataType_t fe_dtype(at::ScalarType t) {
   return t == at::kHalf ? fe::DataType_t::HALF : t == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::FLOAT;
 }
 
-// "" when built into g, else why not (cuDNN's message); coeff: the dtype of the prologue's scale and shift, or
-// nullopt for no prologue
-std::string build(Graph& g, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, std::optional<at::ScalarType> coeff,
-                  cudnnHandle_t handle) {
-  const auto io = fe_dtype(x.scalar_type());
-  auto graph = std::make_shared<fe::graph::Graph>();
-  graph->set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT).set_compute_data_type(fe::DataType_t::FLOAT);
-  auto X = graph->tensor(fe::graph::Tensor_attributes().set_name("x").set_uid(kX).set_dim(vec(x.sizes())).set_stride(vec(x.strides())));
-  auto W = graph->tensor(fe::graph::Tensor_attributes().set_name("w").set_uid(kW).set_dim(vec(w.sizes())).set_stride(vec(w.strides())));
-  const int64_t Cin = x.size(1);
-  auto image = X;
-  if (coeff.has_value()) {  // a = relu(x * scale + shift), computed in fp32 as the conv loads x
-    const auto channel_vector = [&](const char* name, int64_t uid) {  // (1, C, 1, 1): C dense values
-      return graph->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_data_type(fe_dtype(*coeff))
-                               .set_dim({1, Cin, 1, 1}).set_stride({Cin, 1, Cin, Cin}));
-    };
-    auto S = channel_vector("scale", kScale), B = channel_vector("shift", kShift);
-    using fe::graph::Pointwise_attributes;
-    auto scaled = graph->pointwise(X, S, Pointwise_attributes().set_name("scale").set_mode(fe::PointwiseMode_t::MUL));
-    auto shifted = graph->pointwise(scaled, B, Pointwise_attributes().set_name("shift").set_mode(fe::PointwiseMode_t::ADD));
-    image = graph->pointwise(shifted, Pointwise_attributes().set_name("relu").set_mode(fe::PointwiseMode_t::RELU_FWD));
+// The graph's nodes, by pattern. y_shape: the conv's output (N, K, P, Q).
+struct Builder {
+  fe::graph::Graph& graph;
+  const Tensor& x;
+  const Tensor& w;
+  at::IntArrayRef y_shape;
+  Conv conv;
+  Form form;
+
+  TensorAttr tensor(const char* name, int64_t uid, at::IntArrayRef sizes, at::IntArrayRef strides) {
+    return graph.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(vec(sizes)).set_stride(vec(strides)));
   }
-  auto Y = graph->conv_fprop(image, W, fe::graph::Conv_fprop_attributes().set_name("conv").set_padding(vec(padding))
-                                           .set_stride(vec(stride)).set_dilation(vec(dilation)));
-  // y: (N, K, P, Q) stored channels_last, as conv_genstats_cuda allocates it
-  Y->set_output(true).set_uid(kY).set_data_type(io).set_dim(vec(y_shape)).set_stride(c10::get_channels_last_strides_2d(y_shape));
-  auto [sum, sum_sq] = graph->genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
-  const int64_t C = y_shape[1];
-  for (const auto& [t, uid] : {std::pair{sum, kSum}, std::pair{sum_sq, kSumSq}}) {  // (1, C, 1, 1): C dense floats
+  // (1, C, 1, 1): C dense values
+  TensorAttr channel_vector(const char* name, int64_t uid, int64_t C, at::ScalarType dtype) {
+    return graph.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_data_type(fe_dtype(dtype))
+                            .set_dim({1, C, 1, 1}).set_stride({C, 1, C, C}));
+  }
+  static void channel_output(const TensorAttr& t, int64_t uid, int64_t C) {  // (1, C, 1, 1): C dense floats
     t->set_output(true).set_uid(uid).set_data_type(fe::DataType_t::FLOAT).set_dim({1, C, 1, 1}).set_stride({C, 1, C, C});
+  }
+  TensorAttr pointwise(const TensorAttr& a, const TensorAttr& b, fe::PointwiseMode_t mode, const char* name) {
+    return graph.pointwise(a, b, Pointwise_attributes().set_name(name).set_mode(mode));
+  }
+  // a = relu(x * scale + shift), the input BN + ReLU recomputed as x loads
+  TensorAttr bn_relu(const TensorAttr& X) {
+    const int64_t C = x.size(1);
+    auto scaled = pointwise(X, channel_vector("scale", kScale, C, form.coeff), fe::PointwiseMode_t::MUL, "scale");
+    auto shifted = pointwise(scaled, channel_vector("shift", kShift, C, form.coeff), fe::PointwiseMode_t::ADD, "shift");
+    return graph.pointwise(shifted, Pointwise_attributes().set_name("relu").set_mode(fe::PointwiseMode_t::RELU_FWD));
+  }
+
+  void fprop(bool prologue) {
+    auto X = tensor("x", kX, x.sizes(), x.strides());
+    auto W = tensor("w", kW, w.sizes(), w.strides());
+    auto Y = graph.conv_fprop(prologue ? bn_relu(X) : X, W, fe::graph::Conv_fprop_attributes().set_name("conv")
+                                                                .set_padding(vec(conv.padding)).set_stride(vec(conv.stride))
+                                                                .set_dilation(vec(conv.dilation)));
+    Y->set_output(true).set_uid(kY).set_data_type(fe_dtype(x.scalar_type())).set_dim(vec(y_shape)).set_stride(channels_last(y_shape));
+    auto [sum, sum_sq] = graph.genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
+    channel_output(sum, kSum, y_shape[1]);
+    channel_output(sum_sq, kSumSq, y_shape[1]);
+  }
+
+  // dz = conv_dgrad(dy, w) * (z > 0), z = (x - mean) invstd gamma + beta; dbn_weight: (sum dz (x - mean) invstd, sum dz)
+  // and cuDNN's equivalent coefficients (dx = eq_dy dz + eq_x x + eq_bias: bound, not read; grad_input is taken by
+  // bn_act_backward_elemt from the two sums, the math every other path uses)
+  void dgrad_drelu_dbn() {
+    const int64_t C = x.size(1);
+    auto DY = tensor("dy", kDy, y_shape, channels_last(y_shape));
+    auto W = tensor("w", kW, w.sizes(), w.strides());
+    auto dA = graph.conv_dgrad(DY, W, fe::graph::Conv_dgrad_attributes().set_name("dgrad").set_padding(vec(conv.padding))
+                                          .set_stride(vec(conv.stride)).set_dilation(vec(conv.dilation)));
+    dA->set_dim(vec(x.sizes()));
+    auto X = tensor("x", kX, x.sizes(), x.strides());
+    auto M = channel_vector("mean", kMean, C, at::kFloat), V = channel_vector("invstd", kInvStd, C, at::kFloat);
+    auto S = channel_vector("gamma", kGamma, C, at::kFloat), B = channel_vector("beta", kBeta, C, at::kFloat);
+    auto centered = pointwise(X, M, fe::PointwiseMode_t::SUB, "center");
+    auto normalized = pointwise(centered, V, fe::PointwiseMode_t::MUL, "normalize");
+    auto z = pointwise(pointwise(normalized, S, fe::PointwiseMode_t::MUL, "gamma"), B, fe::PointwiseMode_t::ADD, "beta");
+    auto DZ = graph.pointwise(dA, z, Pointwise_attributes().set_name("drelu").set_mode(fe::PointwiseMode_t::RELU_BWD));
+    DZ->set_output(true).set_uid(kDz).set_data_type(fe_dtype(x.scalar_type())).set_dim(vec(x.sizes()))
+        .set_stride(channels_last(x.sizes()));
+    auto [dscale, dbias, eq_dy, eq_x, eq_bias] =
+        graph.dbn_weight(DZ, X, M, V, S, fe::graph::DBN_weight_attributes().set_name("dbn_weight"));
+    channel_output(dscale, kDscale, C);
+    channel_output(dbias, kDbias, C);
+    channel_output(eq_dy, kEqDy, C);
+    channel_output(eq_x, kEqX, C);
+    channel_output(eq_bias, kEqBias, C);
+  }
+
+  // dw = conv_wgrad(dy, relu(x * scale + shift))
+  void wgrad_bn_relu() {
+    auto A = bn_relu(tensor("x", kX, x.sizes(), x.strides()));
+    auto DY = tensor("dy", kDy, y_shape, channels_last(y_shape));
+    auto DW = graph.conv_wgrad(DY, A, fe::graph::Conv_wgrad_attributes().set_name("wgrad").set_padding(vec(conv.padding))
+                                          .set_stride(vec(conv.stride)).set_dilation(vec(conv.dilation)));
+    DW->set_output(true).set_uid(kDw).set_data_type(fe_dtype(x.scalar_type())).set_dim(vec(w.sizes()))
+        .set_stride(channels_last(w.sizes()));
+  }
+};
+
+// "" when built into g, else why not (cuDNN's message)
+std::string build(Graph& g, Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv, Form form,
+                  cudnnHandle_t handle) {
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(fe_dtype(x.scalar_type()))
+      .set_intermediate_data_type(fe_dtype(form.intermediate))
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  Builder b{*graph, x, w, y_shape, conv, form};
+  switch (p) {
+    case Pattern::kFprop: b.fprop(false); break;
+    case Pattern::kFpropBnRelu: b.fprop(true); break;
+    case Pattern::kDgradDreluDbn: b.dgrad_drelu_dbn(); break;
+    case Pattern::kWgradBnRelu: b.wgrad_bn_relu(); break;
   }
   for (auto step : {+[](fe::graph::Graph& gr, cudnnHandle_t) { return gr.validate(); },
                     +[](fe::graph::Graph& gr, cudnnHandle_t h) { return gr.build_operation_graph(h); },
@@ -129,109 +243,194 @@ std::string build(Graph& g, const Tensor& x, const Tensor& w, at::IntArrayRef y_
   if (status.is_bad()) return status.get_message();
   g.graph = std::move(graph);
   g.workspace = workspace;
-  g.coeff_dtype = coeff.value_or(at::kFloat);
+  g.form = form;
   return "";
 }
 
-// build(), with the frontend's exceptions (e.g. a cuDNN too old for a node) as reasons
-std::string try_build(Graph& g, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, at::IntArrayRef stride,
-                      at::IntArrayRef padding, at::IntArrayRef dilation, std::optional<at::ScalarType> coeff,
-                      cudnnHandle_t handle) {
-  try {
-    return build(g, x, w, y_shape, stride, padding, dilation, coeff, handle);
-  } catch (const std::exception& e) {
-    return e.what();
+// the ways to try, best first: fp32 coefficients and intermediates; then, where the pattern has coefficients, the io
+// dtype for them (and for the wgrad's recomputed a, as cudnn-frontend's ConvBNwgrad sample builds it)
+std::vector<Form> forms(Pattern p, at::ScalarType io) {
+  switch (p) {
+    case Pattern::kFpropBnRelu: return {Form{}, Form{io, at::kFloat}};
+    case Pattern::kWgradBnRelu: return {Form{}, Form{io, io}};
+    default: return {Form{}};
   }
 }
 
 // the cached graph of this signature (its `graph` null where cuDNN has none), built on first sight
-std::shared_ptr<const Graph> graph_for(const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, at::IntArrayRef stride,
-                                       at::IntArrayRef padding, at::IntArrayRef dilation, bool prologue, cudnnHandle_t handle) {
+std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv,
+                                       cudnnHandle_t handle) {
   Cache& c = cache();
-  const Key key = signature(x, w, stride, padding, dilation, prologue);
+  const Key key = signature(p, x, w, conv);
   std::lock_guard<std::mutex> lock(c.mutex);
   if (auto it = c.graphs.find(key); it != c.graphs.end()) return it->second;
   auto g = std::make_shared<Graph>();
+  const auto tries = forms(p, x.scalar_type());
+  const bool has_coeffs = tries.size() > 1;
   std::string reason;
-  if (!prologue) {
-    reason = try_build(*g, x, w, y_shape, stride, padding, dilation, std::nullopt, handle);
-  } else {  // scale and shift in fp32, else in the io dtype
-    for (const auto coeff : {at::kFloat, x.scalar_type()}) {
-      const std::string why = try_build(*g, x, w, y_shape, stride, padding, dilation, coeff, handle);
-      if (why.empty()) {
-        reason.clear();
-        break;
-      }
-      reason += c10::str(reason.empty() ? "" : "; ", "scale and shift in ", coeff, ": ", why);
+  for (const Form& form : tries) {
+    std::string why;
+    try {
+      why = build(*g, p, x, w, y_shape, conv, form, handle);
+    } catch (const std::exception& e) {  // the frontend's exceptions (e.g. a cuDNN too old for a node)
+      why = e.what();
     }
-  }
-  std::string what = describe(x, w, stride, padding, dilation, prologue);
-  if (!reason.empty()) {
+    if (why.empty()) {
+      reason.clear();
+      break;
+    }
     g->graph.reset();
+    reason += has_coeffs ? c10::str(reason.empty() ? "" : "; ", "scale and shift in ", form.coeff, ": ", why) : why;
+  }
+  std::string what = describe(p, x, w, conv);
+  if (!reason.empty()) {
     TORCH_WARN("resnet_fused::conv_genstats: no cuDNN graph for ", what, " (", reason, "); this signature runs ",
-               prologue ? "bn_act_apply, " : "", "aten's convolution, then bn_stats");
-  } else if (prologue) {
-    what += c10::str(", scale and shift in ", g->coeff_dtype);
+               fallback_of(p));
+  } else if (has_coeffs) {
+    what += c10::str(", scale and shift in ", g->form.coeff);
+    if (g->form.intermediate != at::kFloat) what += c10::str(", intermediates in ", g->form.intermediate);
   }
   c.report.emplace_back(what, reason);
   return c.graphs.emplace(key, std::move(g)).first->second;
 }
+
+bool aligned(const Tensor& v) { return reinterpret_cast<uintptr_t>(v.const_data_ptr()) % 16 == 0; }
 
 // The signatures a graph may take: fp16 / bf16 (the fused engines' dtypes), input and weight channels_last (NHWC, KRSC),
 // channel counts multiples of 8 (16-byte channel vectors), 16-byte aligned data; cuDNN decides the rest
 bool graph_applies(const Tensor& x, const Tensor& w) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto t = x.scalar_type();
-  const auto aligned = [](const Tensor& v) { return reinterpret_cast<uintptr_t>(v.const_data_ptr()) % 16 == 0; };
-  return (t == at::kHalf || t == at::kBFloat16) && x.is_contiguous(cl) && w.is_contiguous(cl) && x.size(1) % 8 == 0 &&
-         w.size(0) % 8 == 0 && x.numel() > 0 && aligned(x) && aligned(w);
+  return (t == at::kHalf || t == at::kBFloat16) && w.scalar_type() == t && x.is_cuda() && x.is_contiguous(cl) &&
+         w.is_contiguous(cl) && x.size(1) % 8 == 0 && w.size(0) % 8 == 0 && x.numel() > 0 && aligned(x) && aligned(w);
 }
+
+bool nonempty(at::IntArrayRef shape) {
+  return std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; });
+}
+
+// The graph this call runs, or null where none does (off, empty, a signature no graph takes, one cuDNN has no engine
+// for); handle: the current device's cuDNN handle on the current stream. The caller holds a device guard.
+std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape,
+                                           const Conv& conv, cudnnHandle_t& handle) {
+  if (!cudnn_graphs_enabled() || !nonempty(y_shape) || !graph_applies(x, w)) return nullptr;
+  handle = at::native::getCudnnHandle();
+  auto g = graph_for(p, x, w, y_shape, conv, handle);
+  if (!g->graph) return nullptr;
+  AT_CUDNN_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()));
+  return g;
+}
+
+void execute(const Graph& g, Pattern p, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pointers, const Tensor& x,
+             const Tensor& w, const Conv& conv) {
+  Tensor workspace = at::empty({g.workspace}, x.options().dtype(at::kByte));
+  auto status = g.graph->execute(handle, pointers, workspace.mutable_data_ptr());
+  TORCH_CHECK(status.is_good(), "resnet_fused::conv_genstats: the cuDNN graph for ", describe(p, x, w, conv),
+              " failed to run: ", status.get_message());
+}
+
+void* ptr(const Tensor& t) { return const_cast<void*>(t.const_data_ptr()); }
 
 std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                      const std::optional<Tensor>& input_mean,
-                                                      const std::optional<Tensor>& input_var,
-                                                      const std::optional<Tensor>& input_weight,
-                                                      const std::optional<Tensor>& input_bias, double input_eps) {
+                                                      const OptTensor& input_mean, const OptTensor& input_var,
+                                                      const OptTensor& input_weight, const OptTensor& input_bias,
+                                                      double input_eps) {
   check_conv_genstats(input, weight, stride, padding, dilation, input_mean, input_var, input_weight, input_bias);
   const bool prologue = input_mean.has_value();
+  const Pattern p = prologue ? Pattern::kFpropBnRelu : Pattern::kFprop;
   Tensor scale, shift;  // (Cin,) fp32: a = relu(input * scale + shift)
   if (prologue) std::tie(scale, shift) = input_scale_shift(input, *input_mean, *input_var, input_weight, input_bias, input_eps);
-  // without a graph: the input BN + ReLU written, then the conv and its statistics (aten's conv says what is wrong
-  // with a shape)
-  const auto passes = [&] {
-    return conv_genstats_passes(prologue ? input_bn_relu(input, scale, shift) : input, weight, stride, padding, dilation);
-  };
+  const Conv conv{stride, padding, dilation};
   const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);
-  const bool nonempty = std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; });
-  if (!cudnn_graphs_enabled() || !nonempty || !graph_applies(input, weight)) return passes();
   const c10::cuda::CUDAGuard guard(input.device());
-  cudnnHandle_t handle = at::native::getCudnnHandle();
-  const auto g = graph_for(input, weight, shape, stride, padding, dilation, prologue, handle);
-  if (!g->graph) return passes();
-  AT_CUDNN_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()));
+  cudnnHandle_t handle = nullptr;
+  const auto g = graph_of_call(p, input, weight, shape, conv, handle);
+  if (!g) {  // the input BN + ReLU written, then the conv and its statistics (aten's conv says what is wrong with a shape)
+    return conv_genstats_passes(prologue ? input_bn_relu(input, scale, shift) : input, weight, stride, padding, dilation);
+  }
   Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t C = y.size(1);
-  Tensor sum = at::empty({C}, input.options().dtype(at::kFloat)), sum_sq = at::empty_like(sum);
-  Tensor workspace = at::empty({g->workspace}, input.options().dtype(at::kByte));
-  std::unordered_map<int64_t, void*> pointers{{kX, const_cast<void*>(input.const_data_ptr())},
-                                              {kW, const_cast<void*>(weight.const_data_ptr())},
-                                              {kY, y.mutable_data_ptr()},
-                                              {kSum, sum.mutable_data_ptr()},
-                                              {kSumSq, sum_sq.mutable_data_ptr()}};
+  Tensor sums = at::empty({2, C}, input.options().dtype(at::kFloat));  // (sum y, sum y^2)
+  std::unordered_map<int64_t, void*> pointers{
+      {kX, ptr(input)}, {kW, ptr(weight)}, {kY, ptr(y)}, {kSum, ptr(sums[0])}, {kSumSq, ptr(sums[1])}};
   if (prologue) {
-    scale = scale.to(g->coeff_dtype), shift = shift.to(g->coeff_dtype);  // no-ops in fp32
-    pointers[kScale] = scale.mutable_data_ptr(), pointers[kShift] = shift.mutable_data_ptr();
+    scale = scale.to(g->form.coeff), shift = shift.to(g->form.coeff);  // no-ops in fp32
+    pointers[kScale] = ptr(scale), pointers[kShift] = ptr(shift);
   }
-  auto status = g->graph->execute(handle, pointers, workspace.mutable_data_ptr());
-  TORCH_CHECK(status.is_good(), "resnet_fused::conv_genstats: the cuDNN graph for ",
-              describe(input, weight, stride, padding, dilation, prologue), " failed to run: ", status.get_message());
-  auto [mean, var] = genstats_finalize(sum, sum_sq, y.numel() / std::max<int64_t>(C, 1));
+  execute(*g, p, handle, pointers, input, weight, conv);
+  auto [mean, var] = genstats_finalize(sums[0], sums[1], y.numel() / std::max<int64_t>(C, 1));
   return {y, mean, var};
+}
+
+// grad_y as the backward graphs read it: dense channels_last, 16-byte aligned (a copy only where it is not)
+std::optional<Tensor> graph_grad(const Tensor& grad_y, const Tensor& input) {
+  if (grad_y.scalar_type() != input.scalar_type()) return std::nullopt;
+  Tensor dy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  return aligned(dy) ? std::optional<Tensor>(dy) : std::nullopt;
 }
 
 }  // namespace
 }  // namespace cudnn_graphs
+
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgrad_graph(
+    const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, const at::Tensor& input_mean, const at::Tensor& input_var,
+    const std::optional<at::Tensor>& input_weight, const std::optional<at::Tensor>& input_bias, double input_eps,
+    bool need_grad_input) {
+  using namespace cudnn_graphs;
+  if (!cudnn_graphs_enabled() || !graph_applies(input, weight)) return std::nullopt;
+  const auto dy = graph_grad(grad_y, input);
+  if (!dy) return std::nullopt;
+  const Conv conv{stride, padding, dilation};
+  const c10::cuda::CUDAGuard guard(input.device());
+  cudnnHandle_t handle = nullptr;
+  const auto g = graph_of_call(Pattern::kDgradDreluDbn, input, weight, dy->sizes(), conv, handle);
+  if (!g) return std::nullopt;
+  const int64_t C = input.size(1);
+  const auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };  // no-ops for the usual fp32 vectors
+  const Tensor mean = f32(input_mean), var = f32(input_var), invstd = at::rsqrt(var + input_eps);
+  const Tensor gamma = input_weight ? f32(*input_weight) : at::ones({C}, mean.options());
+  const Tensor beta = input_bias ? f32(*input_bias) : at::zeros({C}, mean.options());
+  Tensor dz = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor per_channel = at::empty({5, C}, mean.options());  // dscale, dbias, eq_dy, eq_x, eq_bias
+  std::unordered_map<int64_t, void*> pointers{
+      {kDy, ptr(*dy)},        {kW, ptr(weight)},       {kX, ptr(input)},          {kMean, ptr(mean)},
+      {kInvStd, ptr(invstd)}, {kGamma, ptr(gamma)},    {kBeta, ptr(beta)},        {kDz, ptr(dz)},
+      {kDscale, ptr(per_channel[0])}, {kDbias, ptr(per_channel[1])}, {kEqDy, ptr(per_channel[2])},
+      {kEqX, ptr(per_channel[3])},    {kEqBias, ptr(per_channel[4])}};
+  execute(*g, Pattern::kDgradDreluDbn, handle, pointers, input, weight, conv);
+  const Tensor dscale = per_channel[0], dbias = per_channel[1];  // sum dz (x - mean) invstd, sum dz
+  Tensor grad_input;
+  if (need_grad_input) {  // the BN's training backward on dz: dz a + (x - mean) b + c (bn_act_backward's math)
+    const double count = static_cast<double>(input.numel() / C);
+    Tensor a, b, c;  // sum dz (x - mean) = dscale / invstd
+    std::tie(a, b, c, std::ignore) = gpu::bn_backward_coeffs_cuda(
+        dbias, dscale / invstd, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count, /*training=*/true);
+    grad_input = std::get<0>(gpu::bn_act_backward_elemt_cuda(dz, std::nullopt, input, mean, a, b, c, false));
+  }
+  return std::make_tuple(grad_input, dscale, dbias);
+}
+
+std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                    const at::Tensor& scale, const at::Tensor& shift) {
+  using namespace cudnn_graphs;
+  if (!cudnn_graphs_enabled() || !graph_applies(input, weight)) return std::nullopt;
+  const auto dy = graph_grad(grad_y, input);
+  if (!dy) return std::nullopt;
+  const Conv conv{stride, padding, dilation};
+  const c10::cuda::CUDAGuard guard(input.device());
+  cudnnHandle_t handle = nullptr;
+  const auto g = graph_of_call(Pattern::kWgradBnRelu, input, weight, dy->sizes(), conv, handle);
+  if (!g) return std::nullopt;
+  const Tensor s = scale.to(g->form.coeff), b = shift.to(g->form.coeff);  // no-ops in fp32
+  Tensor grad_weight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::unordered_map<int64_t, void*> pointers{
+      {kX, ptr(input)}, {kScale, ptr(s)}, {kShift, ptr(b)}, {kDy, ptr(*dy)}, {kDw, ptr(grad_weight)}};
+  execute(*g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv);
+  return grad_weight;
+}
 
 bool cudnn_graphs_built() { return true; }
 
