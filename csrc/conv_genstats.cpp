@@ -136,7 +136,15 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_autograd(const Tensor& input, c
                                                           const OptTensor& input_mean, const OptTensor& input_var,
                                                           const OptTensor& input_weight, const OptTensor& input_bias,
                                                           double input_eps) {
-  auto r = ConvGenstats::apply(input, weight, stride, padding, dilation, input_mean, input_var, input_weight, input_bias,
+  // an optional holding an undefined tensor is None (Function::apply gives it no autograd edge either)
+  const auto given = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : std::nullopt; };
+  const OptTensor mean = given(input_mean), var = given(input_var);
+  // the statistics are input's own batch statistics (as conv_genstats returns them): their gradient reaches input
+  // through the backward's BN term, and no gradient of theirs is taken apart from it
+  RF_CHECK(!(mean && mean->requires_grad()) && !(var && var->requires_grad()), "conv_genstats",
+           "`input_mean` and `input_var` must not require grad: they are taken as `input`'s batch statistics, whose "
+           "gradient the op carries into `input`'s (pass them detached, as conv_genstats returns them)");
+  auto r = ConvGenstats::apply(input, weight, stride, padding, dilation, mean, var, given(input_weight), given(input_bias),
                                input_eps);
   return {r[0], r[1], r[2]};
 }

@@ -79,8 +79,11 @@ def bn_update_running(running_mean, running_var, mean, var, count, momentum, mom
 
 def conv_genstats(input, weight, stride, padding, dilation, input_mean=None, input_var=None, input_weight=None,
                   input_bias=None, input_eps=1e-5):
-    # aten's convolution layout rule (the input BN + ReLU keeps input's layout); the cuDNN graph runs where input and
-    # weight are channels_last, and writes y channels_last, as aten's conv does there
+    # aten's convolution layout rule on the conv's input: the input BN + ReLU writes it as bn_act_apply does (input's
+    # layout, a non-dense input made dense); the cuDNN graph runs where input and weight are channels_last, and writes y
+    # channels_last, as aten's conv does there
+    if input_mean is not None:
+        input = torch.empty_like(input, memory_format=memory_format(input))
     y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation)
     return y, per_channel_empty(y), per_channel_empty(y)
 

@@ -123,7 +123,10 @@ def signature(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, 
     autocast = str(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else None
     tensors = [[list(t.shape), str(t.dtype).removeprefix("torch."), str(memory_format(t)).removeprefix("torch.")]
                for t in (x, residual) if t is not None]
-    return json.dumps([_device_name(x.device), _versions(), mode, autocast, tensors, _layer_config(layer)])
+    # the cuDNN graphs' switch changes the candidates (cuda-defer) and what "cuda" runs
+    graphs = x.is_cuda and cudnn.graphs_enabled()
+    return json.dumps([_device_name(x.device), _versions(), mode, autocast, tensors, _layer_config(layer)]
+                      + (["cudnn-graphs"] if graphs else []))
 
 
 class _Store:
@@ -221,7 +224,8 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
     # per layer, a cheap key first: the full signature costs a few hundred microseconds of Python, and
     # torch.compile can trace this lookup (the shapes are constants there) but not the signature
     autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    fast = (training, backward, autocast, *((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (x, residual) if t is not None))
+    fast = (training, backward, autocast, cudnn.graphs_enabled(),
+            *((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (x, residual) if t is not None))
     seen: dict = layer.__dict__.setdefault("_tuned_choices", {})  # fast key -> Candidate (None: the rules)
     if fast in seen or torch.compiler.is_compiling():
         chosen = seen.get(fast)

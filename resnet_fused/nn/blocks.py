@@ -53,11 +53,13 @@ class _FusedBlock(nn.Module):
         """Whether the inner BN + ReLU ride on the next conv's loads (training, no synchronized BN): on the
         Triton backend (its conv's prologue), and on the cuda backend where cuDNN's fused graphs take them
         (cudnn.defers_bn_relu; elsewhere writing the activation once is as cheap as recomputing it). A tuner's
-        Variant turns it on (on any backend) or off."""
+        Variant turns it on (on any backend) or off. The last BN must normalize with batch statistics too (it
+        differentiates through the deferred statistics: a frozen last BN runs the plain path)."""
         convs = [getattr(self, f"conv{i}") for i in range(1, self.num_convs + 1)]
+        last_bn = getattr(self, f"bn{self.num_convs}")
         if (self.process_group is not None or backends.variant().defer is False
                 or not all(can_defer(conv, getattr(self, f"bn{i}")) for i, conv in enumerate(convs[:-1], 1))
-                or not is_fusable_conv(convs[-1]) or not is_plain_batchnorm(getattr(self, f"bn{self.num_convs}"))):
+                or not is_fusable_conv(convs[-1]) or not is_plain_batchnorm(last_bn) or not last_bn.training):
             return False
         impl = backends.resolve(backend, x)
         return backends.variant().defer is True or impl == "triton" or impl == "cuda" and cudnn.defers_bn_relu(x, convs)
@@ -89,7 +91,9 @@ class _FusedBlock(nn.Module):
             return functools.partial(self._run_fused, backend=backend)
         # the shortcut: the projection pair as a stage, another downsample module as itself, or the identity
         module = self.downsample if ds is None and self.downsample is not None else None
-        if self._defers(x, backend):  # training, the inner BN + ReLU on the next conv's loads (cuDNN's fused graphs)
+        # training, the inner BN + ReLU on the next conv's loads (cuDNN's fused graphs); the stage ops' deferred
+        # convolutions (conv_genstats) are ungrouped and bias-free: other blocks (ResNeXt's) take the plain stages
+        if self._defers(x, backend) and all(conv.groups == 1 and conv.bias is None for conv, _ in pairs):
             stages = [plan.Deferring(conv, bn) for conv, bn in pairs[:-1]] + [plan.Staged(*pairs[-1], _RELU)]
             projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
             identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from resnet_fused import backends
-from resnet_fused._layout import conv_output_shape, pair, per_channel_empty
+from resnet_fused._layout import conv_output_shape, memory_format, pair, per_channel_empty
 from resnet_fused.activations import RELU
 from resnet_fused.ops._autocast import lower_precision_fp
 from resnet_fused.ops._bn_math import bn_act_grads
@@ -67,7 +67,9 @@ def _conv2d_stats_fake(input, weight, stride, padding, dilation, groups, backend
     if triton_conv_applies(backend, groups):  # the implicit-GEMM conv writes NHWC
         out = input.new_empty(conv_output_shape(input.shape, weight.shape, stride, padding, dilation))
         out = out.contiguous(memory_format=torch.channels_last)
-    else:  # aten's conv on the (prologue's, same-layout) input: its own layout rule (input's or weight's)
+    else:  # aten's conv on the conv's input (the prologue's written as bn_act_apply does): its layout rule
+        if input_mean is not None:
+            input = torch.empty_like(input, memory_format=memory_format(input))
         out = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
     return out, per_channel_empty(out), per_channel_empty(out)
 

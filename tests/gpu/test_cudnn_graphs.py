@@ -109,6 +109,27 @@ def test_conv_genstats_input_bn_graph_matches_float64(conv, graphs_on):
     ex = torch.autograd.grad(exact, leaves64, grad.double())
     for name, g, e, x64 in zip(("input", "weight", "bn weight", "bn bias"), got, ref, ex):
         assert_within_eager_error(g, e, x64, f"grad {name} {conv}", norm="fro", factor=3.0)
+    backward = _report_of(before)[1:]  # the backward's two graphs, built or declined (then aten's passes ran above)
+    assert sorted(what.split(",")[0] for what, _ in backward) == ["bn-relu + wgrad", "dgrad + drelu + dbn-weight"], backward
+    for what, reason in backward:
+        print(what, "| built" if not reason else f"| declined: {reason}")
+
+
+@pytest.mark.parametrize("conv", CONVS[:2], ids=lambda c: f"{c[1]}to{c[3]}k{c[4]}s{c[5]}")
+def test_backward_graphs_build_at_resnet_shapes(conv, graphs_on):
+    """cuDNN has engines for the backward's two patterns at the unstrided 3x3 and 1x1 convs of ResNet layer1, fp16
+    (DgradDreluBNBwdWeight and ConvBNwgrad, cuDNN >= 9.8 on Ampere / Hopper): both built, no reason given."""
+    n, cin, hw, cout, k, s, p = conv
+    n //= 2  # signatures no other test built
+    x = activation((n, cin, hw, hw), torch.float16, CL, "cuda", offset=0.5).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).half().contiguous(memory_format=CL)
+    w.requires_grad_()
+    var, mean = torch.var_mean(x.detach().float(), (0, 2, 3), correction=0)
+    before = len(cudnn.graph_report())
+    y, _, _ = OPS.conv_genstats(x, w, [s, s], [p, p], [1, 1], mean, var, None, None, 1e-5)
+    y.backward(torch.randn_like(y))
+    new = _report_of(before)
+    assert len(new) == 3 and all(reason == "" for _, reason in new), new
 
 
 def test_conv_genstats_fallbacks(graphs_on):
@@ -172,13 +193,22 @@ def test_fused_block_training_with_graphs(kind):
     with cudnn.graphs(True):
         with profile() as prof:
             out = fused(x)
-        got = [out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], grad)]
+        with profile() as prof_backward:
+            got = [out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], grad)]
     names = {e.name for e in prof.events()}
     assert "resnet_fused::conv_genstats" in names and "aten::conv2d" not in names, sorted(names)
     assert "resnet_fused::bn_act_apply" not in names, "an inner activation was written in the forward"
-    new = _report_of(before)  # its conv signatures, each built as a graph (the first without a prologue)
-    assert len(new) == (2 if kind == "BasicBlock" else 3) and all(reason == "" for _, reason in new), new
-    assert sum(what.startswith("bn-relu") for what, _ in new) == len(new) - 1, new
+    new = _report_of(before)
+    forward = [e for e in new if "genstats" in e[0]]  # its conv signatures, each built (the first without a prologue)
+    convs = 2 if kind == "BasicBlock" else 3
+    assert len(forward) == convs and all(reason == "" for _, reason in forward), forward
+    assert sum(what.startswith("bn-relu") for what, _ in forward) == convs - 1, forward
+    backward = [e for e in new if "genstats" not in e[0]]  # dgrad + drelu + dbn-weight and the wgrad per deferred conv
+    assert len(backward) == 2 * (convs - 1), backward
+    for what, reason in backward:
+        print(what, "| built" if not reason else f"| declined: {reason}")
+    if all(reason == "" for _, reason in backward):  # the backward recomputes no activation either
+        assert "resnet_fused::bn_act_apply" not in {e.name for e in prof_backward.events()}
     ref = _block_step(eager, x, grad)
     x64 = x.detach().double().requires_grad_()
     ex = _block_step(exact, x64, grad.double())
@@ -223,3 +253,9 @@ def test_tune_times_the_deferred_block_with_the_graphs_on():
         names = [c.name for c in tuning.candidates(torch.device("cuda"), training=True, backward=True)]
     assert {"cuda-defer", "cuda"} <= set(names), names
     assert "cuda-defer" not in [c.name for c in tuning.candidates(torch.device("cuda"), training=True, backward=True)]
+    # a choice made with the graphs on is not reused with them off, nor the other way
+    block = torchvision.models.resnet.BasicBlock(64, 64).cuda().half().to(memory_format=CL)
+    x = activation((8, 64, 14, 14), torch.float16, CL, "cuda")
+    off = tuning.signature(block, x, None, True, True)
+    with cudnn.graphs(True):
+        assert tuning.signature(block, x, None, True, True) != off

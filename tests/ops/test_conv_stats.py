@@ -264,6 +264,47 @@ def test_blocks_defer_on_the_cpu_when_the_variant_says_so(block, monkeypatch):
         check_deferred_block(block, "cpu", calls)
 
 
+def _frozen_last_bn():
+    block = torchvision.models.resnet.BasicBlock(8, 8).train()
+    block.bn2.eval()  # bn1 in training, bn2 frozen: eager's mixed mode
+    return block
+
+
+def _biased_last_conv():
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    block.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=True)
+    return block
+
+
+@needs_extension
+@pytest.mark.parametrize("make", [_frozen_last_bn, _biased_last_conv,
+                                  lambda: torchvision.models.resnet.Bottleneck(16, 4, groups=2, base_width=64)],
+                         ids=["frozen-last-bn", "biased-last-conv", "grouped"])
+def test_blocks_the_deferred_plan_cannot_take_run_the_plain_one(make, monkeypatch):
+    """Variant(defer=True) on a block the stage ops cannot defer (its last BN frozen, the last conv biased, grouped
+    convs as ResNeXt's): the plain stages run (no conv_bn_defer_stage), and the step matches torchvision's block and
+    its float64 twin, running statistics included."""
+    plan = resnet_fused.nn.plan
+    monkeypatch.setattr(plan, "_conv_bn_defer_stage", lambda *a: pytest.fail("deferred a block it cannot"))
+    torch.manual_seed(0)
+    eager = make()
+    models = ((resnet_fused.fuse_(copy.deepcopy(eager), backend="cpu"), torch.float32), (eager, torch.float32),
+              (copy.deepcopy(eager).double(), torch.float64))
+    x = activation((2, eager.conv1.in_channels, 5, 5), torch.float32, torch.channels_last, "cpu")
+    with torch.no_grad():
+        grad = activation(copy.deepcopy(eager)(x).shape, torch.float32, torch.channels_last, "cpu")
+    results = []
+    for model, dtype in models:
+        xi = x.to(dtype).clone().requires_grad_()
+        with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
+            out = model(xi)
+        out.backward(grad.to(dtype))
+        results.append([out.detach(), xi.grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                        torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()])])
+    for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), *results):
+        assert_within_eager_error(a, e, x64, f"{name}", norm="fro")
+
+
 def check_deferred_block(block: str, backend: str, calls: list):
     """A fused block in training on `backend` takes the deferred path (`calls`: the input BN each conv was given, in
     order: none for the first, a deferred one for each other) and matches torchvision's block and its float64 twin."""

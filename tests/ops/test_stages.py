@@ -296,6 +296,9 @@ def test_conv_genstats_input_bn_opcheck_gradcheck_and_errors():
     var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
     torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1], mean, var, bw, bb, 1e-5))
     torch.library.opcheck(OPS.conv_genstats, (x.detach().contiguous(), w, [2, 1], [0, 1], [1, 2], mean, var, None, None, 1e-3))
+    # a non-dense channels_last input: the written a (dense, NCHW) decides y's layout, in the fake too
+    sliced = activation((2, 4, 5, 10), torch.float32, CL)[..., ::2].requires_grad_()
+    torch.library.opcheck(OPS.conv_genstats, (sliced, w, [1, 1], [1, 1], [1, 1], mean, var, bw, bb, 1e-5))
     x64 = torch.randn(2, 3, 5, 4, dtype=torch.float64).add_(0.5).requires_grad_()
     w64 = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     bw64, bb64 = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(3, dtype=torch.float64).requires_grad_()
@@ -306,6 +309,8 @@ def test_conv_genstats_input_bn_opcheck_gradcheck_and_errors():
 
     assert torch.autograd.gradcheck(fn, (x64, w64, bw64, bb64))
     x = x.detach()
+    with pytest.raises(RuntimeError, match="conv_genstats: `input_mean` and `input_var` must not require grad"):
+        OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], mean.clone().requires_grad_(), var)
     with pytest.raises(RuntimeError, match="conv_genstats: give `input_mean` and `input_var` together"):
         OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1], mean, None)
     with pytest.raises(RuntimeError, match="conv_genstats: give .* and `input_weight` / `input_bias` only with them"):
@@ -339,15 +344,16 @@ def test_deferred_stages_are_the_eager_chain(fmt, momentum):
 
     def eager(x, w1, bw1, bb1, w2, bw2, bb2, r, running):
         (rm1, rv1, n1), (rm2, rv2, n2) = running
-        m = 0.0 if momentum is None else momentum
         for n in (n1, n2):
             n.add_(1)
-        a1 = torch.relu(F.batch_norm(F.conv2d(x, w1, None, 2, 1), rm1, rv1, bw1, bb1, True, m if momentum else 1.0, 1e-5))
-        y2 = F.batch_norm(F.conv2d(a1, w2, None, 1, 1), rm2, rv2, bw2, bb2, True, m if momentum else 1.0, 1e-5)
+        # nn.BatchNorm2d's factor: momentum, or (None) the cumulative average's 1 / num_batches_tracked
+        m1, m2 = (momentum, momentum) if momentum is not None else (1.0 / n1.item(), 1.0 / n2.item())
+        a1 = torch.relu(F.batch_norm(F.conv2d(x, w1, None, 2, 1), rm1, rv1, bw1, bb1, True, m1, 1e-5))
+        y2 = F.batch_norm(F.conv2d(a1, w2, None, 1, 1), rm2, rv2, bw2, bb2, True, m2, 1e-5)
         return torch.relu(y2 + r)
 
-    def running(dtype):
-        return [(rm.clone().to(dtype), rv.clone().to(dtype), torch.tensor(0)) for rm, rv in ((rm1, rv1), (rm2, rv2))]
+    def running(dtype):  # counters past 0, so that the cumulative average's 1 / count is not 1
+        return [(rm.clone().to(dtype), rv.clone().to(dtype), torch.tensor(3)) for rm, rv in ((rm1, rv1), (rm2, rv2))]
 
     got_running, eager_running, exact_running = running(torch.float32), running(torch.float32), running(torch.float64)
     out = fused(*leaves, got_running)
@@ -362,7 +368,7 @@ def test_deferred_stages_are_the_eager_chain(fmt, momentum):
                               got, ref, exact):
         assert_within_eager_error(g, e, ex, f"grad {name}", factor=3.0)
     for i, (g, e, ex) in enumerate(zip(got_running, eager_running, exact_running)):
-        assert g[2].item() == e[2].item() == 1, f"bn{i + 1} num_batches_tracked"
+        assert g[2].item() == e[2].item() == 4, f"bn{i + 1} num_batches_tracked"
         assert_within_eager_error(g[0], e[0], ex[0], f"bn{i + 1} running_mean")
         assert_within_eager_error(g[1], e[1], ex[1], f"bn{i + 1} running_var")
 
