@@ -20,7 +20,8 @@
 #   bench-overhead  host time per block call at tiny sizes, aten ops and launches per step, bf16, eager and fused
 #                   (torch.compile left out: minutes of compiling for a host-path number)
 #   bench           the four parts above, then the targets table (benchmarks/targets.py)
-#   cudnn-graphs    build, then which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats) build
+#   cudnn-graphs    build, then which cuDNN fused graphs (conv + genstats, BN-ReLU prologue + conv + genstats; the
+#                   tests also build the backward's dgrad + dReLU + dBN-weight and BN-ReLU + wgrad) build
 #                   at the ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time
 #                   beside today's path (benchmarks/cudnn_graphs_probe.py), then tests/gpu/test_cudnn_graphs.py (the
 #                   graph kernels of csrc/cudnn/; CUDNN_PROBE=0: the tests only). Every build installs cudnn-frontend from wheels/
@@ -202,7 +203,9 @@ run_cudnn_graphs() {  # [seconds]
         note "cudnn-graphs probe: rc=$rc in $((SECONDS - t0)) s"
     fi
     # the graph kernels themselves (csrc/cudnn/): numerics against float64, the route, fallbacks, capture
-    TEST_TIMEOUT=${GRAPH_TEST_TIMEOUT:-180} PYTEST_WORKERS=1 run_tests tests/gpu/test_cudnn_graphs.py || rc=1
+    # (-rP: the passing tests' prints too, the backward graphs' "built" / "declined: reason" lines into the summary)
+    TEST_TIMEOUT=${GRAPH_TEST_TIMEOUT:-180} PYTEST_WORKERS=1 run_tests -rP tests/gpu/test_cudnn_graphs.py || rc=1
+    grep -E "\| (built|declined)" "$log" | sort -u | tail -40 | tee -a "$summary" >/dev/null
     return $rc
 }
 

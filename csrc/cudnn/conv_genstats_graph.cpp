@@ -248,11 +248,12 @@ std::string build(Graph& g, Pattern p, const Tensor& x, const Tensor& w, at::Int
 }
 
 // the ways to try, best first: fp32 coefficients and intermediates; then, where the pattern has coefficients, the io
-// dtype for them (and for the wgrad's recomputed a, as cudnn-frontend's ConvBNwgrad sample builds it)
+// dtype for them (PaddlePaddle's ConvBNwgrad passes fp16 ones), and for the wgrad also for its recomputed a (as
+// cudnn-frontend's ConvBNwgrad sample builds it)
 std::vector<Form> forms(Pattern p, at::ScalarType io) {
   switch (p) {
     case Pattern::kFpropBnRelu: return {Form{}, Form{io, at::kFloat}};
-    case Pattern::kWgradBnRelu: return {Form{}, Form{io, io}};
+    case Pattern::kWgradBnRelu: return {Form{}, Form{io, at::kFloat}, Form{io, io}};
     default: return {Form{}};
   }
 }
