@@ -310,11 +310,15 @@ bool nonempty(at::IntArrayRef shape) {
   return std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; });
 }
 
-// The graph this call runs, or null where none does (off, empty, a signature no graph takes, one cuDNN has no engine
-// for); handle: the current device's cuDNN handle on the current stream. The caller holds a device guard.
+// Whether a graph may run this call: the graphs on, a nonempty output, a signature graphs take (cheap: before a guard)
+bool graph_may_run(const Tensor& x, const Tensor& w, at::IntArrayRef y_shape) {
+  return cudnn_graphs_enabled() && nonempty(y_shape) && graph_applies(x, w);
+}
+
+// The graph this call runs where graph_may_run, or null where cuDNN has no engine for the signature; handle: the
+// current device's cuDNN handle on the current stream. The caller holds a device guard.
 std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape,
                                            const Conv& conv, cudnnHandle_t& handle) {
-  if (!cudnn_graphs_enabled() || !nonempty(y_shape) || !graph_applies(x, w)) return nullptr;
   handle = at::native::getCudnnHandle();
   auto g = graph_for(p, x, w, y_shape, conv, handle);
   if (!g->graph) return nullptr;
@@ -344,12 +348,16 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const
   if (prologue) std::tie(scale, shift) = input_scale_shift(input, *input_mean, *input_var, input_weight, input_bias, input_eps);
   const Conv conv{stride, padding, dilation};
   const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);
+  // without a graph: the input BN + ReLU written, then the conv and its statistics (aten's conv says what is wrong
+  // with a shape)
+  const auto passes = [&] {
+    return conv_genstats_passes(prologue ? input_bn_relu(input, scale, shift) : input, weight, stride, padding, dilation);
+  };
+  if (!graph_may_run(input, weight, shape)) return passes();
   const c10::cuda::CUDAGuard guard(input.device());
   cudnnHandle_t handle = nullptr;
   const auto g = graph_of_call(p, input, weight, shape, conv, handle);
-  if (!g) {  // the input BN + ReLU written, then the conv and its statistics (aten's conv says what is wrong with a shape)
-    return conv_genstats_passes(prologue ? input_bn_relu(input, scale, shift) : input, weight, stride, padding, dilation);
-  }
+  if (!g) return passes();
   Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t C = y.size(1);
   Tensor sums = at::empty({2, C}, input.options().dtype(at::kFloat));  // (sum y, sum y^2)
@@ -364,11 +372,19 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const
   return {y, mean, var};
 }
 
-// grad_y as the backward graphs read it: dense channels_last, 16-byte aligned (a copy only where it is not)
-std::optional<Tensor> graph_grad(const Tensor& grad_y, const Tensor& input) {
-  if (grad_y.scalar_type() != input.scalar_type()) return std::nullopt;
-  Tensor dy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
-  return aligned(dy) ? std::optional<Tensor>(dy) : std::nullopt;
+// run(dy, graph, handle) with pattern p's backward graph for this call, under a device guard; nullopt where no graph
+// runs. dy: grad_y as the graphs read it, dense channels_last and 16-byte aligned (a copy only where it is not).
+template <class Run>
+auto with_backward_graph(Pattern p, const Tensor& grad_y, const Tensor& input, const Tensor& weight, const Conv& conv,
+                         Run run) -> std::optional<decltype(run(grad_y, std::declval<const Graph&>(), cudnnHandle_t{}))> {
+  if (grad_y.scalar_type() != input.scalar_type() || !graph_may_run(input, weight, grad_y.sizes())) return std::nullopt;
+  const Tensor dy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  if (!aligned(dy)) return std::nullopt;
+  const c10::cuda::CUDAGuard guard(input.device());
+  cudnnHandle_t handle = nullptr;
+  const auto g = graph_of_call(p, input, weight, dy.sizes(), conv, handle);
+  if (!g) return std::nullopt;
+  return run(dy, *g, handle);
 }
 
 }  // namespace
@@ -380,57 +396,49 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
     const std::optional<at::Tensor>& input_weight, const std::optional<at::Tensor>& input_bias, double input_eps,
     bool need_grad_input) {
   using namespace cudnn_graphs;
-  if (!cudnn_graphs_enabled() || !graph_applies(input, weight)) return std::nullopt;
-  const auto dy = graph_grad(grad_y, input);
-  if (!dy) return std::nullopt;
   const Conv conv{stride, padding, dilation};
-  const c10::cuda::CUDAGuard guard(input.device());
-  cudnnHandle_t handle = nullptr;
-  const auto g = graph_of_call(Pattern::kDgradDreluDbn, input, weight, dy->sizes(), conv, handle);
-  if (!g) return std::nullopt;
-  const int64_t C = input.size(1);
-  const auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };  // no-ops for the usual fp32 vectors
-  const Tensor mean = f32(input_mean), var = f32(input_var), invstd = at::rsqrt(var + input_eps);
-  const Tensor gamma = input_weight ? f32(*input_weight) : at::ones({C}, mean.options());
-  const Tensor beta = input_bias ? f32(*input_bias) : at::zeros({C}, mean.options());
-  Tensor dz = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  Tensor per_channel = at::empty({5, C}, mean.options());  // dscale, dbias, eq_dy, eq_x, eq_bias
-  std::unordered_map<int64_t, void*> pointers{
-      {kDy, ptr(*dy)},        {kW, ptr(weight)},       {kX, ptr(input)},          {kMean, ptr(mean)},
-      {kInvStd, ptr(invstd)}, {kGamma, ptr(gamma)},    {kBeta, ptr(beta)},        {kDz, ptr(dz)},
-      {kDscale, ptr(per_channel[0])}, {kDbias, ptr(per_channel[1])}, {kEqDy, ptr(per_channel[2])},
-      {kEqX, ptr(per_channel[3])},    {kEqBias, ptr(per_channel[4])}};
-  execute(*g, Pattern::kDgradDreluDbn, handle, pointers, input, weight, conv);
-  const Tensor dscale = per_channel[0], dbias = per_channel[1];  // sum dz (x - mean) invstd, sum dz
-  Tensor grad_input;
-  if (need_grad_input) {  // the BN's training backward on dz: dz a + (x - mean) b + c (bn_act_backward's math)
-    const double count = static_cast<double>(input.numel() / C);
-    Tensor a, b, c;  // sum dz (x - mean) = dscale / invstd
-    std::tie(a, b, c, std::ignore) = gpu::bn_backward_coeffs_cuda(
-        dbias, dscale / invstd, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count, /*training=*/true);
-    grad_input = std::get<0>(gpu::bn_act_backward_elemt_cuda(dz, std::nullopt, input, mean, a, b, c, false));
-  }
-  return std::make_tuple(grad_input, dscale, dbias);
+  return with_backward_graph(Pattern::kDgradDreluDbn, grad_y, input, weight, conv, [&](const Tensor& dy, const Graph& g,
+                                                                                     cudnnHandle_t handle) {
+    const int64_t C = input.size(1);
+    const auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };  // no-ops for the usual fp32 vectors
+    const Tensor mean = f32(input_mean), var = f32(input_var), invstd = at::rsqrt(var + input_eps);
+    const Tensor gamma = input_weight ? f32(*input_weight) : at::ones({C}, mean.options());
+    const Tensor beta = input_bias ? f32(*input_bias) : at::zeros({C}, mean.options());
+    Tensor dz = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    Tensor per_channel = at::empty({5, C}, mean.options());  // dscale, dbias, eq_dy, eq_x, eq_bias
+    std::unordered_map<int64_t, void*> pointers{
+        {kDy, ptr(dy)},         {kW, ptr(weight)},       {kX, ptr(input)},          {kMean, ptr(mean)},
+        {kInvStd, ptr(invstd)}, {kGamma, ptr(gamma)},    {kBeta, ptr(beta)},        {kDz, ptr(dz)},
+        {kDscale, ptr(per_channel[0])}, {kDbias, ptr(per_channel[1])}, {kEqDy, ptr(per_channel[2])},
+        {kEqX, ptr(per_channel[3])},    {kEqBias, ptr(per_channel[4])}};
+    execute(g, Pattern::kDgradDreluDbn, handle, pointers, input, weight, conv);
+    const Tensor dscale = per_channel[0], dbias = per_channel[1];  // sum dz (x - mean) invstd, sum dz
+    Tensor grad_input;
+    if (need_grad_input) {  // the BN's training backward on dz: dz a + (x - mean) b + c (bn_act_backward's math)
+      const double count = static_cast<double>(input.numel() / C);
+      Tensor a, b, c;  // sum dz (x - mean) = dscale / invstd
+      std::tie(a, b, c, std::ignore) = gpu::bn_backward_coeffs_cuda(
+          dbias, dscale / invstd, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count, /*training=*/true);
+      grad_input = std::get<0>(gpu::bn_act_backward_elemt_cuda(dz, std::nullopt, input, mean, a, b, c, false));
+    }
+    return std::make_tuple(grad_input, dscale, dbias);
+  });
 }
 
 std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight,
                                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                                     const at::Tensor& scale, const at::Tensor& shift) {
   using namespace cudnn_graphs;
-  if (!cudnn_graphs_enabled() || !graph_applies(input, weight)) return std::nullopt;
-  const auto dy = graph_grad(grad_y, input);
-  if (!dy) return std::nullopt;
   const Conv conv{stride, padding, dilation};
-  const c10::cuda::CUDAGuard guard(input.device());
-  cudnnHandle_t handle = nullptr;
-  const auto g = graph_of_call(Pattern::kWgradBnRelu, input, weight, dy->sizes(), conv, handle);
-  if (!g) return std::nullopt;
-  const Tensor s = scale.to(g->form.coeff), b = shift.to(g->form.coeff);  // no-ops in fp32
-  Tensor grad_weight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::ChannelsLast));
-  std::unordered_map<int64_t, void*> pointers{
-      {kX, ptr(input)}, {kScale, ptr(s)}, {kShift, ptr(b)}, {kDy, ptr(*dy)}, {kDw, ptr(grad_weight)}};
-  execute(*g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv);
-  return grad_weight;
+  return with_backward_graph(Pattern::kWgradBnRelu, grad_y, input, weight, conv, [&](const Tensor& dy, const Graph& g,
+                                                                                   cudnnHandle_t handle) {
+    const Tensor s = scale.to(g.form.coeff), b = shift.to(g.form.coeff);  // no-ops in fp32
+    Tensor grad_weight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+    std::unordered_map<int64_t, void*> pointers{
+        {kX, ptr(input)}, {kScale, ptr(s)}, {kShift, ptr(b)}, {kDy, ptr(dy)}, {kDw, ptr(grad_weight)}};
+    execute(g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv);
+    return grad_weight;
+  });
 }
 
 bool cudnn_graphs_built() { return true; }

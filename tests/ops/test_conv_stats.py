@@ -293,14 +293,8 @@ def test_blocks_the_deferred_plan_cannot_take_run_the_plain_one(make, monkeypatc
     x = activation((2, eager.conv1.in_channels, 5, 5), torch.float32, torch.channels_last, "cpu")
     with torch.no_grad():
         grad = activation(copy.deepcopy(eager)(x).shape, torch.float32, torch.channels_last, "cpu")
-    results = []
-    for model, dtype in models:
-        xi = x.to(dtype).clone().requires_grad_()
-        with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
-            out = model(xi)
-        out.backward(grad.to(dtype))
-        results.append([out.detach(), xi.grad, torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
-                        torch.cat([b.reshape(-1) for b in model.buffers() if b.is_floating_point()])])
+    with resnet_fused.backends.use_variant(resnet_fused.backends.Variant(defer=True)):
+        results = [results_of(model, x.to(dtype), grad.to(dtype), train=False) for model, dtype in models]
     for name, a, e, x64 in zip(("output", "grad input", "parameter grads", "running statistics"), *results):
         assert_within_eager_error(a, e, x64, f"{name}", norm="fro")
 
@@ -327,11 +321,12 @@ def check_deferred_block(block: str, backend: str, calls: list):
     assert counters[0] == counters[1] == [1] * len(counters[0]), "num_batches_tracked: once per BN per step"
 
 
-def results_of(model, x, grad):
+def results_of(model, x, grad, train: bool = True):
     """output, grad input, all parameter grads as one vector, all running statistics as one: single
     (C,) grads of a tiny block are a handful of rounding errors, and their ratios to eager's a coin toss
-    (tests/nn/test_nn.py, Trio)."""
-    model.train()
+    (tests/nn/test_nn.py, Trio). train: the model put in training mode first (False: its modules' modes as set)."""
+    if train:
+        model.train()
     x = x.clone().requires_grad_()
     out = model(x)
     out.backward(grad)
