@@ -2,7 +2,9 @@
 // (weight, bias) (resnet_fused/ops/_bn_math.py, fold_bn). Where no gradient is wanted the bias, residual and activation
 // take at most one pass after the convolution, or none:
 //   fused_conv, CPU:  oneDNN's convolution with post-ops (bias, add, activation), weight dense or prepacked
-//   fused_conv, CUDA: cuDNN's conv + add + bias + ReLU graph (aten's cudnn_convolution_add_relu, alpha 1)
+//   fused_conv, CUDA: with a residual and a ReLU, cuDNN's conv + add + bias + ReLU graph (aten's
+//                     cudnn_convolution_add_relu, alpha 1); otherwise our cuDNN graph of the conv with its bias
+//                     (+ residual) (+ ReLU) where the graphs are on and cuDNN builds it (cudnn_graphs.h), else as below
 //   CUDA otherwise:   cuDNN's convolution without bias (aten adds a bias in a pass of its own), then one
 //                     epilogue pass act(y * 1 + bias (+ residual)) in fp32 (the bn_act_apply kernel)
 //   CPU otherwise:    with a bias and a residual or an activation, as CUDA: the convolution without bias, then the one
@@ -20,6 +22,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "cudnn_graphs.h"
 #include "kernel_ops.h"
 
 namespace resnet_fused {
@@ -144,10 +147,11 @@ Tensor conv_act_stage(const Tensor& input, const Tensor& weight, const OptTensor
   }
   if (fused_conv && !wants_grad) {
     if (input.is_cpu()) return onednn_conv_act(input, weight, bias, residual, stride, padding, dilation, groups, a, alpha);
-    RF_CHECK(input.is_cuda() && a == Act::Relu && residual.has_value(), op,
-             "fused_conv runs oneDNN on the CPU, or cuDNN's conv + add + bias + ReLU on CUDA (act='relu' with a residual); got ",
-             input.device(), " tensors, act='", std::string(act), "'", residual.has_value() ? "" : ", no residual");
-    return at::cudnn_convolution_add_relu(input, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, groups);
+    RF_CHECK(input.is_cuda(), op, "fused_conv runs oneDNN on the CPU or cuDNN on CUDA; got ", input.device(), " tensors");
+    if (a == Act::Relu && residual.has_value()) {
+      return at::cudnn_convolution_add_relu(input, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, groups);
+    }
+    if (auto y = conv_act_graph(input, weight, bias, residual, stride, padding, dilation, groups, a)) return *y;
   }
   const bool epilogue = input.is_cuda() ? bias.has_value() || residual.has_value() || !(a == Act::None || a == Act::Relu)
                                          : bias.has_value() && (residual.has_value() || a != Act::None);

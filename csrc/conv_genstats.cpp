@@ -1,13 +1,12 @@
 // resnet_fused::conv_genstats: its autograd (the statistics are outputs without a gradient: the BN that reads them
 // differentiates through them: bn_act_batch's training backward, or the next conv_genstats's input BN), the
 // composite kernel (CPU; CUDA without a graph), and the route conv_bn_act_stage asks. The cuDNN graph kernel:
-// cudnn/conv_genstats_graph.cpp.
+// cudnn/graphs.cpp (stubs where it is not built: cudnn_graphs.cpp).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 
 #include "checks.h"
 #include "conv_genstats.h"
@@ -20,8 +19,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
-
-std::atomic<bool> graphs_enabled{false};
 
 // grad_weight, grad_bias of a BN parameter, in the parameter's dtype (the kernels reduce in fp32)
 Tensor in_dtype_of(const Tensor& grad, const Tensor& like) {
@@ -193,29 +190,11 @@ bool conv_genstats_route(const Tensor& input, const Tensor& weight, bool has_bia
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto t = input.scalar_type();
   // cheap tests first: off, or not CUDA, and nothing reads a (possibly symbolic) size
-  return training && !has_bias && groups == 1 && graphs_enabled.load(std::memory_order_relaxed) && cudnn_graphs_built() &&
+  return training && !has_bias && groups == 1 && cudnn_graphs_enabled() && cudnn_graphs_built() &&
          input.is_cuda() && (t == at::kHalf || t == at::kBFloat16) && weight.scalar_type() == t && input.dim() == 4 &&
          weight.dim() == 4 && input.is_contiguous(cl) && weight.is_contiguous(cl) &&
          input.sym_size(1) % 8 == 0 && weight.sym_size(0) % 8 == 0;
 }
-
-void cudnn_graphs_set_enabled(bool enabled) { graphs_enabled.store(enabled); }
-bool cudnn_graphs_enabled() { return graphs_enabled.load(); }
-
-#ifndef RF_WITH_CUDNN_FRONTEND
-bool cudnn_graphs_built() { return false; }
-std::vector<std::pair<std::string, std::string>> cudnn_graph_report() { return {}; }
-std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_genstats_dgrad_graph(const Tensor&, const Tensor&, const Tensor&,
-                                                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                                            const Tensor&, const Tensor&, const OptTensor&,
-                                                                            const OptTensor&, double, bool) {
-  return std::nullopt;
-}
-std::optional<Tensor> conv_genstats_wgrad_graph(const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                                at::IntArrayRef, const Tensor&, const Tensor&) {
-  return std::nullopt;
-}
-#endif
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) { m.impl("conv_genstats", &conv_genstats_autograd); }
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) { m.impl("conv_genstats", &conv_genstats_composite); }

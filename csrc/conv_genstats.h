@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "cudnn_graphs.h"
+
 namespace resnet_fused {
 
 // the op's C++ signature (csrc/ops.cpp), for its typed dispatcher handle
@@ -39,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_genstats_passes(const at::Te
                                                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                                                     at::IntArrayRef dilation);
 
-// The input-BN form's backward through cuDNN graphs (cudnn/conv_genstats_graph.cpp), each where the graphs are built
+// The input-BN form's backward through cuDNN graphs (cudnn/graphs.cpp), each where the graphs are built
 // and on, the call is CUDA fp16 / bf16 channels_last with channels multiples of 8, and cuDNN has an engine for the
 // signature (cached per signature, reported in cudnn_graph_report); nullopt otherwise, and the caller computes that
 // part through aten's convolution backward on a recomputed a. With z = input * scale + shift and a = relu(z):
@@ -59,20 +61,9 @@ std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, co
                                                     const at::Tensor& scale, const at::Tensor& shift);
 
 // Whether conv_bn_act_stage takes its statistics from conv_genstats: training on CUDA with the cuDNN graphs built
-// and turned on (cudnn_graphs_set_enabled), fp16 / bf16, input and weight channels_last, groups 1, no conv bias,
+// and turned on (cudnn_graphs.h), fp16 / bf16, input and weight channels_last, groups 1, no conv bias,
 // channel counts multiples of 8 (the fused engines' 16-byte channel vectors). cuDNN may still decline a signature:
 // conv_genstats then runs the composite.
 bool conv_genstats_route(const at::Tensor& input, const at::Tensor& weight, bool has_bias, int64_t groups, bool training);
-
-// The cuDNN graph path's switch (off until set; resnet_fused.ops.cudnn.set_graphs) and whether it was built
-// (the extension found cudnn-frontend's headers).
-void cudnn_graphs_set_enabled(bool enabled);
-bool cudnn_graphs_enabled();
-bool cudnn_graphs_built();
-
-// The graphs conv_genstats and its backward tried, in the order first seen: (signature, "" when built, else cuDNN's
-// reason). Each entry starts with its pattern: "conv + genstats", "bn-relu + conv + genstats",
-// "dgrad + drelu + dbn-weight", "bn-relu + wgrad".
-std::vector<std::pair<std::string, std::string>> cudnn_graph_report();
 
 }  // namespace resnet_fused

@@ -238,11 +238,12 @@ class Folded:
         self.shift = folded_bias if not bias else None
         folded_bias = folded_bias if bias else None
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or residual_grad)
-        fused = _fuses(x, input_shape, weight, act, residual, conv.groups, wants_grad)
+        fused = _fuses(x, input_shape, weight, act, residual, conv.groups, wants_grad, folded_bias is not None)
         if fused and x.device.type == "cpu":  # reordered for oneDNN once, not per call
             weight = onednn.prepack_conv_weight(weight, conv.stride, conv.padding, conv.dilation, conv.groups, input_shape)
-        elif x.device.type == "cuda" and folded_bias is not None and not fused and not wants_grad:
-            folded_bias = folded_bias.float()  # the epilogue pass adds it in fp32
+        elif (x.device.type == "cuda" and folded_bias is not None and not wants_grad
+              and not (fused and act.name == "relu" and residual)):
+            folded_bias = folded_bias.float()  # our epilogue pass and our graph add it in fp32 (aten's fused call: io dtype)
         self.weight, self.bias = weight, folded_bias
         self.args = (conv.stride, conv.padding, conv.dilation, conv.groups, act.name, act.alpha, fused)
 
@@ -256,10 +257,11 @@ class Folded:
 
 
 def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, residual: bool, groups: int,
-           wants_grad: bool) -> bool:
+           wants_grad: bool, bias: bool) -> bool:
     """Whether the convolution takes the epilogue: oneDNN's post-ops on the CPU (fp32, at least onednn.MIN_OUTPUT
-    outputs), cuDNN's conv + add + bias + ReLU on CUDA (cudnn.cudnn_fuses); never where a gradient is wanted. A
-    tuner's Variant in force (onednn, cudnn_fused) overrides the size rule / turns cuDNN's fused call off."""
+    outputs); on CUDA cuDNN's conv + add + bias + ReLU (cudnn.cudnn_fuses) where a residual joins a ReLU, else, with
+    the cuDNN graphs on, our conv + epilogue graph (cudnn.graph_fuses); never where a gradient is wanted. A tuner's
+    Variant in force (onednn, cudnn_fused) overrides the size rule / turns cuDNN's one-call paths off."""
     if wants_grad:
         return False
     variant = backends.variant()
@@ -267,9 +269,12 @@ def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, 
         outputs = input_shape[0] * input_shape[2] * input_shape[3] * weight.shape[0]  # at stride 1, as onednn_inference counts
         pays = outputs >= onednn.MIN_OUTPUT if variant.onednn is None else variant.onednn
         return pays and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) or weight.is_contiguous(memory_format=torch.channels_last)
-    return (act.name == "relu" and residual and torch.backends.cudnn.enabled and variant.cudnn_fused is not False
-            and cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, channels_last, groups, torch.backends.cudnn.allow_tf32))
+    if not (torch.backends.cudnn.enabled and variant.cudnn_fused is not False):
+        return False
+    if act.name == "relu" and residual:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) or weight.is_contiguous(memory_format=torch.channels_last)
+        return cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, channels_last, groups, torch.backends.cudnn.allow_tf32)
+    return cudnn.graph_fuses(input_shape, x, weight, act, groups, bias, residual)
 
 
 class Chain:

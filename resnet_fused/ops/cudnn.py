@@ -1,12 +1,14 @@
 """CUDA inference on the `cuda` backend, BN folded: cuDNN's convolution, then the bias, the residual add
-and the ReLU in one pass of our epilogue kernel; or all of it in one cuDNN call (conv + add + bias +
-ReLU, ``resnet_fused::cudnn_conv_add_relu``) where a block's residual joins and cuDNN has an engine.
+and the ReLU in one pass of our epilogue kernel; or all of it in one cuDNN call: conv + add + bias +
+ReLU (``resnet_fused::cudnn_conv_add_relu``, aten's) where a block's residual joins and cuDNN has an
+engine, and with the cuDNN graphs on (set_graphs) our graph of the conv with its bias (+ residual)
+(+ ReLU) elsewhere (conv_act_stage's fused_conv, csrc/cudnn_graphs.h: conv_act_graph).
 
-No cuDNN call for conv + bias + ReLU alone: aten's ``cudnn_convolution_relu`` is its add + ReLU graph
-with alpha = 0 and the output's own uninitialized memory as the addend (aten/src/ATen/native/cudnn/
-ConvShared.cpp; the graph in Conv_v8.cpp adds alpha * z as a pointwise operand): one more read of an
-output-sized tensor, and 0 * NaN = NaN wherever that memory held a NaN. aten has no zero-free fused
-path, so that case runs the conv and the epilogue pass."""
+aten has no such call for conv + bias + ReLU alone: its ``cudnn_convolution_relu`` is its add + ReLU
+graph with alpha = 0 and the output's own uninitialized memory as the addend (aten/src/ATen/native/
+cudnn/ConvShared.cpp; the graph in Conv_v8.cpp adds alpha * z as a pointwise operand): one more read of
+an output-sized tensor, and 0 * NaN = NaN wherever that memory held a NaN. Without our graph that case
+runs the conv and the epilogue pass."""
 
 from __future__ import annotations
 
@@ -52,6 +54,30 @@ def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))))
 
 
+# the activations our conv + epilogue graph applies (csrc/cudnn/graphs.cpp, Pattern::kFpropEpilogue)
+GRAPH_ACTS = ("none", "relu")
+
+
+def graph_fuses(input_shape, x: Tensor, weight: Tensor, act: Activation, groups: int, bias: bool, residual: bool) -> bool:
+    """Whether conv_act_stage's fused_conv may run our conv + bias (+ residual) (+ ReLU) graph for a convolution of an
+    input of input_shape like x (dtype, layout) with `weight` (conv_act_graph's rule): the graphs on, something to fuse,
+    act none or relu, groups 1, fp16 / bf16 channels_last input and weight, channels multiples of 8. cuDNN may still
+    decline a signature (reported once): the stage then runs the conv and its epilogue pass."""
+    cl = torch.channels_last
+    return (graphs_enabled() and act.name in GRAPH_ACTS and (bias or residual or act.name == "relu") and groups == 1
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and x.is_contiguous(memory_format=cl)
+            and weight.is_contiguous(memory_format=cl) and input_shape[1] % 8 == 0 and weight.shape[0] % 8 == 0)
+
+
+def _graph_call(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, groups: int,
+                act: Activation) -> bool:
+    """conv_act_stage's graph computes this call (graph_fuses), one dtype throughout, no autocast, unless a tuner's Variant
+    says no."""
+    return (torch.backends.cudnn.enabled and backends.variant().cudnn_fused is not False
+            and not torch.is_autocast_enabled("cuda") and (residual is None or residual.dtype == input.dtype)
+            and graph_fuses(input.shape, input, weight, act, groups, bias is not None, residual is not None))
+
+
 def _fused_call(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, groups: int) -> bool:
     """cudnn_conv_add_relu computes this call: cuDNN enabled, an engine for it (cudnn_fuses), one dtype
     throughout (under autocast the op's rule casts input, weight and bias), unless a tuner's Variant says no."""
@@ -68,10 +94,14 @@ def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding
              residual: Tensor | None, act: Activation) -> Tensor:
     """act(conv2d(input, weight) + bias (+ residual)) where applies(): with a residual and a ReLU where cuDNN
     fuses, one cuDNN call (the conv output written once); otherwise cuDNN's conv without bias (aten's conv
-    adds a bias in a pass of its own), then one epilogue pass act(y * 1 + bias (+ residual)), fp32 math."""
+    adds a bias in a pass of its own), then one epilogue pass act(y * 1 + bias (+ residual)), fp32 math; with the
+    cuDNN graphs on, our graph of the conv and that epilogue where it applies (_graph_call)."""
     if act.name == "relu" and residual is not None and _fused_call(input, weight, bias, residual, groups):
         check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
         return cudnn_conv_add_relu(input, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
+    if _graph_call(input, weight, bias, residual, groups, act):
+        return torch.ops.resnet_fused.conv_act_stage(input, weight, bias, residual, list(stride), list(padding),
+                                                     list(dilation), groups, act.name, act.alpha, True)
     y = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
     residual = residual_for(residual, y, "conv_act")
     if bias is None and residual is None and act.name in ("none", "relu"):

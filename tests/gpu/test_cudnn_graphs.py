@@ -1,8 +1,9 @@
-"""The cuDNN graphs of the cuda backend's training path (csrc/cudnn/: conv with genstats in its epilogue, and with the
-previous BN + ReLU as its prologue), on a GPU with a build that has them (skipped, visibly, elsewhere):
-resnet_fused::conv_genstats against float64 at ResNet shapes with and without the input BN, that the graph (not the
-fallback) ran, the fallbacks (bf16 where cuDNN has no engine, odd channels, NCHW), a fused block's training step (the
-deferred data flow) against eager and float64, and CUDA-graph capture."""
+"""The cuDNN graphs of the cuda backend (csrc/cudnn/: in training conv with genstats in its epilogue, and with the
+previous BN + ReLU as its prologue; in eval the folded conv with its bias (+ residual) (+ ReLU)), on a GPU with a build
+that has them (skipped, visibly, elsewhere): resnet_fused::conv_genstats against float64 at ResNet shapes with and
+without the input BN, that the graph (not the fallback) ran, the fallbacks (bf16 where cuDNN has no engine, odd
+channels, NCHW), a fused block's training step (the deferred data flow) against eager and float64, CUDA-graph capture;
+conv_act_stage's conv + epilogue graph against float64, and folded blocks in eval through it."""
 
 import pytest
 import torch
@@ -259,3 +260,87 @@ def test_tune_times_the_deferred_block_with_the_graphs_on():
     off = tuning.signature(block, x, None, True, True)
     with cudnn.graphs(True):
         assert tuning.signature(block, x, None, True, True) != off
+
+
+# ---- eval: the folded conv with its bias (+ residual) (+ ReLU) as one graph (conv_act_stage's fused_conv) ----
+
+
+def _conv_epilogue(x, w, b, r, s, p, relu):
+    y = F.conv2d(x, w, b, s, p)
+    y = y + r if r is not None else y
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bias,residual,relu", [(True, False, True), (True, False, False), (True, True, False),
+                                                (False, False, True)], ids=["bias-relu", "bias", "bias-add", "relu"])
+@pytest.mark.parametrize("conv", CONVS[:3], ids=lambda c: f"{c[1]}to{c[3]}k{c[4]}s{c[5]}")
+def test_conv_epilogue_graph_matches_float64(conv, bias, residual, relu, dtype, graphs_on):
+    """conv_act_stage with fused_conv=True where aten has no one-call path (no residual + ReLU pair): our conv +
+    epilogue graph at ResNet shapes, the bias in fp32 as a plan holds it, the output's memory NaN-poisoned first.
+    fp16: built (no reason given); bf16: built or declined, printed (the GPU run finds out), the same function either
+    way; the output within 2x eager's error (2-norm) of float64, channels_last, no NaN."""
+    n, cin, hw, cout, k, s, p = conv
+    n //= 4
+    x = activation((n, cin, hw, hw), dtype, CL, "cuda")
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype).contiguous(memory_format=CL)
+    b = torch.randn(cout, device="cuda") if bias else None
+    out_shape = (n, cout, (hw + 2 * p - k) // s + 1, (hw + 2 * p - k) // s + 1)
+    r = activation(out_shape, dtype, CL, "cuda") if residual else None
+    torch.cuda.synchronize()
+    poison = torch.full(out_shape, float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=CL)
+    del poison  # the output's allocation gets this NaN-filled block back
+    before = len(cudnn.graph_report())
+    with torch.no_grad():
+        out = OPS.conv_act_stage(x, w, b, r, [s, s], [p, p], [1, 1], 1, "relu" if relu else "none", 0.0, True)
+    new = _report_of(before)
+    assert len(new) == 1 and new[0][0].startswith("conv + "), new
+    print(new[0][0], "| built" if not new[0][1] else f"| declined: {new[0][1]}")
+    if dtype == torch.float16:
+        assert new[0][1] == "", new
+    eager = _conv_epilogue(x, w, b.to(dtype) if bias else None, r, s, p, relu)
+    exact = _conv_epilogue(*(t.double() if t is not None else None for t in (x, w, b, r)), s, p, relu)
+    assert out.is_contiguous(memory_format=CL) and out.dtype == dtype and not out.isnan().any()
+    assert_within_eager_error(out, eager, exact, f"conv epilogue {conv} {dtype}", norm="fro")
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_folded_block_eval_with_graphs(kind):
+    """A torchvision block fused on the cuda backend, fp16 channels_last, eval, graphs on: every conv is one cuDNN call
+    (aten's conv + add + bias + ReLU for the last, our conv + epilogue graph for the others, each built): no
+    bn_act_apply pass; the output within 2x eager's error of a float64 twin; the same again under CUDA-graph capture."""
+    torch.manual_seed(0)
+    inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
+    eager = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().eval()
+    for m in eager.modules():  # BN statistics away from (0, 1): a folded bias that matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.5, 0.5)
+    exact = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().double().eval()
+    exact.load_state_dict(eager.state_dict())
+    eager = eager.half().to(memory_format=CL)
+    fused = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().half().to(memory_format=CL).eval()
+    fused.load_state_dict(eager.state_dict())
+    resnet_fused.fuse_(fused, backend="cuda")
+    x = activation((8, inplanes, 28, 28), torch.float16, CL, "cuda")
+    before = len(cudnn.graph_report())
+    with cudnn.graphs(True), torch.no_grad():
+        with profile() as prof:
+            out = fused(x)
+        new = _report_of(before)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fused(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fused(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    inner = 1 if kind == "BasicBlock" else 2
+    assert len(new) == inner and all(what.startswith("conv + bias + relu") and reason == "" for what, reason in new), new
+    names = {e.name for e in prof.events()}
+    assert "resnet_fused::bn_act_apply" not in names, sorted(names)
+    with torch.no_grad():
+        assert_within_eager_error(out, eager(x), exact(x.double()), f"{kind} eval", norm="fro")
+    torch.testing.assert_close(captured, out, rtol=0, atol=0)

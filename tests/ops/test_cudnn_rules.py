@@ -57,3 +57,29 @@ def test_conv_then_epilogue_composition(bias, residual, relu, fmt, dtype):
     e = eager(x, w, b, r)
     assert out.is_contiguous(memory_format=fmt) and e.is_contiguous(memory_format=fmt)
     assert_within_eager_error(out, e, eager(*(t.double() if t is not None else None for t in (x, w, b, r))), "conv + epilogue")
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,dtype,channels_last,groups,act,bias,residual,fuses", [
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "relu", True, False, True),  # a block's conv1, BN folded
+    ((8, 64, 56, 56), (256, 64, 1, 1), BF16, True, 1, "none", True, False, True),  # a projection shortcut
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "relu", False, False, True),  # ReLU alone
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "none", True, True, True),  # bias + residual, no activation
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "none", False, False, False),  # nothing to fuse: the conv
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "silu", True, False, False),  # an activation the graph lacks
+    ((8, 3, 224, 224), (64, 3, 7, 7), F16, True, 1, "relu", True, False, False),  # the RGB stem: Cin = 3
+    ((8, 128, 28, 28), (128, 4, 3, 3), F16, True, 32, "relu", True, False, False),  # grouped
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, False, 1, "relu", True, False, False),  # NCHW
+    ((2, 24, 10, 10), (20, 24, 3, 3), F16, True, 1, "relu", True, False, False),  # Cout = 20
+    ((2, 64, 8, 8), (64, 64, 3, 3), F32, True, 1, "relu", True, False, False),  # fp32: today's passes
+])
+def test_graph_fuses(input_shape, weight_shape, dtype, channels_last, groups, act, bias, residual, fuses, monkeypatch):
+    """Where conv_act_stage's fused_conv may take our conv + epilogue cuDNN graph (the C++ rule, conv_act_graph's):
+    with the graphs on only; the tensors stand in for the stage's dtype and layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(input_shape, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.empty(weight_shape, dtype=dtype).contiguous(memory_format=fmt)
+    spec = activation_spec(act)
+    monkeypatch.setattr(cudnn, "graphs_enabled", lambda: True)
+    assert cudnn.graph_fuses(input_shape, x, w, spec, groups, bias, residual) is fuses
+    monkeypatch.setattr(cudnn, "graphs_enabled", lambda: False)
+    assert cudnn.graph_fuses(input_shape, x, w, spec, groups, bias, residual) is False

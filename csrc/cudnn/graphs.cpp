@@ -1,5 +1,6 @@
-// resnet_fused::conv_genstats on CUDA through cuDNN graphs (cudnn-frontend's header-only C++ graph API), forward and
-// backward; every activation between two convolutions of a block is read and written once per pass.
+// The cuda backend's cuDNN graphs (cudnn-frontend's header-only C++ graph API): resnet_fused::conv_genstats forward and
+// backward, where every activation between two convolutions of a training block is read and written once per pass,
+// and the eval convolution with its folded BN's bias (+ residual) (+ ReLU) as one graph (conv_act_graph).
 //   forward: conv fprop with genstats in its epilogue, y written once and its per-channel (sum y, sum y^2) taken as it
 //     is stored, then genstats_finalize (one tiny kernel) for (mean, var); eager's BN reads y once more for them. With
 //     an input BN (input_mean given) the prologue applies a = relu(z), z = input * scale + shift, as the conv loads its
@@ -9,6 +10,9 @@
 //     invstd, sum dz)), then one elementwise pass for grad_input; (2) wgrad with a recomputed as it loads (ConvBNwgrad:
 //     scale, bias, ReLU, conv wgrad). Eager writes a, reads it for the wgrad and the ReLU mask, and takes the BN's
 //     backward reduction as a separate pass over dgrad's output; this does neither.
+//   eval: act(conv(x, w) + bias (+ residual)) with the epilogue on the conv's fp32 accumulator (cuDNN's runtime-fusion
+//     engines), y written once; without it a conv + bias + ReLU is the conv, then our epilogue pass over y (aten's
+//     cudnn_convolution_relu is its add graph with a zero alpha over an output-sized operand, ops/cudnn.py).
 //
 // One graph per (pattern, signature: device, dtype, input and weight shapes and strides, stride, padding, dilation),
 // built on its first call and cached with its workspace size. The per-channel scale and shift are tried in fp32 first
@@ -38,6 +42,7 @@
 
 #include "../checks.h"
 #include "../conv_genstats.h"
+#include "../cudnn_graphs.h"
 #include "../cuda/kernels.h"
 #include "genstats_finalize.h"
 
@@ -51,17 +56,30 @@ using OptTensor = std::optional<at::Tensor>;
 using TensorAttr = std::shared_ptr<fe::graph::Tensor_attributes>;
 using fe::graph::Pointwise_attributes;
 
-enum class Pattern : int64_t { kFprop, kFpropBnRelu, kDgradDreluDbn, kWgradBnRelu };
+enum class Pattern : int64_t { kFprop, kFpropBnRelu, kDgradDreluDbn, kWgradBnRelu, kFpropEpilogue };
 
-const char* pattern_name(Pattern p) {
+// What kFpropEpilogue adds to the conv's accumulator, in order: the bias (1, K, 1, 1), the residual (N, K, P, Q), the
+// activation (none or relu). The other patterns have none.
+struct Epilogue {
+  bool bias = false;
+  bool residual = false;
+  Act act = Act::None;
+};
+
+std::string pattern_name(Pattern p, const Epilogue& e) {
   switch (p) {
     case Pattern::kFprop: return "conv + genstats";
     case Pattern::kFpropBnRelu: return "bn-relu + conv + genstats";
     case Pattern::kDgradDreluDbn: return "dgrad + drelu + dbn-weight";
     case Pattern::kWgradBnRelu: return "bn-relu + wgrad";
+    case Pattern::kFpropEpilogue:
+      return c10::str("conv", e.bias ? " + bias" : "", e.residual ? " + add" : "", e.act == Act::Relu ? " + relu" : "");
   }
   return "?";
 }
+
+// the per-channel vectors a pattern's forms choose the dtype of
+const char* coefficients_of(Pattern p) { return p == Pattern::kFpropEpilogue ? "bias" : "scale and shift"; }
 
 // what a signature runs where cuDNN has no graph for it (the warning's words)
 const char* fallback_of(Pattern p) {
@@ -70,6 +88,7 @@ const char* fallback_of(Pattern p) {
     case Pattern::kFpropBnRelu: return "bn_act_apply, aten's convolution, then bn_stats";
     case Pattern::kDgradDreluDbn: return "bn_act_apply, aten's dgrad, then bn_act_backward";
     case Pattern::kWgradBnRelu: return "bn_act_apply, then aten's wgrad";
+    case Pattern::kFpropEpilogue: return "aten's convolution, then the bn_act_apply epilogue pass";
   }
   return "?";
 }
@@ -78,6 +97,7 @@ enum Uid : int64_t {
   kX = 1, kW, kY, kSum, kSumSq, kScale, kShift,                             // forward; scale, shift: the input BN's
   kDy, kDz, kMean, kInvStd, kGamma, kBeta, kDscale, kDbias, kEqDy, kEqX, kEqBias,  // dgrad + drelu + dbn-weight
   kDw,                                                                          // wgrad
+  kBias, kResidual,                                                             // conv + epilogue
 };
 
 // The dtypes of one way of building a pattern: the per-channel scale and shift (the patterns that take them), and the
@@ -115,16 +135,17 @@ std::vector<int64_t> channels_last(at::IntArrayRef sizes) { return c10::get_chan
 
 // every tensor a pattern reads or writes follows from x (the conv's input), w and the conv's parameters; y and the
 // gradients are stored channels_last as the kernels below allocate them
-Key signature(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv) {
-  Key key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(p)};
+Key signature(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv, const Epilogue& e) {
+  Key key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(p), e.bias, e.residual,
+          static_cast<int64_t>(e.act)};
   for (const at::IntArrayRef part : {x.sizes(), x.strides(), w.sizes(), w.strides(), conv.stride, conv.padding, conv.dilation}) {
     key.insert(key.end(), part.begin(), part.end());
   }
   return key;
 }
 
-std::string describe(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv) {
-  return c10::str(pattern_name(p), ", ", x.scalar_type(), " input ", x.sizes(), " weight ", w.sizes(), " stride ", conv.stride,
+std::string describe(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv, const Epilogue& e) {
+  return c10::str(pattern_name(p, e), ", ", x.scalar_type(), " input ", x.sizes(), " weight ", w.sizes(), " stride ", conv.stride,
                   " padding ", conv.padding, " dilation ", conv.dilation, " on ", x.device());
 }
 
@@ -140,6 +161,7 @@ struct Builder {
   at::IntArrayRef y_shape;
   Conv conv;
   Form form;
+  Epilogue epilogue;
 
   TensorAttr tensor(const char* name, int64_t uid, at::IntArrayRef sizes, at::IntArrayRef strides) {
     return graph.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(vec(sizes)).set_stride(vec(strides)));
@@ -163,16 +185,35 @@ struct Builder {
     return graph.pointwise(shifted, Pointwise_attributes().set_name("relu").set_mode(fe::PointwiseMode_t::RELU_FWD));
   }
 
+  TensorAttr conv_fprop(const TensorAttr& X) {
+    auto W = tensor("w", kW, w.sizes(), w.strides());
+    return graph.conv_fprop(X, W, fe::graph::Conv_fprop_attributes().set_name("conv").set_padding(vec(conv.padding))
+                                      .set_stride(vec(conv.stride)).set_dilation(vec(conv.dilation)));
+  }
+  void y_output(const TensorAttr& Y) {  // (N, K, P, Q) in the io dtype, channels_last
+    Y->set_output(true).set_uid(kY).set_data_type(fe_dtype(x.scalar_type())).set_dim(vec(y_shape)).set_stride(channels_last(y_shape));
+  }
+
   void fprop(bool prologue) {
     auto X = tensor("x", kX, x.sizes(), x.strides());
-    auto W = tensor("w", kW, w.sizes(), w.strides());
-    auto Y = graph.conv_fprop(prologue ? bn_relu(X) : X, W, fe::graph::Conv_fprop_attributes().set_name("conv")
-                                                                .set_padding(vec(conv.padding)).set_stride(vec(conv.stride))
-                                                                .set_dilation(vec(conv.dilation)));
-    Y->set_output(true).set_uid(kY).set_data_type(fe_dtype(x.scalar_type())).set_dim(vec(y_shape)).set_stride(channels_last(y_shape));
+    auto Y = conv_fprop(prologue ? bn_relu(X) : X);
+    y_output(Y);
     auto [sum, sum_sq] = graph.genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
     channel_output(sum, kSum, y_shape[1]);
     channel_output(sum_sq, kSumSq, y_shape[1]);
+  }
+
+  // y = act(conv(x, w) + bias (+ residual)), the epilogue on the conv's accumulator (intermediates fp32), y rounded once
+  void fprop_epilogue() {
+    auto Y = conv_fprop(tensor("x", kX, x.sizes(), x.strides()));
+    if (epilogue.bias) Y = pointwise(Y, channel_vector("bias", kBias, y_shape[1], form.coeff), fe::PointwiseMode_t::ADD, "bias");
+    if (epilogue.residual) {
+      Y = pointwise(Y, tensor("residual", kResidual, y_shape, channels_last(y_shape)), fe::PointwiseMode_t::ADD, "add");
+    }
+    if (epilogue.act == Act::Relu) {
+      Y = graph.pointwise(Y, Pointwise_attributes().set_name("relu").set_mode(fe::PointwiseMode_t::RELU_FWD));
+    }
+    y_output(Y);
   }
 
   // dz = conv_dgrad(dy, w) * (z > 0), z = (x - mean) invstd gamma + beta; dbn_weight: (sum dz (x - mean) invstd, sum dz)
@@ -216,17 +257,18 @@ struct Builder {
 
 // "" when built into g, else why not (cuDNN's message)
 std::string build(Graph& g, Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv, Form form,
-                  cudnnHandle_t handle) {
+                  const Epilogue& epilogue, cudnnHandle_t handle) {
   auto graph = std::make_shared<fe::graph::Graph>();
   graph->set_io_data_type(fe_dtype(x.scalar_type()))
       .set_intermediate_data_type(fe_dtype(form.intermediate))
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  Builder b{*graph, x, w, y_shape, conv, form};
+  Builder b{*graph, x, w, y_shape, conv, form, epilogue};
   switch (p) {
     case Pattern::kFprop: b.fprop(false); break;
     case Pattern::kFpropBnRelu: b.fprop(true); break;
     case Pattern::kDgradDreluDbn: b.dgrad_drelu_dbn(); break;
     case Pattern::kWgradBnRelu: b.wgrad_bn_relu(); break;
+    case Pattern::kFpropEpilogue: b.fprop_epilogue(); break;
   }
   for (auto step : {+[](fe::graph::Graph& gr, cudnnHandle_t) { return gr.validate(); },
                     +[](fe::graph::Graph& gr, cudnnHandle_t h) { return gr.build_operation_graph(h); },
@@ -248,31 +290,32 @@ std::string build(Graph& g, Pattern p, const Tensor& x, const Tensor& w, at::Int
 }
 
 // the ways to try, best first: fp32 coefficients and intermediates; then, where the pattern has coefficients, the io
-// dtype for them (PaddlePaddle's ConvBNwgrad passes fp16 ones), and for the wgrad also for its recomputed a (as
-// cudnn-frontend's ConvBNwgrad sample builds it)
-std::vector<Form> forms(Pattern p, at::ScalarType io) {
+// dtype for them (PaddlePaddle's ConvBNwgrad passes fp16 ones, aten's conv + add + bias + ReLU graph an io-dtype bias),
+// and for the wgrad also for its recomputed a (as cudnn-frontend's ConvBNwgrad sample builds it)
+std::vector<Form> forms(Pattern p, at::ScalarType io, const Epilogue& e) {
   switch (p) {
     case Pattern::kFpropBnRelu: return {Form{}, Form{io, at::kFloat}};
     case Pattern::kWgradBnRelu: return {Form{}, Form{io, at::kFloat}, Form{io, io}};
+    case Pattern::kFpropEpilogue: return e.bias ? std::vector<Form>{Form{}, Form{io, at::kFloat}} : std::vector<Form>{Form{}};
     default: return {Form{}};
   }
 }
 
 // the cached graph of this signature (its `graph` null where cuDNN has none), built on first sight
 std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv,
-                                       cudnnHandle_t handle) {
+                                       const Epilogue& epilogue, cudnnHandle_t handle) {
   Cache& c = cache();
-  const Key key = signature(p, x, w, conv);
+  const Key key = signature(p, x, w, conv, epilogue);
   std::lock_guard<std::mutex> lock(c.mutex);
   if (auto it = c.graphs.find(key); it != c.graphs.end()) return it->second;
   auto g = std::make_shared<Graph>();
-  const auto tries = forms(p, x.scalar_type());
+  const auto tries = forms(p, x.scalar_type(), epilogue);
   const bool has_coeffs = tries.size() > 1;
   std::string reason;
   for (const Form& form : tries) {
     std::string why;
     try {
-      why = build(*g, p, x, w, y_shape, conv, form, handle);
+      why = build(*g, p, x, w, y_shape, conv, form, epilogue, handle);
     } catch (const std::exception& e) {  // the frontend's exceptions (e.g. a cuDNN too old for a node)
       why = e.what();
     }
@@ -281,14 +324,13 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
       break;
     }
     g->graph.reset();
-    reason += has_coeffs ? c10::str(reason.empty() ? "" : "; ", "scale and shift in ", form.coeff, ": ", why) : why;
+    reason += has_coeffs ? c10::str(reason.empty() ? "" : "; ", coefficients_of(p), " in ", form.coeff, ": ", why) : why;
   }
-  std::string what = describe(p, x, w, conv);
+  std::string what = describe(p, x, w, conv, epilogue);
   if (!reason.empty()) {
-    TORCH_WARN("resnet_fused::conv_genstats: no cuDNN graph for ", what, " (", reason, "); this signature runs ",
-               fallback_of(p));
+    TORCH_WARN("resnet_fused: no cuDNN graph for ", what, " (", reason, "); this signature runs ", fallback_of(p));
   } else if (has_coeffs) {
-    what += c10::str(", scale and shift in ", g->form.coeff);
+    what += c10::str(", ", coefficients_of(p), " in ", g->form.coeff);
     if (g->form.intermediate != at::kFloat) what += c10::str(", intermediates in ", g->form.intermediate);
   }
   c.report.emplace_back(what, reason);
@@ -318,20 +360,20 @@ bool graph_may_run(const Tensor& x, const Tensor& w, at::IntArrayRef y_shape) {
 // The graph this call runs where graph_may_run, or null where cuDNN has no engine for the signature; handle: the
 // current device's cuDNN handle on the current stream. The caller holds a device guard.
 std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape,
-                                           const Conv& conv, cudnnHandle_t& handle) {
+                                           const Conv& conv, cudnnHandle_t& handle, const Epilogue& epilogue = {}) {
   handle = at::native::getCudnnHandle();
-  auto g = graph_for(p, x, w, y_shape, conv, handle);
+  auto g = graph_for(p, x, w, y_shape, conv, epilogue, handle);
   if (!g->graph) return nullptr;
   AT_CUDNN_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()));
   return g;
 }
 
 void execute(const Graph& g, Pattern p, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pointers, const Tensor& x,
-             const Tensor& w, const Conv& conv) {
+             const Tensor& w, const Conv& conv, const Epilogue& epilogue = {}) {
   Tensor workspace = at::empty({g.workspace}, x.options().dtype(at::kByte));
   auto status = g.graph->execute(handle, pointers, workspace.mutable_data_ptr());
-  TORCH_CHECK(status.is_good(), "resnet_fused::conv_genstats: the cuDNN graph for ", describe(p, x, w, conv),
-              " failed to run: ", status.get_message());
+  TORCH_CHECK(status.is_good(), "resnet_fused: the cuDNN graph for ", describe(p, x, w, conv, epilogue), " failed to run: ",
+              status.get_message());
 }
 
 void* ptr(const Tensor& t) { return const_cast<void*>(t.const_data_ptr()); }
@@ -439,6 +481,37 @@ std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, co
     execute(g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv);
     return grad_weight;
   });
+}
+
+std::optional<at::Tensor> conv_act_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, Act act) {
+  using namespace cudnn_graphs;
+  const Epilogue epilogue{bias.has_value(), residual.has_value(), act};
+  if (groups != 1 || !(act == Act::None || act == Act::Relu) || !(epilogue.bias || epilogue.residual || act == Act::Relu)) {
+    return std::nullopt;
+  }
+  const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);
+  if (!graph_may_run(input, weight, shape) ||
+      (residual && !(residual->is_contiguous(at::MemoryFormat::ChannelsLast) && aligned(*residual)))) {
+    return std::nullopt;
+  }
+  const Conv conv{stride, padding, dilation};
+  const c10::cuda::CUDAGuard guard(input.device());
+  cudnnHandle_t handle = nullptr;
+  const auto g = graph_of_call(Pattern::kFpropEpilogue, input, weight, shape, conv, handle, epilogue);
+  if (!g) return std::nullopt;
+  Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::unordered_map<int64_t, void*> pointers{{kX, ptr(input)}, {kW, ptr(weight)}, {kY, ptr(y)}};
+  Tensor b;
+  if (bias) {  // (K,) dense and 16-byte aligned in the form's dtype: a no-op for a plan's fp32 bias
+    b = bias->to(g->form.coeff).contiguous();
+    if (!aligned(b)) b = b.clone();
+    pointers[kBias] = ptr(b);
+  }
+  if (residual) pointers[kResidual] = ptr(*residual);
+  execute(*g, Pattern::kFpropEpilogue, handle, pointers, input, weight, conv, epilogue);
+  return y;
 }
 
 bool cudnn_graphs_built() { return true; }
