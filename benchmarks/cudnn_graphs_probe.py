@@ -6,6 +6,9 @@ channels_last, it builds two cudnn-frontend graphs and reports supported / unsup
   conv+genstats          Y = conv(X), (sum Y, sum Y^2) per channel in the epilogue
   bnrelu+conv+genstats   Y = conv(relu(X * scale + bias)), the same statistics (the previous BN + ReLU on load;
                          not for the stem, whose input is the image)
+  conv+reduce            conv+genstats with the statistics taken by two reduction nodes, sum Y and sum Y * Y to
+  bnrelu+conv+reduce     (1, K, 1, 1) (the generic runtime-fusion engine; csrc/cudnn/graphs.cpp tries these where
+                         genstats has no engine: bf16 on Hopper)
 
 With --time it runs each supported graph and, beside it, what the cuda backend runs today for the same result
 (cuDNN conv through aten, then our bn_stats kernel; with the prologue, bn_act_apply first): CUDA-event medians.
@@ -25,7 +28,7 @@ import time
 import torch
 import torchvision
 
-PATTERNS = ("conv+genstats", "bnrelu+conv+genstats")
+PATTERNS = ("conv+genstats", "bnrelu+conv+genstats", "conv+reduce", "bnrelu+conv+reduce")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -71,6 +74,8 @@ class Probe:
         self.y = torch.empty(batch, c["cout"], *out_hw, device="cuda", dtype=dtype).contiguous(memory_format=cl)
         self.sum = torch.empty(1, c["cout"], 1, 1, device="cuda", dtype=torch.float32).contiguous(memory_format=cl)
         self.sq_sum = torch.empty_like(self.sum)
+        for t in (self.y, self.sum, self.sq_sum):  # poisoned: a graph that leaves an output unwritten, or adds to what
+            t.fill_(float("nan"))                  # it holds (a reduction's accumulate), shows as NaN in check()
         self.graph, self.error, self.build_s = None, None, 0.0
         t0 = time.perf_counter()
         try:
@@ -88,14 +93,21 @@ class Probe:
         W = g.tensor(name="W", dim=self.w.size(), stride=self.w.stride(), data_type=io)
         self.tensors = {X: self.x, W: self.w}
         image = X
-        if self.pattern == "bnrelu+conv+genstats":
+        if self.pattern.startswith("bnrelu+"):
             S = g.tensor(name="S", dim=self.scale.size(), stride=self.scale.stride(), data_type=io)
             B = g.tensor(name="B", dim=self.bias.size(), stride=self.bias.stride(), data_type=io)
             self.tensors.update({S: self.scale, B: self.bias})
             image = g.relu(name="relu", input=g.bias(name="bias", input=g.scale(name="scale", input=X, scale=S), bias=B))
         Y = g.conv_fprop(image=image, weight=W, padding=list(c["padding"]), stride=list(c["stride"]), dilation=[1, 1])
         Y.set_output(True).set_data_type(io)
-        SUM, SQ_SUM = g.genstats(name="genstats", input=Y)
+        if self.pattern.endswith("+genstats"):
+            SUM, SQ_SUM = g.genstats(name="genstats", input=Y)
+        else:  # the sums over (N, H, W), to the (1, K, 1, 1) shape of the outputs
+            add, f32 = cudnn.reduction_mode.ADD, cudnn.data_type.FLOAT
+            SUM = g.reduction(input=Y, mode=add, compute_data_type=f32, name="sum")
+            SQ_SUM = g.reduction(input=g.mul(a=Y, b=Y, name="square"), mode=add, compute_data_type=f32, name="sum_sq")
+            for t in (SUM, SQ_SUM):
+                t.set_dim(list(self.sum.size())).set_stride(list(self.sum.stride()))
         SUM.set_output(True).set_data_type(cudnn.data_type.FLOAT)
         SQ_SUM.set_output(True).set_data_type(cudnn.data_type.FLOAT)
         self.tensors.update({Y: self.y, SUM: self.sum, SQ_SUM: self.sq_sum})
@@ -113,7 +125,7 @@ class Probe:
     def run_today(self):
         """What the cuda backend runs for the same result today: (bn_act_apply,) aten's conv, bn_stats."""
         x = self.x
-        if self.pattern == "bnrelu+conv+genstats":
+        if self.pattern.startswith("bnrelu+"):
             x = torch.ops.resnet_fused.bn_act_apply(x, self.scale.view(-1).float(), self.bias.view(-1).float(), None, "relu", 0.0)
         c = self.c
         y = torch.nn.functional.conv2d(x, self.w, None, c["stride"], c["padding"])
@@ -124,7 +136,10 @@ class Probe:
         y = self.y.double()
         exp_sum, exp_sq = y.sum((0, 2, 3)), y.square().sum((0, 2, 3))
         rel = lambda got, exp: ((got.view(-1).double() - exp).abs().max() / exp.abs().max().clamp_min(1e-30)).item()
-        return f"stats rel err sum {rel(self.sum, exp_sum):.1e} sq {rel(self.sq_sum, exp_sq):.1e}"
+        line = f"stats rel err sum {rel(self.sum, exp_sum):.1e} sq {rel(self.sq_sum, exp_sq):.1e}"
+        if not all(t.isfinite().all() for t in (self.y, self.sum, self.sq_sum)):
+            line += " (NaN left: an output not written, or added to)"
+        return line
 
 
 def median_ms(fn, reps: int = 20) -> float:
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
             break
         for dname, dtype in DTYPES.items():
             for pattern in PATTERNS:
-                if pattern == "bnrelu+conv+genstats" and c["cin"] == 3:
+                if pattern.startswith("bnrelu+") and c["cin"] == 3:
                     continue  # the stem's input is the image: no BN before it
                 p = Probe(cudnn, handle, c, args.batch, dtype, pattern)
                 total += 1

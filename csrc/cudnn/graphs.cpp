@@ -18,14 +18,18 @@
 // built on its first call and cached with its workspace size. The per-channel scale and shift are tried in fp32 first
 // (no rounding of the BN's coefficients), then in the io dtype (the form the H200 probe built for the forward,
 // benchmarks/results/h200-2026-12-04-cudnn-graphs; for the wgrad with a in the io dtype too, as cudnn-frontend's
-// sample); the report says which. A signature cuDNN has no engine for (on Hopper: bf16, the 7x7 stem) is cached too,
+// sample); the forward patterns last take their statistics by two reduction nodes instead of genstats (the generic
+// runtime-fusion engine: where genstats has no engine, as bf16 on Hopper); the report says which form built. A
+// signature cuDNN has no engine for (on Hopper, the H200 probe: bf16 genstats, the 7x7 stem) is cached too,
 // with cuDNN's reason, warned once, and runs the composite's passes from then on. cudnn_graph_report() lists both.
-// First calls build (milliseconds to a second per signature): run a signature once before capturing a CUDA graph.
+// First calls build (milliseconds to a second per signature; a runtime-fusion form compiles its kernel, seconds): run
+// a signature once before capturing a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <ATen/cudnn/Handle.h>
 #include <ATen/native/ConvUtils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/StringUtil.h>
 #include <c10/util/hash.h>
 #include <cudnn_frontend.h>
 #include <torch/library.h>
@@ -78,9 +82,6 @@ std::string pattern_name(Pattern p, const Epilogue& e) {
   return "?";
 }
 
-// the per-channel vectors a pattern's forms choose the dtype of
-const char* coefficients_of(Pattern p) { return p == Pattern::kFpropEpilogue ? "bias" : "scale and shift"; }
-
 // what a signature runs where cuDNN has no graph for it (the warning's words)
 const char* fallback_of(Pattern p) {
   switch (p) {
@@ -100,12 +101,31 @@ enum Uid : int64_t {
   kBias, kResidual,                                                             // conv + epilogue
 };
 
-// The dtypes of one way of building a pattern: the per-channel scale and shift (the patterns that take them), and the
-// graph's intermediate values
+// How the forward patterns take y's per-channel (sum y, sum y^2): cuDNN's genstats node (the ConvBNfprop engines: fp16
+// on Hopper), or two reduction nodes, sum y and sum y * y, to (1, K, 1, 1) (the generic runtime-fusion engine's conv
+// with a reduction epilogue, as cudnn-frontend's ConvColReduction sample: tried where genstats has no engine, e.g. bf16)
+enum class Stats { kGenstats, kReduction };
+
+// One way of building a pattern: the dtypes of the per-channel scale and shift (the patterns that take them) and of the
+// graph's intermediate values, and the statistics' nodes (the forward patterns)
 struct Form {
   at::ScalarType coeff = at::kFloat;
   at::ScalarType intermediate = at::kFloat;
+  Stats stats = Stats::kGenstats;
 };
+
+// what sets a built form apart from another of its pattern's (the report's words): the per-channel vectors' dtype where
+// the pattern takes some, intermediates not in fp32, the forward patterns' statistics nodes
+std::string form_label(Pattern p, const Epilogue& e, const Form& f) {
+  std::vector<std::string> parts;
+  if (p == Pattern::kFpropBnRelu || p == Pattern::kWgradBnRelu) parts.push_back(c10::str("scale and shift in ", f.coeff));
+  if (p == Pattern::kFpropEpilogue && e.bias) parts.push_back(c10::str("bias in ", f.coeff));
+  if (f.intermediate != at::kFloat) parts.push_back(c10::str("intermediates in ", f.intermediate));
+  if (p == Pattern::kFprop || p == Pattern::kFpropBnRelu) {
+    parts.emplace_back(f.stats == Stats::kGenstats ? "statistics by genstats" : "statistics by reduction nodes");
+  }
+  return c10::Join(", ", parts);
+}
 
 struct Graph {
   std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN has no engine for this signature
@@ -198,7 +218,18 @@ struct Builder {
     auto X = tensor("x", kX, x.sizes(), x.strides());
     auto Y = conv_fprop(prologue ? bn_relu(X) : X);
     y_output(Y);
-    auto [sum, sum_sq] = graph.genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
+    TensorAttr sum, sum_sq;
+    if (form.stats == Stats::kGenstats) {
+      const auto stats = graph.genstats(Y, fe::graph::Genstats_attributes().set_name("genstats"));
+      sum = stats[0], sum_sq = stats[1];
+    } else {  // sum over (N, P, Q) of y and of y * y, each to (1, K, 1, 1) in fp32
+      const auto add = [&](const TensorAttr& t, const char* name) {
+        return graph.reduction(t, fe::graph::Reduction_attributes().set_name(name).set_mode(fe::ReductionMode_t::ADD)
+                                      .set_compute_data_type(fe::DataType_t::FLOAT));
+      };
+      sum = add(Y, "sum");
+      sum_sq = add(pointwise(Y, Y, fe::PointwiseMode_t::MUL, "square"), "sum_sq");
+    }
     channel_output(sum, kSum, y_shape[1]);
     channel_output(sum_sq, kSumSq, y_shape[1]);
   }
@@ -291,10 +322,13 @@ std::string build(Graph& g, Pattern p, const Tensor& x, const Tensor& w, at::Int
 
 // the ways to try, best first: fp32 coefficients and intermediates; then, where the pattern has coefficients, the io
 // dtype for them (PaddlePaddle's ConvBNwgrad passes fp16 ones, aten's conv + add + bias + ReLU graph an io-dtype bias),
-// and for the wgrad also for its recomputed a (as cudnn-frontend's ConvBNwgrad sample builds it)
+// and for the wgrad also for its recomputed a (as cudnn-frontend's ConvBNwgrad sample builds it); for the forward
+// patterns last the statistics by reduction nodes
 std::vector<Form> forms(Pattern p, at::ScalarType io, const Epilogue& e) {
+  const Form reduction{at::kFloat, at::kFloat, Stats::kReduction};
   switch (p) {
-    case Pattern::kFpropBnRelu: return {Form{}, Form{io, at::kFloat}};
+    case Pattern::kFprop: return {Form{}, reduction};
+    case Pattern::kFpropBnRelu: return {Form{}, Form{io, at::kFloat}, reduction};
     case Pattern::kWgradBnRelu: return {Form{}, Form{io, at::kFloat}, Form{io, io}};
     case Pattern::kFpropEpilogue: return e.bias ? std::vector<Form>{Form{}, Form{io, at::kFloat}} : std::vector<Form>{Form{}};
     default: return {Form{}};
@@ -310,7 +344,7 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
   if (auto it = c.graphs.find(key); it != c.graphs.end()) return it->second;
   auto g = std::make_shared<Graph>();
   const auto tries = forms(p, x.scalar_type(), epilogue);
-  const bool has_coeffs = tries.size() > 1;
+  const bool several = tries.size() > 1;
   std::string reason;
   for (const Form& form : tries) {
     std::string why;
@@ -324,14 +358,13 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
       break;
     }
     g->graph.reset();
-    reason += has_coeffs ? c10::str(reason.empty() ? "" : "; ", coefficients_of(p), " in ", form.coeff, ": ", why) : why;
+    reason += several ? c10::str(reason.empty() ? "" : "; ", form_label(p, epilogue, form), ": ", why) : why;
   }
   std::string what = describe(p, x, w, conv, epilogue);
   if (!reason.empty()) {
     TORCH_WARN("resnet_fused: no cuDNN graph for ", what, " (", reason, "); this signature runs ", fallback_of(p));
-  } else if (has_coeffs) {
-    what += c10::str(", ", coefficients_of(p), " in ", g->form.coeff);
-    if (g->form.intermediate != at::kFloat) what += c10::str(", intermediates in ", g->form.intermediate);
+  } else if (several) {
+    what += c10::str(", ", form_label(p, epilogue, g->form));
   }
   c.report.emplace_back(what, reason);
   return c.graphs.emplace(key, std::move(g)).first->second;
@@ -403,6 +436,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const
   Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t C = y.size(1);
   Tensor sums = at::empty({2, C}, input.options().dtype(at::kFloat));  // (sum y, sum y^2)
+  // genstats writes its sums (the H200 probe's uninitialized outputs held the right sums after 23 runs); reduction nodes
+  // may add into theirs: zeroed (2 C floats) until the probe (NaN-poisoned outputs) shows they do not
+  if (g->form.stats == Stats::kReduction) sums.zero_();
   std::unordered_map<int64_t, void*> pointers{
       {kX, ptr(input)}, {kW, ptr(weight)}, {kY, ptr(y)}, {kSum, ptr(sums[0])}, {kSumSq, ptr(sums[1])}};
   if (prologue) {
