@@ -15,7 +15,7 @@ With --time it runs each supported graph and, beside it, what the cuda backend r
 Needs a GPU and cudnn-frontend's Python module (`pip install nvidia-cudnn-frontend`, or the wheels
 benchmarks/fetch_gpu_wheels.sh downloads); exits 3 saying which is missing otherwise.
 
-    python benchmarks/cudnn_graphs_probe.py [--batch 256] [--time] [--deadline SECONDS]
+    python benchmarks/cudnn_graphs_probe.py [--batch 256] [--time] [--deadline SECONDS] [--patterns P,..] [--dtypes D,..]
 """
 
 from __future__ import annotations
@@ -161,7 +161,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--time", action="store_true", help="run each supported graph and today's path, CUDA-event medians")
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; start no new shape after it")
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated, of {', '.join(PATTERNS)}")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
     args = ap.parse_args(argv)
+    patterns, dtypes = args.patterns.split(","), args.dtypes.split(",")
+    unknown = sorted(set(patterns) - set(PATTERNS)) + sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        ap.error(f"unknown pattern or dtype {unknown}: patterns are {', '.join(PATTERNS)}; dtypes {', '.join(DTYPES)}")
     if not torch.cuda.is_available():
         print("cudnn_graphs_probe: no CUDA GPU here; nothing to probe", file=sys.stderr)
         return 3
@@ -183,8 +189,9 @@ def main(argv=None) -> int:
         if time.perf_counter() - t0 > args.deadline:
             print(f"deadline: stopped before {conv_label(c)}")
             break
-        for dname, dtype in DTYPES.items():
-            for pattern in PATTERNS:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for pattern in patterns:
                 if pattern.startswith("bnrelu+") and c["cin"] == 3:
                     continue  # the stem's input is the image: no BN before it
                 p = Probe(cudnn, handle, c, args.batch, dtype, pattern)

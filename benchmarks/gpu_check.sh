@@ -24,7 +24,8 @@
 #                   tests also build the backward's dgrad + dReLU + dBN-weight and BN-ReLU + wgrad) build
 #                   at the ResNet-18/50 shapes, fp16 and bf16, with cuDNN's reason where not, and each one's time
 #                   beside today's path (benchmarks/cudnn_graphs_probe.py), then tests/gpu/test_cudnn_graphs.py (the
-#                   graph kernels of csrc/cudnn/; CUDNN_PROBE=0: the tests only). Every build installs cudnn-frontend from wheels/
+#                   graph kernels of csrc/cudnn/; CUDNN_PROBE=0: the tests only; PROBE_ARGS: the probe's own, e.g.
+#                   "--patterns conv+reduce,bnrelu+conv+reduce --dtypes bf16"). Every build installs cudnn-frontend from wheels/
 #                   (benchmarks/fetch_gpu_wheels.sh, carried with the tree) when it is missing
 #   quick           build, test, then a --quick benchmark;  all: build test sanitize bench
 #   verify          (no GPU needed) checks that OUTDIR fits what a remote machine sends back
@@ -198,7 +199,7 @@ run_cudnn_graphs() {  # [seconds]
     rc=0
     if [[ ${CUDNN_PROBE:-1} != 0 ]]; then  # CUDNN_PROBE=0: the graph tests only (the probe's table is in results/)
         timeout -k 10 "$limit" $PY benchmarks/cudnn_graphs_probe.py --time --deadline $(( limit > 120 ? limit - 60 : limit / 2 )) \
-            2>&1 | tee -a "$log" | tee -a "$summary" >/dev/null
+            ${PROBE_ARGS:-} 2>&1 | tee -a "$log" | tee -a "$summary" >/dev/null
         rc=${PIPESTATUS[0]}
         note "cudnn-graphs probe: rc=$rc in $((SECONDS - t0)) s"
     fi
