@@ -171,6 +171,27 @@ def test_conv_genstats_opcheck(graphs_on):
     torch.library.opcheck(OPS.conv_genstats, (x, w, [1, 1], [1, 1], [1, 1], mean, var, bw, bb, 1e-5))
 
 
+def _block_twins(kind: str, train: bool, perturb_bn: bool = False):
+    """A torchvision `kind` block at ResNet layer1's widths three ways, the same weights: eager fp16 channels_last, a
+    float64 twin, and a copy fused on the cuda backend; BN statistics and biases drawn away from (0, 1) with
+    perturb_bn (eval: a folded bias that matters). Returns (eager, exact, fused, inplanes, planes)."""
+    torch.manual_seed(0)
+    inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
+    make = getattr(torchvision.models.resnet, kind)
+    eager = make(inplanes, planes).cuda().train(train)
+    if perturb_bn:
+        for m in eager.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.5, 0.5)
+    exact = make(inplanes, planes).cuda().double().train(train)
+    exact.load_state_dict(eager.state_dict())
+    eager = eager.half().to(memory_format=CL)
+    fused = make(inplanes, planes).cuda().half().to(memory_format=CL).train(train)
+    fused.load_state_dict(eager.state_dict())
+    resnet_fused.fuse_(fused, backend="cuda")
+    return eager, exact, fused, inplanes, planes
+
+
 def _block_step(block, x, grad):
     out = block(x)
     grads = torch.autograd.grad(out, [x, *block.parameters()], grad)
@@ -184,15 +205,7 @@ def test_fused_block_training_with_graphs(kind):
     its prologue: no aten conv forward and no activation written by bn_act_apply; each signature's graph built), and
     the output, every gradient and the running statistics agree with eager fp16 against a float64 twin (2-norm per
     tensor, 2x eager's error)."""
-    torch.manual_seed(0)
-    inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
-    eager = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().train()
-    exact = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().double().train()
-    exact.load_state_dict(eager.state_dict())
-    eager = eager.half().to(memory_format=CL)
-    fused = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().half().to(memory_format=CL).train()
-    fused.load_state_dict(eager.state_dict())
-    resnet_fused.fuse_(fused, backend="cuda")
+    eager, exact, fused, inplanes, planes = _block_twins(kind, train=True)
     x = activation((16, inplanes, 28, 28), torch.float16, CL, "cuda").requires_grad_()
     grad = torch.randn(16, planes * (4 if kind == "Bottleneck" else 1), 28, 28, device="cuda").half()
     before = len(cudnn.graph_report())
@@ -314,18 +327,7 @@ def test_folded_block_eval_with_graphs(kind):
     """A torchvision block fused on the cuda backend, fp16 channels_last, eval, graphs on: every conv is one cuDNN call
     (aten's conv + add + bias + ReLU for the last, our conv + epilogue graph for the others, each built): no
     bn_act_apply pass; the output within 2x eager's error of a float64 twin; the same again under CUDA-graph capture."""
-    torch.manual_seed(0)
-    inplanes, planes = (64, 64) if kind == "BasicBlock" else (256, 64)
-    eager = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().eval()
-    for m in eager.modules():  # BN statistics away from (0, 1): a folded bias that matters
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.5, 0.5)
-    exact = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().double().eval()
-    exact.load_state_dict(eager.state_dict())
-    eager = eager.half().to(memory_format=CL)
-    fused = getattr(torchvision.models.resnet, kind)(inplanes, planes).cuda().half().to(memory_format=CL).eval()
-    fused.load_state_dict(eager.state_dict())
-    resnet_fused.fuse_(fused, backend="cuda")
+    eager, exact, fused, inplanes, _ = _block_twins(kind, train=False, perturb_bn=True)
     x = activation((8, inplanes, 28, 28), torch.float16, CL, "cuda")
     before = len(cudnn.graph_report())
     with cudnn.graphs(True), torch.no_grad():
