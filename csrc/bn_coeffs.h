@@ -91,6 +91,7 @@ struct BackwardCoeffs {
   In sum_dy, sum_dy_xmu, var, weight;  // weight absent: 1
   double eps, count;
   bool training;
+  bool xhat_sums;  // sum_dy_xmu holds sum dy xhat, xhat = (x - mean) invstd (cuDNN's dbn_weight dscale)
   float *a, *b, *c, *grad_weight;
 
   // a = weight invstd; training: b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count; eval: b = c = 0;
@@ -98,7 +99,7 @@ struct BackwardCoeffs {
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const double invstd = 1.0 / ::sqrt(var[i] + eps);
     const double ai = weight.p == nullptr ? invstd : invstd * weight[i];
-    const double sxmu = sum_dy_xmu[i];
+    const double sxmu = xhat_sums ? sum_dy_xmu[i] / invstd : sum_dy_xmu[i];
     a[i] = static_cast<float>(ai);
     b[i] = training ? static_cast<float>(-ai * (invstd * invstd) * sxmu / count) : 0.f;
     c[i] = training ? static_cast<float>(-ai * sum_dy[i] / count) : 0.f;
@@ -123,12 +124,12 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& mean, const 
 template <class Run>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs(
     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    double eps, double count, bool training, Run run) {
+    double eps, double count, bool training, Run run, bool xhat_sums = false) {
   const at::Tensor s = dense_vector(sum_dy), sx = dense_vector(sum_dy_xmu), v = dense_vector(var), w = dense_vector(weight);
   const int64_t C = s.numel();
   const auto fopts = s.options().dtype(at::kFloat);
   at::Tensor a = at::empty({C}, fopts), b = at::empty({C}, fopts), c = at::empty({C}, fopts), grad_weight = at::empty({C}, fopts);
-  run(BackwardCoeffs{in(s), in(sx), in(v), in(w, 1.0), eps, count, training, a.mutable_data_ptr<float>(),
+  run(BackwardCoeffs{in(s), in(sx), in(v), in(w, 1.0), eps, count, training, xhat_sums, a.mutable_data_ptr<float>(),
                      b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>()},
       s.numel());
   return {a, b, c, grad_weight};

@@ -1,5 +1,6 @@
-// The per-channel coefficient ops on CUDA: bn_scale_shift, bn_update_running (forward) and bn_backward_coeffs (backward),
-// one launch each on the current stream, one thread per channel (C is a few thousand at most).
+// The per-channel coefficient ops on CUDA: bn_scale_shift, bn_update_running (forward) and bn_backward_coeffs (backward,
+// also from cuDNN's normalized sums: bn_backward_coeffs_xhat_cuda), one launch each on the current stream, one thread
+// per channel (C is a few thousand at most).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -41,6 +42,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_cu
   check_bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight);
   const c10::cuda::CUDAGuard guard(sum_dy.device());
   return coeffs::bn_backward_coeffs(sum_dy, sum_dy_xmu, var, weight, eps, count, training, Launch{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_xhat_cuda(
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    double eps, double count) {
+  check_bn_backward_coeffs(sum_dy, sum_dy_xhat, var, weight);
+  const c10::cuda::CUDAGuard guard(sum_dy.device());
+  return coeffs::bn_backward_coeffs(sum_dy, sum_dy_xhat, var, weight, eps, count, /*training=*/true, Launch{},
+                                    /*xhat_sums=*/true);
 }
 
 void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,

@@ -38,6 +38,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_cu
                                                                                    const at::Tensor& sum_dy_xmu,
                                                                                    const at::Tensor& var, const OptTensor& weight,
                                                                                    double eps, double count, bool training);
+// bn_backward_coeffs in training from sum dy xhat (xhat = (x - mean) invstd: cuDNN's dbn_weight dscale) in place of
+// sum dy (x - mean): one launch
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coeffs_xhat_cuda(const at::Tensor& sum_dy,
+                                                                                        const at::Tensor& sum_dy_xhat,
+                                                                                        const at::Tensor& var,
+                                                                                        const OptTensor& weight, double eps,
+                                                                                        double count);
 void bn_update_running_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                             const at::Tensor& var, double count, std::optional<double> momentum, const OptTensor& momentum_tensor,
                             const OptTensor& num_batches_tracked);

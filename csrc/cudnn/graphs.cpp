@@ -479,7 +479,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
                                                                                      cudnnHandle_t handle) {
     const int64_t C = input.size(1);
     const auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };  // no-ops for the usual fp32 vectors
-    const Tensor mean = f32(input_mean), var = f32(input_var), invstd = at::rsqrt(var + input_eps);
+    const Tensor mean = f32(input_mean), var = f32(input_var);
+    // invstd = 1 / sqrt(var + eps): bn_scale_shift's scale without a weight (one launch, fp64 math)
+    const Tensor invstd = std::get<0>(gpu::bn_scale_shift_cuda(mean, var, std::nullopt, std::nullopt, input_eps));
     const Tensor gamma = input_weight ? f32(*input_weight) : at::ones({C}, mean.options());
     const Tensor beta = input_bias ? f32(*input_bias) : at::zeros({C}, mean.options());
     Tensor dz = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -494,9 +496,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
     Tensor grad_input;
     if (need_grad_input) {  // the BN's training backward on dz: dz a + (x - mean) b + c (bn_act_backward's math)
       const double count = static_cast<double>(input.numel() / C);
-      Tensor a, b, c;  // sum dz (x - mean) = dscale / invstd
-      std::tie(a, b, c, std::ignore) = gpu::bn_backward_coeffs_cuda(
-          dbias, dscale / invstd, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count, /*training=*/true);
+      Tensor a, b, c;  // from sum dz and sum dz xhat = dscale
+      std::tie(a, b, c, std::ignore) = gpu::bn_backward_coeffs_xhat_cuda(
+          dbias, dscale, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count);
       grad_input = std::get<0>(gpu::bn_act_backward_elemt_cuda(dz, std::nullopt, input, mean, a, b, c, false));
     }
     return std::make_tuple(grad_input, dscale, dbias);
