@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define RF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -19,18 +20,28 @@ namespace resnet_fused {
 
 enum class Act { None, Relu, Relu6, LeakyRelu, Silu, Gelu, GeluTanh, Hardswish, Hardsigmoid };
 
+// the schema's names
+inline constexpr std::pair<std::string_view, Act> kActNames[] = {
+    {"none", Act::None},       {"relu", Act::Relu},          {"relu6", Act::Relu6},
+    {"leaky_relu", Act::LeakyRelu}, {"silu", Act::Silu},     {"gelu", Act::Gelu},
+    {"gelu_tanh", Act::GeluTanh},   {"hardswish", Act::Hardswish}, {"hardsigmoid", Act::Hardsigmoid},
+};
+
 // the schema's name -> Act; `op` names the op in the error
 inline Act parse_act(std::string_view name, const char* op) {
-  constexpr std::pair<std::string_view, Act> kNames[] = {
-      {"none", Act::None},       {"relu", Act::Relu},          {"relu6", Act::Relu6},
-      {"leaky_relu", Act::LeakyRelu}, {"silu", Act::Silu},     {"gelu", Act::Gelu},
-      {"gelu_tanh", Act::GeluTanh},   {"hardswish", Act::Hardswish}, {"hardsigmoid", Act::Hardsigmoid},
-  };
-  for (const auto& [n, a] : kNames) {
+  for (const auto& [n, a] : kActNames) {
     if (n == name) return a;
   }
   TORCH_CHECK(false, "resnet_fused::", op, ": unknown activation '", std::string(name),
               "'; known: none, relu, relu6, leaky_relu, silu, gelu, gelu_tanh, hardswish, hardsigmoid");
+}
+
+// Act -> the schema's name
+inline std::string_view act_name(Act a) {
+  for (const auto& [n, x] : kActNames) {
+    if (x == a) return n;
+  }
+  return "?";
 }
 
 template <Act A>

@@ -4,7 +4,8 @@
 //   fused_conv, CPU:  oneDNN's convolution with post-ops (bias, add, activation), weight dense or prepacked
 //   fused_conv, CUDA: with a residual and a ReLU, cuDNN's conv + add + bias + ReLU graph (aten's
 //                     cudnn_convolution_add_relu, alpha 1); otherwise our cuDNN graph of the conv with its bias
-//                     (+ residual) (+ ReLU) where the graphs are on and cuDNN builds it (cudnn_graphs.h), else as below
+//                     (+ residual) (+ activation) where the graphs are on and cuDNN builds it (cudnn_graphs.h), else
+//                     as below
 //   CUDA otherwise:   cuDNN's convolution without bias (aten adds a bias in a pass of its own), then one
 //                     epilogue pass act(y * 1 + bias (+ residual)) in fp32 (the bn_act_apply kernel)
 //   CPU otherwise:    with a bias and a residual or an activation, as CUDA: the convolution without bias, then the one
@@ -151,7 +152,7 @@ Tensor conv_act_stage(const Tensor& input, const Tensor& weight, const OptTensor
     if (a == Act::Relu && residual.has_value()) {
       return at::cudnn_convolution_add_relu(input, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, groups);
     }
-    if (auto y = conv_act_graph(input, weight, bias, residual, stride, padding, dilation, groups, a)) return *y;
+    if (auto y = conv_act_graph(input, weight, bias, residual, stride, padding, dilation, groups, a, alpha)) return *y;
   }
   const bool epilogue = input.is_cuda() ? bias.has_value() || residual.has_value() || !(a == Act::None || a == Act::Relu)
                                          : bias.has_value() && (residual.has_value() || a != Act::None);

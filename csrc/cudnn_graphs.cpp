@@ -30,7 +30,7 @@ std::optional<Tensor> conv_genstats_wgrad_graph(const Tensor&, const Tensor&, co
   return std::nullopt;
 }
 std::optional<Tensor> conv_act_graph(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, at::IntArrayRef,
-                                     at::IntArrayRef, at::IntArrayRef, int64_t, Act) {
+                                     at::IntArrayRef, at::IntArrayRef, int64_t, Act, double) {
   return std::nullopt;
 }
 #endif

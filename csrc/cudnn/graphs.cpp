@@ -1,6 +1,6 @@
 // The cuda backend's cuDNN graphs (cudnn-frontend's header-only C++ graph API): resnet_fused::conv_genstats forward and
 // backward, where every activation between two convolutions of a training block is read and written once per pass,
-// and the eval convolution with its folded BN's bias (+ residual) (+ ReLU) as one graph (conv_act_graph).
+// and the eval convolution with its folded BN's bias (+ residual) (+ activation) as one graph (conv_act_graph).
 //   forward: conv fprop with genstats in its epilogue, y written once and its per-channel (sum y, sum y^2) taken as it
 //     is stored, then genstats_finalize (one tiny kernel) for (mean, var); eager's BN reads y once more for them. With
 //     an input BN (input_mean given) the prologue applies a = relu(z), z = input * scale + shift, as the conv loads its
@@ -30,6 +30,7 @@
 #include <ATen/native/ConvUtils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/StringUtil.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/hash.h>
 #include <cudnn_frontend.h>
 #include <torch/library.h>
@@ -63,12 +64,30 @@ using fe::graph::Pointwise_attributes;
 enum class Pattern : int64_t { kFprop, kFpropBnRelu, kDgradDreluDbn, kWgradBnRelu, kFpropEpilogue };
 
 // What kFpropEpilogue adds to the conv's accumulator, in order: the bias (1, K, 1, 1), the residual (N, K, P, Q), the
-// activation (none or relu). The other patterns have none.
+// activation (one of graph_act's; alpha: leaky_relu's slope). The other patterns have none.
 struct Epilogue {
   bool bias = false;
   bool residual = false;
   Act act = Act::None;
+  double alpha = 0.0;
 };
+
+// The activations the epilogue takes, as cuDNN's pointwise modes: relu, relu6 and leaky_relu as RELU_FWD (clipped at
+// 6, or with a negative slope), silu as SWISH_FWD (beta 1), gelu as GELU_FWD (erf), gelu_tanh as GELU_APPROX_TANH_FWD;
+// nullopt for the others (hardswish, hardsigmoid: no mode; conv_act_stage's passes run them)
+std::optional<Pointwise_attributes> graph_act(Act a, double alpha) {
+  auto pw = Pointwise_attributes().set_name("act");
+  switch (a) {
+    case Act::Relu: return pw.set_mode(fe::PointwiseMode_t::RELU_FWD);
+    case Act::Relu6: return pw.set_mode(fe::PointwiseMode_t::RELU_FWD).set_relu_lower_clip(0.f).set_relu_upper_clip(6.f);
+    case Act::LeakyRelu:
+      return pw.set_mode(fe::PointwiseMode_t::RELU_FWD).set_relu_lower_clip_slope(static_cast<float>(alpha));
+    case Act::Silu: return pw.set_mode(fe::PointwiseMode_t::SWISH_FWD).set_swish_beta(1.f);
+    case Act::Gelu: return pw.set_mode(fe::PointwiseMode_t::GELU_FWD);
+    case Act::GeluTanh: return pw.set_mode(fe::PointwiseMode_t::GELU_APPROX_TANH_FWD);
+    default: return std::nullopt;
+  }
+}
 
 std::string pattern_name(Pattern p, const Epilogue& e) {
   switch (p) {
@@ -77,7 +96,9 @@ std::string pattern_name(Pattern p, const Epilogue& e) {
     case Pattern::kDgradDreluDbn: return "dgrad + drelu + dbn-weight";
     case Pattern::kWgradBnRelu: return "bn-relu + wgrad";
     case Pattern::kFpropEpilogue:
-      return c10::str("conv", e.bias ? " + bias" : "", e.residual ? " + add" : "", e.act == Act::Relu ? " + relu" : "");
+      return c10::str("conv", e.bias ? " + bias" : "", e.residual ? " + add" : "",
+                      e.act == Act::None ? "" : c10::str(" + ", act_name(e.act)),
+                      e.act == Act::LeakyRelu ? c10::str("(", e.alpha, ")") : "");
   }
   return "?";
 }
@@ -157,7 +178,7 @@ std::vector<int64_t> channels_last(at::IntArrayRef sizes) { return c10::get_chan
 // gradients are stored channels_last as the kernels below allocate them
 Key signature(Pattern p, const Tensor& x, const Tensor& w, const Conv& conv, const Epilogue& e) {
   Key key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(p), e.bias, e.residual,
-          static_cast<int64_t>(e.act)};
+          static_cast<int64_t>(e.act), c10::bit_cast<int64_t>(e.alpha)};
   for (const at::IntArrayRef part : {x.sizes(), x.strides(), w.sizes(), w.strides(), conv.stride, conv.padding, conv.dilation}) {
     key.insert(key.end(), part.begin(), part.end());
   }
@@ -235,15 +256,14 @@ struct Builder {
   }
 
   // y = act(conv(x, w) + bias (+ residual)), the epilogue on the conv's accumulator (intermediates fp32), y rounded once
+  // (conv_act_graph takes only activations graph_act has)
   void fprop_epilogue() {
     auto Y = conv_fprop(tensor("x", kX, x.sizes(), x.strides()));
     if (epilogue.bias) Y = pointwise(Y, channel_vector("bias", kBias, y_shape[1], form.coeff), fe::PointwiseMode_t::ADD, "bias");
     if (epilogue.residual) {
       Y = pointwise(Y, tensor("residual", kResidual, y_shape, channels_last(y_shape)), fe::PointwiseMode_t::ADD, "add");
     }
-    if (epilogue.act == Act::Relu) {
-      Y = graph.pointwise(Y, Pointwise_attributes().set_name("relu").set_mode(fe::PointwiseMode_t::RELU_FWD));
-    }
+    if (epilogue.act != Act::None) Y = graph.pointwise(Y, *graph_act(epilogue.act, epilogue.alpha));
     y_output(Y);
   }
 
@@ -523,10 +543,11 @@ std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, co
 
 std::optional<at::Tensor> conv_act_graph(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, Act act) {
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, Act act,
+                                         double alpha) {
   using namespace cudnn_graphs;
-  const Epilogue epilogue{bias.has_value(), residual.has_value(), act};
-  if (groups != 1 || !(act == Act::None || act == Act::Relu) || !(epilogue.bias || epilogue.residual || act == Act::Relu)) {
+  const Epilogue epilogue{bias.has_value(), residual.has_value(), act, act == Act::LeakyRelu ? alpha : 0.0};
+  if (groups != 1 || (act != Act::None && !graph_act(act, alpha)) || !(epilogue.bias || epilogue.residual || act != Act::None)) {
     return std::nullopt;
   }
   const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);

@@ -2,7 +2,7 @@
 and the ReLU in one pass of our epilogue kernel; or all of it in one cuDNN call: conv + add + bias +
 ReLU (``resnet_fused::cudnn_conv_add_relu``, aten's) where a block's residual joins and cuDNN has an
 engine, and with the cuDNN graphs on (set_graphs) our graph of the conv with its bias (+ residual)
-(+ ReLU) elsewhere (conv_act_stage's fused_conv, csrc/cudnn_graphs.h: conv_act_graph).
+(+ activation) elsewhere (conv_act_stage's fused_conv, csrc/cudnn_graphs.h: conv_act_graph).
 
 aten has no such call for conv + bias + ReLU alone: its ``cudnn_convolution_relu`` is its add + ReLU
 graph with alpha = 0 and the output's own uninitialized memory as the addend (aten/src/ATen/native/
@@ -54,17 +54,17 @@ def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))))
 
 
-# the activations our conv + epilogue graph applies (csrc/cudnn/graphs.cpp, Pattern::kFpropEpilogue)
-GRAPH_ACTS = ("none", "relu")
+# the activations our conv + epilogue graph applies (csrc/cudnn/graphs.cpp, graph_act: cuDNN's pointwise modes)
+GRAPH_ACTS = ("none", "relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh")
 
 
 def graph_fuses(input_shape, x: Tensor, weight: Tensor, act: Activation, groups: int, bias: bool, residual: bool) -> bool:
-    """Whether conv_act_stage's fused_conv may run our conv + bias (+ residual) (+ ReLU) graph for a convolution of an
+    """Whether conv_act_stage's fused_conv may run our conv + bias (+ residual) (+ activation) graph for a convolution of an
     input of input_shape like x (dtype, layout) with `weight` (conv_act_graph's rule): the graphs on, something to fuse,
-    act none or relu, groups 1, fp16 / bf16 channels_last input and weight, channels multiples of 8. cuDNN may still
+    act one of GRAPH_ACTS, groups 1, fp16 / bf16 channels_last input and weight, channels multiples of 8. cuDNN may still
     decline a signature (reported once): the stage then runs the conv and its epilogue pass."""
     cl = torch.channels_last
-    return (graphs_enabled() and act.name in GRAPH_ACTS and (bias or residual or act.name == "relu") and groups == 1
+    return (graphs_enabled() and act.name in GRAPH_ACTS and (bias or residual or act.name != "none") and groups == 1
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and x.is_contiguous(memory_format=cl)
             and weight.is_contiguous(memory_format=cl) and input_shape[1] % 8 == 0 and weight.shape[0] % 8 == 0)
 

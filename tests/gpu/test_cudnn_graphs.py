@@ -14,6 +14,7 @@ from torch.profiler import profile
 import resnet_fused
 from helpers import CL, NCHW, activation, assert_within_eager_error
 from resnet_fused import reference
+from resnet_fused.activations import Activation
 from resnet_fused.ops import cudnn
 
 OPS = torch.ops.resnet_fused
@@ -320,6 +321,35 @@ def test_conv_epilogue_graph_matches_float64(conv, bias, residual, relu, dtype, 
     exact = _conv_epilogue(*(t.double() if t is not None else None for t in (x, w, b, r)), s, p, relu)
     assert out.is_contiguous(memory_format=CL) and out.dtype == dtype and not out.isnan().any()
     assert_within_eager_error(out, eager, exact, f"conv epilogue {conv} {dtype}", norm="fro")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("act", [Activation("relu6"), Activation("leaky_relu", 0.1), Activation("silu"), Activation("gelu"),
+                                 Activation("gelu_tanh")], ids=str)
+def test_conv_epilogue_graph_activations(act, dtype, graphs_on):
+    """The epilogue graph's other activations (cuDNN's pointwise modes: clipped / sloped RELU_FWD, SWISH_FWD, GELU_FWD,
+    GELU_APPROX_TANH_FWD) after the bias, a ResNet 3x3 conv, pre-activations spread over [-8, 8] (relu6's clip and
+    leaky_relu's slope both matter): built or declined, printed; the output within 2x eager's error (2-norm) of
+    float64, NaN-poisoned first."""
+    n, cin, hw, cout, k, s, p = CONVS[0]
+    n //= 4
+    x = activation((n, cin, hw, hw), dtype, CL, "cuda")
+    w = (4 * torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype).contiguous(memory_format=CL)
+    b = torch.randn(cout, device="cuda")
+    out_shape = (n, cout, hw, hw)
+    torch.cuda.synchronize()
+    poison = torch.full(out_shape, float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=CL)
+    del poison  # the output's allocation gets this NaN-filled block back
+    before = len(cudnn.graph_report())
+    with torch.no_grad():
+        out = OPS.conv_act_stage(x, w, b, None, [s, s], [p, p], [1, 1], 1, act.name, act.alpha, True)
+    new = _report_of(before)
+    assert len(new) == 1 and new[0][0].startswith(f"conv + bias + {act.name}"), new
+    print(new[0][0], "| built" if not new[0][1] else f"| declined: {new[0][1]}")
+    eager = act(F.conv2d(x, w, b.to(dtype), s, p))
+    exact = act(F.conv2d(x.double(), w.double(), b.double(), s, p))
+    assert out.is_contiguous(memory_format=CL) and out.dtype == dtype and not out.isnan().any()
+    assert_within_eager_error(out, eager, exact, f"conv epilogue {act} {dtype}", norm="fro")
 
 
 @pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])

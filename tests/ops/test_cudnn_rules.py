@@ -65,7 +65,9 @@ def test_conv_then_epilogue_composition(bias, residual, relu, fmt, dtype):
     ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "relu", False, False, True),  # ReLU alone
     ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "none", True, True, True),  # bias + residual, no activation
     ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "none", False, False, False),  # nothing to fuse: the conv
-    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "silu", True, False, False),  # an activation the graph lacks
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "silu", True, False, True),  # SiLU: cuDNN's SWISH_FWD
+    ((8, 64, 56, 56), (64, 64, 3, 3), BF16, True, 1, "gelu", False, False, True),  # an activation alone
+    ((8, 64, 56, 56), (64, 64, 3, 3), F16, True, 1, "hardswish", True, False, False),  # an activation cuDNN lacks
     ((8, 3, 224, 224), (64, 3, 7, 7), F16, True, 1, "relu", True, False, False),  # the RGB stem: Cin = 3
     ((8, 128, 28, 28), (128, 4, 3, 3), F16, True, 32, "relu", True, False, False),  # grouped
     ((8, 64, 56, 56), (64, 64, 3, 3), F16, False, 1, "relu", True, False, False),  # NCHW
