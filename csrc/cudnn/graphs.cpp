@@ -14,14 +14,16 @@
 //     engines), y written once; without it a conv + bias + ReLU is the conv, then our epilogue pass over y (aten's
 //     cudnn_convolution_relu is its add graph with a zero alpha over an output-sized operand, ops/cudnn.py).
 //
-// One graph per (pattern, signature: device, dtype, input and weight shapes and strides, stride, padding, dilation),
-// built on its first call and cached with its workspace size. The per-channel scale and shift are tried in fp32 first
-// (no rounding of the BN's coefficients), then in the io dtype (the form the H200 probe built for the forward,
-// benchmarks/results/h200-2026-12-04-cudnn-graphs; for the wgrad with a in the io dtype too, as cudnn-frontend's
-// sample); the forward patterns last take their statistics by two reduction nodes instead of genstats (the generic
-// runtime-fusion engine: where genstats has no engine, as bf16 on Hopper); the report says which form built. A
-// signature cuDNN has no engine for (on Hopper, the H200 probe: bf16 genstats, the 7x7 stem) is cached too,
-// with cuDNN's reason, warned once, and runs the composite's passes from then on. cudnn_graph_report() lists both.
+// One graph per (pattern, signature: device, dtype, input and weight shapes and strides, stride, padding, dilation, the
+// epilogue) and cuDNN handle (one thread's at a time), built on its first call and cached with its workspace size; a
+// graph that fails to run declines its signature from then on (warned, reported) and the call runs the passes. The
+// per-channel scale and shift are tried in fp32 first (no rounding of the BN's coefficients), then in the io dtype (the
+// form the H200 probe built for the forward, benchmarks/results/h200-2026-12-04-cudnn-graphs; for the wgrad with a in
+// the io dtype too, as cudnn-frontend's sample); the forward patterns last take their statistics by two reduction
+// nodes instead of genstats (the generic runtime-fusion engine: where genstats has no engine, as bf16 on Hopper); the
+// report says which form built. A signature cuDNN has no engine for (on Hopper, the H200 probe: bf16 genstats, the 7x7
+// stem) is cached too, with cuDNN's reason, warned once, and runs the composite's passes from then on.
+// cudnn_graph_report() lists both, once per signature.
 // First calls build (milliseconds to a second per signature; a runtime-fusion form compiles its kernel, seconds): run
 // a signature once before capturing a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
@@ -42,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -148,21 +151,26 @@ std::string form_label(Pattern p, const Epilogue& e, const Form& f) {
   return c10::Join(", ", parts);
 }
 
+using Key = std::vector<int64_t>;
+
 struct Graph {
-  std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN has no engine for this signature
+  std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN has no engine for this signature (or it failed to run)
   int64_t workspace = 0;
   Form form;
+  Key key;  // its cache entry's
 };
 
 struct Conv {
   at::IntArrayRef stride, padding, dilation;
 };
 
-using Key = std::vector<int64_t>;
-
+// Graphs are cached per cuDNN handle as well as per signature: a handle is one thread's at a time (aten's handle pool),
+// and an execution plan is not to be run from two threads at once (aten keeps its cuDNN plan caches thread-local for
+// this); the autograd thread builds its own backward graphs. The report and the warning are per signature.
 struct Cache {
   std::mutex mutex;
-  std::unordered_map<Key, std::shared_ptr<const Graph>, c10::hash<Key>> graphs;
+  std::unordered_map<Key, std::shared_ptr<const Graph>, c10::hash<Key>> graphs;  // (signature..., handle)
+  std::unordered_set<Key, c10::hash<Key>> reported;                              // signatures
   std::vector<std::pair<std::string, std::string>> report;  // (signature, "" or the reason), first seen first
 };
 
@@ -359,10 +367,13 @@ std::vector<Form> forms(Pattern p, at::ScalarType io, const Epilogue& e) {
 std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv,
                                        const Epilogue& epilogue, cudnnHandle_t handle) {
   Cache& c = cache();
-  const Key key = signature(p, x, w, conv, epilogue);
+  const Key sig = signature(p, x, w, conv, epilogue);
+  Key key = sig;
+  key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(handle)));
   std::lock_guard<std::mutex> lock(c.mutex);
   if (auto it = c.graphs.find(key); it != c.graphs.end()) return it->second;
   auto g = std::make_shared<Graph>();
+  g->key = key;
   const auto tries = forms(p, x.scalar_type(), epilogue);
   const bool several = tries.size() > 1;
   std::string reason;
@@ -380,14 +391,16 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
     g->graph.reset();
     reason += several ? c10::str(reason.empty() ? "" : "; ", form_label(p, epilogue, form), ": ", why) : why;
   }
-  std::string what = describe(p, x, w, conv, epilogue);
-  if (!reason.empty()) {
-    TORCH_WARN("resnet_fused: no cuDNN graph for ", what, " (", reason, "); this signature runs ", fallback_of(p));
-  } else if (several) {
-    what += c10::str(", ", form_label(p, epilogue, g->form));
+  if (c.reported.insert(sig).second) {
+    std::string what = describe(p, x, w, conv, epilogue);
+    if (!reason.empty()) {
+      TORCH_WARN("resnet_fused: no cuDNN graph for ", what, " (", reason, "); this signature runs ", fallback_of(p));
+    } else if (several) {
+      what += c10::str(", ", form_label(p, epilogue, g->form));
+    }
+    c.report.emplace_back(what, reason);
   }
-  c.report.emplace_back(what, reason);
-  return c.graphs.emplace(key, std::move(g)).first->second;
+  return c.graphs.emplace(std::move(key), std::move(g)).first->second;
 }
 
 bool aligned(const Tensor& v) { return reinterpret_cast<uintptr_t>(v.const_data_ptr()) % 16 == 0; }
@@ -421,12 +434,29 @@ std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Ten
   return g;
 }
 
-void execute(const Graph& g, Pattern p, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pointers, const Tensor& x,
-             const Tensor& w, const Conv& conv, const Epilogue& epilogue = {}) {
+// Runs g on the tensors bound by uid; false where cuDNN fails to run it: the signature is then declined from here on
+// (cached without a graph for this handle, reported, warned once) and the caller runs its passes.
+[[nodiscard]] bool execute(const Graph& g, Pattern p, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pointers,
+                           const Tensor& x, const Tensor& w, const Conv& conv, const Epilogue& epilogue = {}) {
   Tensor workspace = at::empty({g.workspace}, x.options().dtype(at::kByte));
   auto status = g.graph->execute(handle, pointers, workspace.mutable_data_ptr());
-  TORCH_CHECK(status.is_good(), "resnet_fused: the cuDNN graph for ", describe(p, x, w, conv, epilogue), " failed to run: ",
-              status.get_message());
+  if (status.is_good()) return true;
+  const std::string what = describe(p, x, w, conv, epilogue), why = c10::str("failed to run: ", status.get_message());
+  TORCH_WARN("resnet_fused: the cuDNN graph for ", what, " ", why, "; this signature runs ", fallback_of(p), " from now on");
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto declined = std::make_shared<Graph>();
+  declined->key = g.key;
+  c.graphs[g.key] = std::move(declined);
+  c.report.emplace_back(what, why);
+  return false;
+}
+
+// a per-channel vector as a graph reads it: dense, 16-byte aligned (a view into a flat parameter buffer may not be:
+// copied), in `dtype` (no-ops for the usual fp32 vectors)
+Tensor graph_vector(const Tensor& t, at::ScalarType dtype = at::kFloat) {
+  Tensor v = t.to(dtype).contiguous();
+  return aligned(v) ? v : v.clone();
 }
 
 void* ptr(const Tensor& t) { return const_cast<void*>(t.const_data_ptr()); }
@@ -461,20 +491,22 @@ std::tuple<Tensor, Tensor, Tensor> conv_genstats_cuda(const Tensor& input, const
   if (g->form.stats == Stats::kReduction) sums.zero_();
   std::unordered_map<int64_t, void*> pointers{
       {kX, ptr(input)}, {kW, ptr(weight)}, {kY, ptr(y)}, {kSum, ptr(sums[0])}, {kSumSq, ptr(sums[1])}};
+  Tensor graph_scale, graph_shift;  // in the form's dtype (the passes keep fp32 ones)
   if (prologue) {
-    scale = scale.to(g->form.coeff), shift = shift.to(g->form.coeff);  // no-ops in fp32
-    pointers[kScale] = ptr(scale), pointers[kShift] = ptr(shift);
+    graph_scale = graph_vector(scale, g->form.coeff), graph_shift = graph_vector(shift, g->form.coeff);
+    pointers[kScale] = ptr(graph_scale), pointers[kShift] = ptr(graph_shift);
   }
-  execute(*g, p, handle, pointers, input, weight, conv);
+  if (!execute(*g, p, handle, pointers, input, weight, conv)) return passes();
   auto [mean, var] = genstats_finalize(sums[0], sums[1], y.numel() / std::max<int64_t>(C, 1));
   return {y, mean, var};
 }
 
-// run(dy, graph, handle) with pattern p's backward graph for this call, under a device guard; nullopt where no graph
-// runs. dy: grad_y as the graphs read it, dense channels_last and 16-byte aligned (a copy only where it is not).
+// run(dy, graph, handle) (an optional: nullopt where the graph failed to run) with pattern p's backward graph for this
+// call, under a device guard; nullopt where no graph runs. dy: grad_y as the graphs read it, dense channels_last and
+// 16-byte aligned (a copy only where it is not).
 template <class Run>
 auto with_backward_graph(Pattern p, const Tensor& grad_y, const Tensor& input, const Tensor& weight, const Conv& conv,
-                         Run run) -> std::optional<decltype(run(grad_y, std::declval<const Graph&>(), cudnnHandle_t{}))> {
+                         Run run) -> decltype(run(grad_y, std::declval<const Graph&>(), cudnnHandle_t{})) {
   if (grad_y.scalar_type() != input.scalar_type() || !graph_may_run(input, weight, grad_y.sizes())) return std::nullopt;
   const Tensor dy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   if (!aligned(dy)) return std::nullopt;
@@ -497,13 +529,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
   const Conv conv{stride, padding, dilation};
   return with_backward_graph(Pattern::kDgradDreluDbn, grad_y, input, weight, conv, [&](const Tensor& dy, const Graph& g,
                                                                                      cudnnHandle_t handle) {
+    using Result = std::optional<std::tuple<Tensor, Tensor, Tensor>>;
     const int64_t C = input.size(1);
-    const auto f32 = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };  // no-ops for the usual fp32 vectors
-    const Tensor mean = f32(input_mean), var = f32(input_var);
+    const Tensor mean = graph_vector(input_mean), var = input_var;
     // invstd = 1 / sqrt(var + eps): bn_scale_shift's scale without a weight (one launch, fp64 math)
     const Tensor invstd = std::get<0>(gpu::bn_scale_shift_cuda(mean, var, std::nullopt, std::nullopt, input_eps));
-    const Tensor gamma = input_weight ? f32(*input_weight) : at::ones({C}, mean.options());
-    const Tensor beta = input_bias ? f32(*input_bias) : at::zeros({C}, mean.options());
+    const Tensor gamma = input_weight ? graph_vector(*input_weight) : at::ones({C}, mean.options());
+    const Tensor beta = input_bias ? graph_vector(*input_bias) : at::zeros({C}, mean.options());
     Tensor dz = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::ChannelsLast));
     Tensor per_channel = at::empty({5, C}, mean.options());  // dscale, dbias, eq_dy, eq_x, eq_bias
     std::unordered_map<int64_t, void*> pointers{
@@ -511,7 +543,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
         {kInvStd, ptr(invstd)}, {kGamma, ptr(gamma)},    {kBeta, ptr(beta)},        {kDz, ptr(dz)},
         {kDscale, ptr(per_channel[0])}, {kDbias, ptr(per_channel[1])}, {kEqDy, ptr(per_channel[2])},
         {kEqX, ptr(per_channel[3])},    {kEqBias, ptr(per_channel[4])}};
-    execute(g, Pattern::kDgradDreluDbn, handle, pointers, input, weight, conv);
+    if (!execute(g, Pattern::kDgradDreluDbn, handle, pointers, input, weight, conv)) return Result();
     const Tensor dscale = per_channel[0], dbias = per_channel[1];  // sum dz (x - mean) invstd, sum dz
     Tensor grad_input;
     if (need_grad_input) {  // the BN's training backward on dz: dz a + (x - mean) b + c (bn_act_backward's math)
@@ -521,7 +553,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> conv_genstats_dgra
           dbias, dscale, var, input_weight ? OptTensor(gamma) : std::nullopt, input_eps, count);
       grad_input = std::get<0>(gpu::bn_act_backward_elemt_cuda(dz, std::nullopt, input, mean, a, b, c, false));
     }
-    return std::make_tuple(grad_input, dscale, dbias);
+    return Result(std::make_tuple(grad_input, dscale, dbias));
   });
 }
 
@@ -532,12 +564,12 @@ std::optional<at::Tensor> conv_genstats_wgrad_graph(const at::Tensor& grad_y, co
   const Conv conv{stride, padding, dilation};
   return with_backward_graph(Pattern::kWgradBnRelu, grad_y, input, weight, conv, [&](const Tensor& dy, const Graph& g,
                                                                                    cudnnHandle_t handle) {
-    const Tensor s = scale.to(g.form.coeff), b = shift.to(g.form.coeff);  // no-ops in fp32
+    const Tensor s = graph_vector(scale, g.form.coeff), b = graph_vector(shift, g.form.coeff);
     Tensor grad_weight = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::ChannelsLast));
     std::unordered_map<int64_t, void*> pointers{
         {kX, ptr(input)}, {kScale, ptr(s)}, {kShift, ptr(b)}, {kDy, ptr(dy)}, {kDw, ptr(grad_weight)}};
-    execute(g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv);
-    return grad_weight;
+    if (!execute(g, Pattern::kWgradBnRelu, handle, pointers, input, weight, conv)) return std::optional<Tensor>();
+    return std::optional<Tensor>(grad_weight);
   });
 }
 
@@ -563,13 +595,12 @@ std::optional<at::Tensor> conv_act_graph(const at::Tensor& input, const at::Tens
   Tensor y = at::empty(shape, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   std::unordered_map<int64_t, void*> pointers{{kX, ptr(input)}, {kW, ptr(weight)}, {kY, ptr(y)}};
   Tensor b;
-  if (bias) {  // (K,) dense and 16-byte aligned in the form's dtype: a no-op for a plan's fp32 bias
-    b = bias->to(g->form.coeff).contiguous();
-    if (!aligned(b)) b = b.clone();
+  if (bias) {  // in the form's dtype: a no-op for a plan's fp32 bias
+    b = graph_vector(*bias, g->form.coeff);
     pointers[kBias] = ptr(b);
   }
   if (residual) pointers[kResidual] = ptr(*residual);
-  execute(*g, Pattern::kFpropEpilogue, handle, pointers, input, weight, conv, epilogue);
+  if (!execute(*g, Pattern::kFpropEpilogue, handle, pointers, input, weight, conv, epilogue)) return std::nullopt;
   return y;
 }
 

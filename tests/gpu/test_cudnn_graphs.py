@@ -139,6 +139,37 @@ def test_backward_graphs_build_at_resnet_shapes(conv, graphs_on):
     assert len(new) == 3 and all(reason == "" for _, reason in new), new
 
 
+def test_backward_graphs_take_offset_parameter_views(graphs_on):
+    """The input BN's weight, bias and mean as views 4 bytes into flat buffers (a flattened parameter store): the graphs
+    read 16-byte aligned copies of them; the gradients of x, w and the flat parameters within eager's error (2-norm)."""
+    n, cin, hw, cout, k, s, p = CONVS[0]
+    n //= 4
+    x = activation((n, cin, hw, hw), torch.float16, CL, "cuda", offset=0.5).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).half().contiguous(memory_format=CL)
+    w.requires_grad_()
+    flat = torch.cat([torch.zeros(1), torch.rand(cin) + 0.5, torch.randn(cin) * 0.3]).cuda().requires_grad_()
+    var, mean = torch.var_mean(x.detach().float(), (0, 2, 3), correction=0)
+    mean = torch.cat([torch.zeros(1, device="cuda"), mean])[1:]
+    leaves = (x, w, flat)
+
+    def step(x, w, flat, op):
+        bw, bb = flat[1:cin + 1], flat[cin + 1:]
+        if op:
+            y = OPS.conv_genstats(x, w, [s, s], [p, p], [1, 1], mean, var, bw, bb, 1e-5)[0]
+        else:
+            y = F.conv2d(torch.relu(F.batch_norm(x, None, None, bw, bb, True, 0.0, 1e-5)), w, None, s, p)
+        return y
+
+    got_y = step(*leaves, True)
+    grad = torch.randn_like(got_y)
+    got = torch.autograd.grad(got_y, leaves, grad)
+    ref = torch.autograd.grad(step(*leaves, False), leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ex = torch.autograd.grad(step(*leaves64, False), leaves64, grad.double())
+    for name, g, e, x64 in zip(("input", "weight", "bn parameters"), got, ref, ex):
+        assert_within_eager_error(g, e, x64, f"grad {name}", norm="fro", factor=3.0)
+
+
 def test_conv_genstats_fallbacks(graphs_on):
     """Where no graph runs, the composite (aten's conv, then bn_stats) gives the same function: bf16 (cuDNN 9.19 on the
     H200 built no genstats graph; the reduction-node form is tried next: built or declined, reported once, a second
