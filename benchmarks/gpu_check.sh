@@ -206,7 +206,7 @@ run_cudnn_graphs() {  # [seconds]
     # the graph kernels themselves (csrc/cudnn/): numerics against float64, the route, fallbacks, capture
     # (-rP: the passing tests' prints too, the backward graphs' "built" / "declined: reason" lines into the summary)
     TEST_TIMEOUT=${GRAPH_TEST_TIMEOUT:-180} PYTEST_WORKERS=1 run_tests -rP tests/gpu/test_cudnn_graphs.py || rc=1
-    grep -E "\| (built|declined)" "$log" | sort -u | tail -40 | tee -a "$summary" >/dev/null
+    grep -E "\| (built|declined)" "$log" | sort -u | tail -80 | tee -a "$summary" >/dev/null
     return $rc
 }
 
