@@ -171,6 +171,7 @@ struct Cache {
   std::mutex mutex;
   std::unordered_map<Key, std::shared_ptr<const Graph>, c10::hash<Key>> graphs;  // (signature..., handle)
   std::unordered_set<Key, c10::hash<Key>> reported;                              // signatures
+  std::unordered_set<Key, c10::hash<Key>> failed;                                // signatures whose graph failed to run
   std::vector<std::pair<std::string, std::string>> report;  // (signature, "" or the reason), first seen first
 };
 
@@ -363,7 +364,8 @@ std::vector<Form> forms(Pattern p, at::ScalarType io, const Epilogue& e) {
   }
 }
 
-// the cached graph of this signature (its `graph` null where cuDNN has none), built on first sight
+// the cached graph of this signature and handle (its `graph` null where cuDNN has none, or a graph of the signature
+// failed to run), built on first sight
 std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor& w, at::IntArrayRef y_shape, const Conv& conv,
                                        const Epilogue& epilogue, cudnnHandle_t handle) {
   Cache& c = cache();
@@ -374,6 +376,7 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
   if (auto it = c.graphs.find(key); it != c.graphs.end()) return it->second;
   auto g = std::make_shared<Graph>();
   g->key = key;
+  if (c.failed.count(sig)) return c.graphs.emplace(std::move(key), std::move(g)).first->second;
   const auto tries = forms(p, x.scalar_type(), epilogue);
   const bool several = tries.size() > 1;
   std::string reason;
@@ -434,8 +437,8 @@ std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Ten
   return g;
 }
 
-// Runs g on the tensors bound by uid; false where cuDNN fails to run it: the signature is then declined from here on
-// (cached without a graph for this handle, reported, warned once) and the caller runs its passes.
+// Runs g on the tensors bound by uid; false where cuDNN fails to run it: the signature is then declined from here on,
+// on every handle (reported, warned once), and the caller runs its passes.
 [[nodiscard]] bool execute(const Graph& g, Pattern p, cudnnHandle_t handle, std::unordered_map<int64_t, void*>& pointers,
                            const Tensor& x, const Tensor& w, const Conv& conv, const Epilogue& epilogue = {}) {
   Tensor workspace = at::empty({g.workspace}, x.options().dtype(at::kByte));
@@ -448,6 +451,7 @@ std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Ten
   auto declined = std::make_shared<Graph>();
   declined->key = g.key;
   c.graphs[g.key] = std::move(declined);
+  c.failed.emplace(g.key.begin(), g.key.end() - 1);  // the signature: the key without its handle
   c.report.emplace_back(what, why);
   return false;
 }
