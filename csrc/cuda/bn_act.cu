@@ -672,8 +672,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [sum_dy, sum_dy_xmu] = backward_sums(grad_out, input, mean, output, [&](const at::Tensor& sd, const at::Tensor& sx) {
     check_bn_backward_coeffs(sd, sx, var, weight);
     return coeffs::BackwardCoeffs{coeffs::in(sd), coeffs::in(sx), coeffs::in(v), coeffs::in(w, 1.0), eps, count, training,
-                                  /*xhat_sums=*/false, a.mutable_data_ptr<float>(), b.mutable_data_ptr<float>(), c.mutable_data_ptr<float>(),
-                                  grad_weight.mutable_data_ptr<float>()};
+                                  /*xhat_sums=*/false, a.mutable_data_ptr<float>(), b.mutable_data_ptr<float>(),
+                                  c.mutable_data_ptr<float>(), grad_weight.mutable_data_ptr<float>()};
   });
   return {sum_dy, sum_dy_xmu, a, b, c, grad_weight};
 }

@@ -583,9 +583,8 @@ std::optional<at::Tensor> conv_act_graph(const at::Tensor& input, const at::Tens
                                          double alpha) {
   using namespace cudnn_graphs;
   const Epilogue epilogue{bias.has_value(), residual.has_value(), act, act == Act::LeakyRelu ? alpha : 0.0};
-  if (groups != 1 || (act != Act::None && !graph_act(act, alpha)) || !(epilogue.bias || epilogue.residual || act != Act::None)) {
-    return std::nullopt;
-  }
+  const bool takes_act = act == Act::None || graph_act(act, alpha).has_value();
+  if (groups != 1 || !takes_act || !(epilogue.bias || epilogue.residual || act != Act::None)) return std::nullopt;
   const auto shape = at::native::conv_output_size(input.sizes(), weight.sizes(), padding, stride, dilation);
   if (!graph_may_run(input, weight, shape) ||
       (residual && !(residual->is_contiguous(at::MemoryFormat::ChannelsLast) && aligned(*residual)))) {
