@@ -67,8 +67,11 @@ class Candidate:
 EAGER = Candidate("eager", None)
 
 
-def candidates(device: torch.device, training: bool, backward: bool) -> list[Candidate]:
-    """Every implementation of a fused layer that can run on `device` in this mode, eager first."""
+def candidates(device: torch.device, training: bool, backward: bool, pads: bool = False) -> list[Candidate]:
+    """Every implementation of a fused layer that can run on `device` in this mode, eager first. pads: the layer has
+    a conv whose input Variant(pad_channels=True) pads (pads_input), which adds the cuda-padded candidate (aten's
+    NHWC conv of a 3-channel input runs far below its engines' rate: pytorch issue 68506, and the H200's bf16
+    7x7 stem at 4 % of its matmul rate; padded to 8 channels the tensor-core and fused engines take it)."""
     avail = backends.available()
     inference = not (training or backward)
     found = [EAGER]
@@ -80,10 +83,19 @@ def candidates(device: torch.device, training: bool, backward: bool) -> list[Can
                    Candidate("cuda", "cuda", Variant(cudnn_fused=False))] if inference
                   else [Candidate("cuda-defer", "cuda", Variant(defer=True)), Candidate("cuda", "cuda", Variant(defer=False))]
                   if training and cudnn.graphs_enabled() else [Candidate("cuda", "cuda")])
+        found += [Candidate("cuda-padded", "cuda", Variant(pad_channels=True))] if pads else []
     if device.type == "cuda" and avail["triton"]:
         found += ([Candidate("triton-defer", "triton", Variant(defer=True)), Candidate("triton", "triton", Variant(defer=False))]
                   if training else [Candidate("triton", "triton")])
     return found
+
+
+def pads_input(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether Variant(pad_channels=True) changes how `layer` runs on inputs like x: a layer planned as one conv -> BN
+    stage (resnet_fused.nn.plan.conv_bn_plan: FusedConvBNAct's `conv`, or a FusedConvBNActHead, itself the conv) whose
+    input channels cudnn.padded_channels rounds up."""
+    conv = layer if isinstance(layer, nn.Conv2d) else getattr(layer, "conv", None)
+    return isinstance(conv, nn.Conv2d) and cudnn.padded_channels(conv.in_channels, conv.groups, x.dtype) != conv.in_channels
 
 
 # ---- what is remembered: signature -> choice ----
@@ -210,6 +222,13 @@ def report() -> str:
     return "\n".join(lines) or "no tuned layers yet"
 
 
+def choices(model: nn.Module) -> dict[str, list[str]]:
+    """What the tuner chose for each tuned layer of `model` (the model itself included), by module name: one
+    candidate name per input signature it has met ("rules" where a choice from another build fell back to them)."""
+    return {name: [c.name if c is not None else "rules" for c in m.__dict__["_tuned_choices"].values()]
+            for name, m in model.named_modules() if m.__dict__.get("_tuned_choices")}
+
+
 # ---- the call ----
 
 
@@ -236,7 +255,8 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
             return layer._run_fused(x, None, *extra)
         name = entry["choice"] if entry is not None else _tune(layer, x, residual, key, training, backward)
         # a choice this machine cannot run (another build in the same cache slot): the rules
-        chosen = seen[fast] = next((c for c in candidates(x.device, training, backward) if c.name == name), None)
+        chosen = seen[fast] = next((c for c in candidates(x.device, training, backward, pads_input(layer, x))
+                                    if c.name == name), None)
     if chosen is None:  # the rules ("auto")
         return layer._run_fused(x, "auto", *extra) if torch.compiler.is_compiling() else layer._planned(x, "auto", *extra)
     return _call(layer, chosen, x, extra)
@@ -256,7 +276,7 @@ def _tune(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, key:
     budget = float(os.environ.get("RESNET_FUSED_TUNING_BUDGET", "1.0"))
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], device_type=x.device.type):
         calls = {}
-        for c in candidates(x.device, training, backward):
+        for c in candidates(x.device, training, backward, pads_input(layer, x)):
             try:
                 calls[c.name] = _timed_call(layer, c, x, residual, backward)
             except Exception as e:  # noqa: BLE001  (a candidate that cannot run this signature is left out)

@@ -3,6 +3,7 @@ written as they are measured, a failing provider is an error row, a deadline sto
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from resnet_fused import tuning
 from resnet_fused.bench import __main__ as bench
 from resnet_fused.bench import rows as bench_rows
 from resnet_fused.bench.convs import RESNET50_CONVS, ConvShape
@@ -97,6 +99,11 @@ def test_quick_run_writes_results(tmp_path, capsys):
     assert {r["provider"] for r in rows if r["suite"] == "convs"} == {"conv only", "eager", "fused-cpu", "tuned"}
     tuned = [r for r in rows if r["provider"] == "tuned"]
     assert {r["suite"] for r in tuned} == {"convs", "blocks", "models"} and all(r["tuning_s"] > 0 for r in tuned)
+    candidates = {c.name for c in tuning.candidates(torch.device("cpu"), False, False) + tuning.candidates(
+        torch.device("cpu"), True, True)}
+    for r in tuned:  # what the tuner chose, named: "layer: candidate" (convs, blocks), "candidate count" (models)
+        named = {part.split(": ")[-1].split(" ")[0] for part in re.split("; |, ", r["tuned_choice"])}
+        assert r["tuned_choice"] and named <= candidates, r["tuned_choice"]
     for suite in ("ops", "convs", "blocks", "models"):
         png = (tmp_path / f"{suite}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000

@@ -153,7 +153,7 @@ def write_results(rows: list[dict], env: dict, out: str, stopped: str | None = N
 def format_table(rows) -> str:
     """One line per measurement: what, how long (median, 20-80 % range), the achieved rate (overhead: host
     microseconds per call and dispatched ops per step), vs eager; a provider that failed shows its error,
-    a row reused from an earlier run (--known-compile) ends in "*"."""
+    a row reused from an earlier run (--known-compile) ends in "*", a tuned row names what the tuner chose."""
     head = f"{'suite':<8} {'case':<19} {'shape':<24} {'dtype':<8} {'mode':<12} {'provider':<15} {'median ms':>10} {'rate':>18} {'vs eager':>9}"
     lines = ["", head, "-" * len(head)]
     for r in rows:
@@ -174,7 +174,8 @@ def format_table(rows) -> str:
         else:
             rate = ""
         speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
-        lines.append(what + f"{r['median_ms']:>10.3f} {rate:>18} {speedup:>9}" + (" *" if "from" in r else ""))
+        chose = f"  ({r['tuned_choice'][:80]})" if r.get("tuned_choice") else ""
+        lines.append(what + f"{r['median_ms']:>10.3f} {rate:>18} {speedup:>9}" + (" *" if "from" in r else "") + chose)
     if any("from" in r for r in rows):
         lines.append("* reused from an earlier run with the same device, torch and triton (its \"from\" field)")
     return "\n".join(lines)

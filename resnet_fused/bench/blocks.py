@@ -4,10 +4,13 @@ torch.compile where asked), in channels_last and the run's dtype."""
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torchvision
 
 import resnet_fused
+from resnet_fused import tuning
 from resnet_fused.ops import cudnn
 from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
@@ -55,6 +58,17 @@ def prepare(module: torch.nn.Module, provider: str, device, dtype) -> torch.nn.M
     return module
 
 
+def tuned_choice(module: torch.nn.Module) -> str:
+    """The "tuned" provider's choices, for its row: "name: candidate" per tuned layer (resnet_fused.tuning.choices)."""
+    return "; ".join(f"{name or '<layer>'}: {', '.join(names)}" for name, names in tuning.choices(module).items())
+
+
+def tuned_counts(model: torch.nn.Module) -> str:
+    """A tuned model's choices, for its row: how many layer signatures took each candidate."""
+    counts = collections.Counter(n for names in tuning.choices(model).values() for n in names)
+    return ", ".join(f"{name} {k}" for name, k in counts.most_common())
+
+
 def _block(kind: str, inplanes: int, planes: int, provider: str, device, dtype):
     torch.manual_seed(0)
     return prepare(getattr(torchvision.models.resnet, kind)(inplanes, planes), provider, device, dtype)
@@ -92,6 +106,7 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                     fresh_compile_cache()
                     blocks_ = c.each(lambda p: _block(kind, inplanes, planes, p, device, dtype).train(training))
                     tuning_s = c.each(lambda p: first_call_s(make(blocks_[p]), device), among=["tuned"])
+                    chosen = c.each(lambda p: tuned_choice(blocks_[p]), among=list(tuning_s))
                     if device.type == "cuda":
                         copies = copies_exceeding_l2(2 * x_bytes(shape, dtype), device)
                         fns = c.each(lambda p: [scoped(p, make(blocks_[p])) for _ in range(copies)])
@@ -104,7 +119,8 @@ def run(stages, batch: int, dtypes, device: torch.device, compile_modes, quick: 
                         mem = {}
                     for p, t in timings.items():
                         c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                                 peak_mem_mb=mem.get(p), **({"tuning_s": tuning_s[p]} if p in tuning_s else {}))
+                                 peak_mem_mb=mem.get(p),
+                                 **({"tuning_s": tuning_s[p], "tuned_choice": chosen.get(p)} if p in tuning_s else {}))
 
 
 def x_bytes(shape, dtype) -> int:

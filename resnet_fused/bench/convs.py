@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from resnet_fused.bench.blocks import tuned_choice
 from resnet_fused.bench.timing import copies_exceeding_l2, first_call_s, fresh_compile_cache, time_cpu_interleaved, time_cuda
 from resnet_fused.nn.conv_bn import FusedConvBNReLU, conv_bn_forward
 from resnet_fused.nn.fold import FoldCache
@@ -162,6 +163,7 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
                     forwards = c.each(lambda p: _forward(shape, p, mode != "inference", device, dtype))
                     tuning_s = c.each(lambda p: first_call_s(_call(shape, forwards[p], mode, batch, device, dtype), device),
                                       among=["tuned"])
+                    chosen = c.each(lambda p: tuned_choice(forwards[p]), among=list(tuning_s))
                     if device.type == "cuda":  # inputs rotated past L2
                         timings = c.each(lambda p: time_cuda([_call(shape, forwards[p], mode, batch, device, dtype)
                                                               for _ in range(copies)]))
@@ -178,7 +180,7 @@ def run(shapes, batch: int, dtypes, modes, device: torch.device, compile_modes, 
                         tflops = flops / t.median_ms / 1e9
                         c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                                  flops=flops, tflops=tflops, matmul_tflops=ceiling, pct_of_matmul=100 * tflops / ceiling,
-                                 **({"tuning_s": tuning_s[p]} if p in tuning_s else {}))
+                                 **({"tuning_s": tuning_s[p], "tuned_choice": chosen.get(p)} if p in tuning_s else {}))
 
 
 def count(shapes, dtypes, modes, device, compile_modes) -> int:

@@ -17,7 +17,7 @@ import torchvision
 
 import resnet_fused
 from resnet_fused.bench import anchors
-from resnet_fused.bench.blocks import prepare, providers as block_providers
+from resnet_fused.bench.blocks import prepare, providers as block_providers, tuned_counts
 from resnet_fused.bench.timing import first_call_s, fresh_compile_cache, peak_memory, time_cpu_interleaved, time_cuda
 
 
@@ -85,7 +85,8 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                         x = x.contiguous(memory_format=torch.channels_last)
                         labels = torch.randint(0, 1000, (batch,), device=device)
                         fresh_compile_cache()
-                        steps = c.each(lambda p: _step(p, _model(name, p, device, dtype), x, labels, training))
+                        models_ = c.each(lambda p: _model(name, p, device, dtype))
+                        steps = c.each(lambda p: _step(p, models_[p], x, labels, training))
                         first_s = c.each(lambda p: first_call_s(steps[p], device),
                                          among=[p for p in names_ if p == "tuned" or p.startswith("compile")])
                         if device.type == "cuda":
@@ -98,7 +99,8 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                         for p, t in timings.items():
                             c.result(p, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
                                      images_per_s=batch / t.median_ms * 1e3, peak_mem_mb=mem.get(p),
-                                     **({"tuning_s": first_s[p]} if p == "tuned" else {}),
+                                     **({"tuning_s": first_s[p], "tuned_choice": tuned_counts(models_[p])}
+                                        if p == "tuned" else {}),
                                      **({"compile_s": first_s[p]} if p.startswith("compile") else {}))
 
 

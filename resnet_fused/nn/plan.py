@@ -11,6 +11,10 @@ resolution, route or fold lookup per call:
           version counter, storage and requires_grad, and bn.eps); if not, the plan is made again.
   staged  otherwise: ``resnet_fused::conv_bn_act_stage`` per stage (``bn_act_stage`` for a BN -> act layer),
           nn.BatchNorm2d's semantics read per call.
+  padded  a tuner's Variant(pad_channels=True) on a conv -> BN layer (FusedConvBNAct, a fuse_-given head) whose input
+          channels are not a multiple of cuDNN's vector width: folded or staged on input and weight zero-padded to one
+          (the input per call, one constant_pad_nd; the weight too where staged, its gradient a slice of the padded
+          one's, and once where folded, when the plan is made).
   routed  the layer's routed forward (``_run_fused``): other backends (torch, Triton), synchronized BN,
           autocast, pairs that are not nn.Conv2d -> nn.BatchNorm2d.
 
@@ -124,13 +128,21 @@ def folds(pairs, grad: bool) -> bool:
 def conv_bn_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor, residual: torch.Tensor | None,
                  *, cache: FoldCache, name: str) -> Callable:
     """The plan of one conv -> bn (-> + residual) -> act layer on a stage backend, called (x, residual): folded
-    where folds() says so, else staged."""
+    where folds() says so, else staged; under a tuner's Variant(pad_channels=True) on input and weight zero-padded
+    to cudnn.padded_channels."""
     pair = (conv, bn)
+    padded = cudnn.padded_channels(conv.in_channels, conv.groups, x.dtype) if backends.variant().pad_channels else conv.in_channels
+    pad = padded - conv.in_channels
     if folds([pair], torch.is_grad_enabled()):
         stage = Folded(conv, bn, act, x.shape, x, residual is not None, cache=cache, name=name,
-                       residual_grad=residual is not None and residual.requires_grad)
+                       residual_grad=residual is not None and residual.requires_grad, pad=pad)
         return Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
-    return Staged(conv, bn, act)
+    return Staged(conv, bn, act, pad)
+
+
+def pad_channels(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t (N, C, H, W) or a weight (K, C, R, S) with `pad` zero channels appended, in t's memory format."""
+    return torch.constant_pad_nd(t, (0, 0, 0, 0, 0, pad)) if pad else t
 
 
 # ---- staged: one conv_bn_act_stage per stage ----
@@ -149,14 +161,16 @@ def _bn_reads(bn: nn.BatchNorm2d):
 
 
 def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor,
-                  residual: torch.Tensor | None = None, input_bn: tuple = ()) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, input_bn: tuple = (), pad: int = 0) -> torch.Tensor:
     """act(bn(conv(x)) (+ residual)) as one resnet_fused::conv_bn_act_stage call, with what nn.BatchNorm2d's forward
     reads per call: training, track_running_stats, momentum (None: the cumulative average), eps; the op counts the
     batch in num_batches_tracked where nn.BatchNorm2d would. input_bn: a Deferring stage's BN + ReLU of x, applied as
-    the conv loads x."""
+    the conv loads x; pad: zero channels appended to x and the conv's weight (their gradients: pad's backward, a
+    slice)."""
     p = conv._parameters
     (weight, bias, running_mean, running_var), batch_stats, counted = _bn_reads(bn)
-    return _conv_bn_act_stage(x, p["weight"], p["bias"], weight, bias, running_mean, running_var, residual, conv.stride,
+    x, conv_weight = pad_channels(x, pad), pad_channels(p["weight"], pad)
+    return _conv_bn_act_stage(x, conv_weight, p["bias"], weight, bias, running_mean, running_var, residual, conv.stride,
                               conv.padding, conv.dilation, conv.groups, batch_stats, bn.momentum, None, bn.eps, act.name,
                               act.alpha, counted, *input_bn)
 
@@ -168,15 +182,15 @@ def bn_stage(bn: nn.BatchNorm2d, act: Activation, x: torch.Tensor) -> torch.Tens
 
 
 class Staged:
-    """conv_bn_stage of one conv -> bn pair."""
+    """conv_bn_stage of one conv -> bn pair (pad: zero input channels appended)."""
 
-    __slots__ = ("conv", "bn", "act")
+    __slots__ = ("conv", "bn", "act", "pad")
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation):
-        self.conv, self.bn, self.act = conv, bn, act
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, pad: int = 0):
+        self.conv, self.bn, self.act, self.pad = conv, bn, act, pad
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, input_bn: tuple = ()) -> torch.Tensor:
-        return conv_bn_stage(self.conv, self.bn, self.act, x, residual, input_bn)
+        return conv_bn_stage(self.conv, self.bn, self.act, x, residual, input_bn, self.pad)
 
 
 class Deferring:
@@ -222,17 +236,21 @@ class Folded:
     the layer's FoldCache under `name` (one dense copy per conv, whatever the number of plans; a CPU plan holds its
     own oneDNN-prepacked copy, the layout oneDNN picks for its input shape). shift: added to the folded bias (a
     projection shortcut's BN shift joining this stage's output); bias=False: the folded bias left out (this stage
-    is that shortcut), kept as `shift`."""
+    is that shortcut), kept as `shift`. pad: zero channels appended to the input per call and to the folded weight
+    here."""
 
-    __slots__ = ("conv", "bn", "inputs", "stamp", "eps", "weight", "bias", "shift", "args")
+    __slots__ = ("conv", "bn", "inputs", "stamp", "eps", "weight", "bias", "shift", "args", "pad")
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, input_shape, x: torch.Tensor,
                  residual: bool = False, *, cache: FoldCache, name: str, residual_grad: bool = False, bias: bool = True,
-                 shift: torch.Tensor | None = None):
-        self.conv, self.bn, self.eps = conv, bn, bn.eps
+                 shift: torch.Tensor | None = None, pad: int = 0):
+        self.conv, self.bn, self.eps, self.pad = conv, bn, bn.eps, pad
         self.inputs = _fold_inputs(conv, bn)
         self.stamp = _stamp(self.inputs)
         weight, folded_bias = cache.get(name, conv, bn)
+        if pad:
+            weight = pad_channels(weight, pad)
+            input_shape = (input_shape[0], input_shape[1] + pad, *input_shape[2:])
         if shift is not None:  # rounded once from fp64
             folded_bias = cache.summed(name, folded_bias, shift)
         self.shift = folded_bias if not bias else None
@@ -253,7 +271,7 @@ class Folded:
                 and self.bn.eps == self.eps)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return _conv_act_stage(x, self.weight, self.bias, residual, *self.args)
+        return _conv_act_stage(pad_channels(x, self.pad), self.weight, self.bias, residual, *self.args)
 
 
 def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, residual: bool, groups: int,

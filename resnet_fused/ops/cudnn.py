@@ -31,6 +31,14 @@ from resnet_fused.ops.kernels import bias_act
 CHANNEL_MULTIPLE = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}
 
 
+def padded_channels(in_channels: int, groups: int, dtype: torch.dtype) -> int:
+    """The input channels a convolution runs on under a tuner's Variant(pad_channels=True): in_channels rounded up to
+    a multiple of CHANNEL_MULTIPLE[dtype] (the RGB stem: 3 -> 8 in fp16 / bf16, 3 -> 4 in fp32), input and weight
+    zero-padded (the padded channels add 0 * 0 to every output); in_channels where grouped."""
+    multiple = CHANNEL_MULTIPLE.get(dtype)
+    return in_channels if groups != 1 or multiple is None else -(-in_channels // multiple) * multiple
+
+
 def cudnn_fuses(input_shape, weight_shape, dtype: torch.dtype, channels_last: bool, groups: int, allow_tf32: bool) -> bool:
     """Whether cuDNN has a fused conv + add + bias + ReLU engine for a convolution of input (N, Cin, H, W) with
     weight (Cout, Cin / groups, KH, KW) computing in `dtype` (cudnn_convolution_add_relu raises where none

@@ -210,3 +210,34 @@ def test_cudnn_conv_add_relu_takes_the_autocast_dtype():
         ref = reference.cudnn_conv_add_relu(*(t.to(dtype) for t in (x, w, b, r)), 1, 1, 1, 1)
         exact = reference.cudnn_conv_add_relu(*(t.to(dtype).double() for t in (x, w, b, r)), 1, 1, 1, 1)
         assert_within_eager_error(out, ref, exact, f"autocast {dtype}", norm="fro")
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["passes", "graphs"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_padded_stem_on_the_cuda_backend(dtype, training, graphs):
+    """The tuner's cuda-padded candidate (Variant(pad_channels=True)) on the ResNet stem, 3 -> 8 channels, odd sizes:
+    eval (folded, with and without the cuDNN graphs: padded, the conv + bias + ReLU graph may take it) and a training
+    step, against eager and float64 in the 2-norm, the output channels_last."""
+    from helpers import Trio
+
+    if graphs and not cudnn.graphs_built():
+        pytest.skip("_C built without the cuDNN graphs")
+    torch.manual_seed(0)
+    eager = randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU()))
+    fused = FusedConvBNReLU(3, 64, 7, 2, 3, backend="cuda")
+    fused.conv.load_state_dict(eager[0].state_dict()), fused.bn.load_state_dict(eager[1].state_dict())
+    fused, eager = (m.to("cuda", dtype, memory_format=CL) for m in (fused, eager))
+    x = activation((4, 3, 37, 35), dtype, CL, "cuda")
+    with backends.use_variant(backends.Variant(pad_channels=True)), cudnn.graphs(graphs):
+        if training:
+            Trio(fused, eager, whole_network=True).step(x, True, f"padded stem train {dtype}", CL)
+        else:
+            fused.eval(), eager.eval()
+            with torch.no_grad():
+                exact = copy.deepcopy(eager).double()(x.double())
+                out = fused(x)
+                assert out.is_contiguous(memory_format=CL)
+                assert_within_eager_error(out, eager(x), exact, f"padded stem eval {dtype} graphs={graphs}", factor=3.0,
+                                          norm="fro")
+    assert fused.conv.weight.shape == (64, 3, 7, 7)

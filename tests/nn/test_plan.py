@@ -316,3 +316,78 @@ def test_frozen_batchnorm_backbone_is_one_stage_op_per_conv():
     for name in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.conv2.weight"):
         f, e = (dict(m.named_parameters())[name].grad for m in (fused, eager))
         torch.testing.assert_close(f, e, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ---- a tuner's Variant(pad_channels=True): the RGB stem on input and weight padded to 16-byte channel vectors ----
+
+
+def test_padded_channels_rule():
+    """cudnn.padded_channels: input channels up to a multiple of cuDNN's vector width in the compute dtype (8 in fp16 /
+    bf16, 4 in fp32), grouped convs and fp64 as they are."""
+    from resnet_fused.ops.cudnn import padded_channels
+
+    assert [padded_channels(3, 1, d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)] == [8, 8, 4, 3]
+    assert padded_channels(8, 1, torch.float16) == 8 and padded_channels(13, 1, torch.float16) == 16
+    assert padded_channels(6, 3, torch.float16) == 6
+
+
+def _plan_pads(m: FusedConvBNReLU) -> list[int]:
+    # the zero channels each stage of the layer's plans appends (Folded plans sit in a Chain)
+    stages = [s for p in m._plans._plans.values() for s in (p.stages if isinstance(p, resnet_fused.nn.plan.Chain) else [p])]
+    return [s.pad for s in stages]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_stem_computes_the_unpadded_function(training, fmt, dtype):
+    """A 7x7 / 2 stem (3 -> 16 channels) on its padded plan (cpu backend standing in for cuda): output, the gradients of
+    the 3-channel input and weight, the BN parameters' gradients, running statistics and num_batches_tracked are
+    eager's within the eager-error rule over two steps, then the folded plan's output in eval; every plan did pad."""
+    from helpers import Trio
+
+    torch.manual_seed(0)
+    eager = randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU()))
+    fused = FusedConvBNReLU(3, 16, 7, 2, 3, backend="cpu")
+    fused.load_state_dict({k.replace("0.", "conv.").replace("1.", "bn."): v for k, v in eager.state_dict().items()})
+    fused, eager = fused.to(dtype, memory_format=fmt), eager.to(dtype, memory_format=fmt)
+    x = activation((2, 3, 15, 13), dtype, fmt)
+    trio = Trio(fused, eager)
+    with backends.use_variant(backends.Variant(pad_channels=True)):
+        for step in range(2):
+            trio.step(x + step, training, f"padded stem {dtype} {fmt} step {step}", fmt)
+        fused.eval(), eager.eval()
+        with torch.no_grad():  # the folded plan: its weight padded when the plan is made
+            exact = copy.deepcopy(eager).double()(x.double())
+            assert_within_eager_error(fused(x), eager(x), exact, f"padded stem {dtype} {fmt} folded", factor=3.0)
+    assert set(_plan_pads(fused)) == {1 if dtype == torch.float32 else 5}, _plan_pads(fused)
+    assert any(isinstance(p, resnet_fused.nn.plan.Chain) for p in fused._plans._plans.values())
+    assert fused.conv.weight.grad.shape == (16, 3, 7, 7)
+
+
+def test_padded_variant_leaves_other_layers_alone():
+    """A layer whose convs need no padding (8 input channels, a grouped conv), and a block, plan no pad under the
+    variant; the tuner offers cuda-padded only for layers it changes (tuning.pads_input)."""
+    from resnet_fused import tuning
+
+    x8, x6 = activation((1, 8, 6, 6), torch.float16, CL), activation((1, 6, 6, 6), torch.float16, CL)
+    stem, grouped = FusedConvBNReLU(3, 8, 7, 2, 3), FusedConvBNReLU(6, 6, 3, padding=1, groups=3)
+    assert tuning.pads_input(stem, x8[:, :3]) and not tuning.pads_input(grouped, x6)
+    assert not tuning.pads_input(FusedConvBNReLU(8, 8, 3), x8) and not tuning.pads_input(FusedBasicBlock(3, 8), x8[:, :3])
+    m = FusedConvBNReLU(8, 8, 3, padding=1, backend="cpu").eval()
+    with backends.use_variant(backends.Variant(pad_channels=True)), torch.no_grad():
+        m(activation((1, 8, 6, 6), torch.float32, CL))
+    assert _plan_pads(m) == [0]
+
+
+def test_cuda_padded_is_a_candidate_where_it_pads(monkeypatch):
+    """tuning.candidates: cuda-padded joins the CUDA candidates in inference and training only for a layer it pads."""
+    from resnet_fused import tuning
+
+    monkeypatch.setattr(backends, "available", lambda: {"cpu": True, "cuda": True, "triton": False, "torch": True})
+    gpu = torch.device("cuda")
+    for training, backward in ((False, False), (True, True)):
+        names = [c.name for c in tuning.candidates(gpu, training, backward, pads=True)]
+        assert names[0] == "eager" and names[-1] == "cuda-padded", names
+        assert "cuda-padded" not in [c.name for c in tuning.candidates(gpu, training, backward)]
+    assert "cuda-padded" not in [c.name for c in tuning.candidates(torch.device("cpu"), False, False, pads=True)]

@@ -12,6 +12,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import backends, tuning
 from resnet_fused.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNReLU
+from resnet_fused.bench.blocks import tuned_choice
 from helpers import CL, activation, needs_extension
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not backends.available()["cpu"], reason="resnet_fused._C is not built")),
@@ -258,6 +259,8 @@ def test_fused_must_beat_eager_by_the_margin_in_training(monkeypatch, fused_ms, 
     with backends.use("tune"):
         m(x).sum().backward()
     assert [c.name for c in m._tuned_choices.values()] == [expected]
+    wrapped = nn.Sequential(m)  # the bench's "tuned" rows name each tuned layer's choice
+    assert tuning.choices(wrapped) == {"0": [expected]} and tuned_choice(wrapped) == f"0: {expected}"
 
 
 @needs_extension
