@@ -1,7 +1,7 @@
 """Which cuDNN fused graphs (the MLPerf ResNet data flow, issue 21) this GPU's cuDNN builds at the ResNet-18/50 conv shapes.
 
-For every distinct conv of torchvision's resnet18 and resnet50 (224x224 input, batch --batch), in fp16 and bf16,
-channels_last, it builds two cudnn-frontend graphs and reports supported / unsupported with cuDNN's reason:
+For every distinct conv of torchvision's resnet18 and resnet50 (224x224 input, batch --batch), and the stem with its
+image padded to 8 channels (the tuner's cuda-padded candidate), in fp16 and bf16, channels_last, it builds two cudnn-frontend graphs and reports supported / unsupported with cuDNN's reason:
 
   conv+genstats          Y = conv(X), (sum Y, sum Y^2) per channel in the epilogue
   bnrelu+conv+genstats   Y = conv(relu(X * scale + bias)), the same statistics (the previous BN + ReLU on load;
@@ -52,7 +52,12 @@ def resnet_convs() -> list[dict]:
             model(torch.zeros(1, 3, 224, 224))
         for h in handles:
             h.remove()
-    return list(convs.values())
+    found = list(convs.values())
+    for c in found:
+        c["image"] = c["cin"] == 3
+    # the stem as the tuner's cuda-padded candidate runs it: the image zero-padded to 8 channels (resnet_fused.ops.cudnn
+    # padded_channels), which genstats' engines may take where they decline 3 channels
+    return found + [{**c, "cin": 8, "models": ["stem, padded"]} for c in found if c["image"]]
 
 
 def conv_label(c: dict) -> str:
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
         for dname in dtypes:
             dtype = DTYPES[dname]
             for pattern in patterns:
-                if pattern.startswith("bnrelu+") and c["cin"] == 3:
+                if pattern.startswith("bnrelu+") and c["image"]:
                     continue  # the stem's input is the image: no BN before it
                 p = Probe(cudnn, handle, c, args.batch, dtype, pattern)
                 total += 1

@@ -148,9 +148,13 @@ def _probe():
 
 
 def test_cudnn_graphs_probe_covers_the_resnet_convs():
-    """The probe's shapes: every distinct conv of resnet18 and resnet50 at 224x224, read off the models."""
-    convs = {_probe().conv_label(c): c["models"] for c in _probe().resnet_convs()}
+    """The probe's shapes: every distinct conv of resnet18 and resnet50 at 224x224, read off the models, and the stem
+    as the tuner's cuda-padded candidate runs it (8 input channels); no BN + ReLU prologue before either stem."""
+    found = _probe().resnet_convs()
+    convs = {_probe().conv_label(c): c["models"] for c in found}
     assert convs["3->64 7x7/2 @224x224"] == ["resnet18", "resnet50"]  # the stem
+    assert convs["8->64 7x7/2 @224x224"] == ["stem, padded"]
+    assert [c["cin"] for c in found if c["image"]] == [3, 8]
     assert convs["64->64 3x3/1 @56x56"] == ["resnet18", "resnet50"]  # BasicBlock layer1, Bottleneck layer1's 3x3
     assert convs["256->64 1x1/1 @56x56"] == ["resnet50"]  # Bottleneck layer1's reduce
     assert convs["1024->2048 1x1/2 @14x14"] == ["resnet50"]  # layer4's projection shortcut
