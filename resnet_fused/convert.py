@@ -148,7 +148,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
         original = m.__dict__.pop("_resnet_fused_original_class", None)
         if original is None:
             continue
-        for attr in (*m.__dict__.pop("_resnet_fused_attrs", ()), "_tuned_choices"):
+        for attr in (*m.__dict__.pop("_resnet_fused_attrs", ()), "_tuned_choices", "_tuned_ms"):
             m.__dict__.pop(attr, None)
         m.__class__ = original
     model.__dict__.pop("resnet_fused_report", None)

@@ -229,6 +229,12 @@ def choices(model: nn.Module) -> dict[str, list[str]]:
             for name, m in model.named_modules() if m.__dict__.get("_tuned_choices")}
 
 
+def timings(model: nn.Module) -> dict[str, list[dict[str, float]]]:
+    """The candidates' median milliseconds behind each choice of choices(model), in the same order (as tuned, or as
+    read from the cache file)."""
+    return {name: list(m.__dict__["_tuned_ms"].values()) for name, m in model.named_modules() if m.__dict__.get("_tuned_ms")}
+
+
 # ---- the call ----
 
 
@@ -254,6 +260,7 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
         if entry is None and x.is_cuda and torch.cuda.is_current_stream_capturing():  # no timing inside a capture
             return layer._run_fused(x, None, *extra)
         name = entry["choice"] if entry is not None else _tune(layer, x, residual, key, training, backward)
+        layer.__dict__.setdefault("_tuned_ms", {})[fast] = (entry or store.get(key) or {}).get("ms", {})
         # a choice this machine cannot run (another build in the same cache slot): the rules
         chosen = seen[fast] = next((c for c in candidates(x.device, training, backward, pads_input(layer, x))
                                     if c.name == name), None)

@@ -59,8 +59,13 @@ def prepare(module: torch.nn.Module, provider: str, device, dtype) -> torch.nn.M
 
 
 def tuned_choice(module: torch.nn.Module) -> str:
-    """The "tuned" provider's choices, for its row: "name: candidate" per tuned layer (resnet_fused.tuning.choices)."""
-    return "; ".join(f"{name or '<layer>'}: {', '.join(names)}" for name, names in tuning.choices(module).items())
+    """The "tuned" provider's choices, for its row: "name: candidate [each candidate's ms]" per tuned layer and signature
+    (resnet_fused.tuning.choices, timings)."""
+    times = tuning.timings(module)
+    return "; ".join(f"{name or '<layer>'}: " + ", ".join(
+        f"{choice} [{' '.join(f'{c} {ms:.3f}' for c, ms in sorted(t.items(), key=lambda kv: kv[1]))} ms]"
+        for choice, t in zip(names, times.get(name, [{}] * len(names))))
+        for name, names in tuning.choices(module).items())
 
 
 def tuned_counts(model: torch.nn.Module) -> str:

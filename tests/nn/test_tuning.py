@@ -260,7 +260,9 @@ def test_fused_must_beat_eager_by_the_margin_in_training(monkeypatch, fused_ms, 
         m(x).sum().backward()
     assert [c.name for c in m._tuned_choices.values()] == [expected]
     wrapped = nn.Sequential(m)  # the bench's "tuned" rows name each tuned layer's choice
-    assert tuning.choices(wrapped) == {"0": [expected]} and tuned_choice(wrapped) == f"0: {expected}"
+    assert tuning.choices(wrapped) == {"0": [expected]}
+    assert tuning.timings(wrapped) == {"0": [{"eager": 10.0, "cpu": fused_ms}]}
+    assert tuned_choice(wrapped) == f"0: {expected} [cpu {fused_ms:.3f} eager 10.000 ms]"
 
 
 @needs_extension
