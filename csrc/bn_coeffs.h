@@ -95,15 +95,15 @@ struct BackwardCoeffs {
   float *a, *b, *c, *grad_weight;
 
   // a = weight invstd; training: b = -a invstd^2 sum_dy_xmu / count, c = -a sum_dy / count; eval: b = c = 0;
-  // grad_weight = sum_dy_xmu invstd
+  // grad_weight = sum_dy_xmu invstd (= sum dy xhat: xhat_sums' sums as they are)
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const double invstd = 1.0 / ::sqrt(var[i] + eps);
     const double ai = weight.p == nullptr ? invstd : invstd * weight[i];
-    const double sxmu = xhat_sums ? sum_dy_xmu[i] / invstd : sum_dy_xmu[i];
+    const double sxhat = xhat_sums ? sum_dy_xmu[i] : sum_dy_xmu[i] * invstd;  // sum dy xhat
     a[i] = static_cast<float>(ai);
-    b[i] = training ? static_cast<float>(-ai * (invstd * invstd) * sxmu / count) : 0.f;
+    b[i] = training ? static_cast<float>(-ai * invstd * sxhat / count) : 0.f;
     c[i] = training ? static_cast<float>(-ai * sum_dy[i] / count) : 0.f;
-    grad_weight[i] = static_cast<float>(sxmu * invstd);
+    grad_weight[i] = static_cast<float>(sxhat);
   }
 };
 

@@ -445,14 +445,20 @@ std::shared_ptr<const Graph> graph_of_call(Pattern p, const Tensor& x, const Ten
   auto status = g.graph->execute(handle, pointers, workspace.mutable_data_ptr());
   if (status.is_good()) return true;
   const std::string what = describe(p, x, w, conv, epilogue), why = c10::str("failed to run: ", status.get_message());
-  TORCH_WARN("resnet_fused: the cuDNN graph for ", what, " ", why, "; this signature runs ", fallback_of(p), " from now on");
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  auto declined = std::make_shared<Graph>();
-  declined->key = g.key;
-  c.graphs[g.key] = std::move(declined);
-  c.failed.emplace(g.key.begin(), g.key.end() - 1);  // the signature: the key without its handle
+  const Key sig(g.key.begin(), g.key.end() - 1);  // the key without its handle
+  if (!c.failed.insert(sig).second) return false;  // another handle's run failed first and declined it already
+  // every handle's entry of the signature declined (a failure is rare: a scan here keeps the hot path one lookup)
+  for (auto& [key, graph] : c.graphs) {
+    if (key.size() == g.key.size() && std::equal(sig.begin(), sig.end(), key.begin())) {
+      auto declined = std::make_shared<Graph>();
+      declined->key = key;
+      graph = std::move(declined);
+    }
+  }
   c.report.emplace_back(what, why);
+  TORCH_WARN("resnet_fused: the cuDNN graph for ", what, " ", why, "; this signature runs ", fallback_of(p), " from now on");
   return false;
 }
 
