@@ -1,7 +1,8 @@
 """Which cuDNN fused graphs (the MLPerf ResNet data flow, issue 21) this GPU's cuDNN builds at the ResNet-18/50 conv shapes.
 
 For every distinct conv of torchvision's resnet18 and resnet50 (224x224 input, batch --batch), and the stem with its
-image padded to 8 channels (the tuner's cuda-padded candidate), in fp16 and bf16, channels_last, it builds two cudnn-frontend graphs and reports supported / unsupported with cuDNN's reason:
+image padded to 8 channels (the tuner's cuda-padded candidate), in fp16 and bf16, channels_last, it builds the
+cudnn-frontend graphs below and reports supported / unsupported with cuDNN's reason:
 
   conv+genstats          Y = conv(X), (sum Y, sum Y^2) per channel in the epilogue
   bnrelu+conv+genstats   Y = conv(relu(X * scale + bias)), the same statistics (the previous BN + ReLU on load;

@@ -63,7 +63,7 @@ class Variant:
     convolution as it loads (Triton's conv prologue, cuDNN's fused graphs) rather than written (None: on
     Triton, and on CUDA where resnet_fused.ops.cudnn.defers_bn_relu says so); pad_channels: a conv -> BN layer
     whose input channels are not a multiple of cuDNN's vector width runs on its input and weight zero-padded to
-    one (resnet_fused.nn.plan.padded_channels: the RGB stem, 3 -> 8 channels in fp16 / bf16), so that the
+    one (resnet_fused.ops.cudnn.padded_channels: the RGB stem, 3 -> 8 channels in fp16 / bf16), so that the
     tensor-core and fused engines take it (MLPerf's ResNet-50 pads its images the same way)."""
 
     onednn: bool | None = None

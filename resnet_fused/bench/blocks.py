@@ -64,7 +64,7 @@ def tuned_choice(module: torch.nn.Module) -> str:
     times = tuning.timings(module)
     return "; ".join(f"{name or '<layer>'}: " + ", ".join(
         f"{choice} [{' '.join(f'{c} {ms:.3f}' for c, ms in sorted(t.items(), key=lambda kv: kv[1]))} ms]"
-        for choice, t in zip(names, times.get(name, [{}] * len(names))))
+        for choice, t in zip(names, times[name]))
         for name, names in tuning.choices(module).items())
 
 

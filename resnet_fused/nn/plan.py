@@ -169,7 +169,9 @@ def conv_bn_stage(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch
     slice)."""
     p = conv._parameters
     (weight, bias, running_mean, running_var), batch_stats, counted = _bn_reads(bn)
-    x, conv_weight = pad_channels(x, pad), pad_channels(p["weight"], pad)
+    conv_weight = p["weight"]
+    if pad:
+        x, conv_weight = pad_channels(x, pad), pad_channels(conv_weight, pad)
     return _conv_bn_act_stage(x, conv_weight, p["bias"], weight, bias, running_mean, running_var, residual, conv.stride,
                               conv.padding, conv.dilation, conv.groups, batch_stats, bn.momentum, None, bn.eps, act.name,
                               act.alpha, counted, *input_bn)
