@@ -1,7 +1,8 @@
 // conv_act_stage: act(conv2d(input, weight, bias) (+ residual)) as one op call, the eval stage once BN is folded into
 // (weight, bias) (resnet_fused/ops/_bn_math.py, fold_bn). Where no gradient is wanted the bias, residual and activation
 // take at most one pass after the convolution, or none:
-//   fused_conv, CPU:  oneDNN's convolution with post-ops (bias, add, activation), weight dense or prepacked
+//   fused_conv, CPU:  oneDNN's convolution with post-ops (bias, add, activation), weight dense or prepacked; fp32,
+//                     or bf16 where oneDNN has its bf16 ISA (the caller's choice: resnet_fused/ops/onednn.py, runs)
 //   fused_conv, CUDA: with a residual and a ReLU, cuDNN's conv + add + bias + ReLU graph (aten's
 //                     cudnn_convolution_add_relu, alpha 1); otherwise our cuDNN graph of the conv with its bias
 //                     (+ residual) (+ activation) where the graphs are on and cuDNN builds it (cudnn_graphs.h), else
@@ -82,12 +83,21 @@ Tensor onednn_conv_act(const Tensor& input, const Tensor& weight, const OptTenso
   static const auto unary = kernel_ops::handle<Unary>("mkldnn::_convolution_pointwise");
   static const auto binary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
                                  .typed<Binary>();
+  // oneDNN's add post-op takes the bias in the input's dtype (a plan gives it so: no conversion per call)
+  const OptTensor b = bias.has_value() && bias->scalar_type() != input.scalar_type()
+                          ? OptTensor(bias->to(input.scalar_type())) : bias;
   if (!residual.has_value()) {
     const auto p = post_op(a, alpha);
-    return unary.call(input, weight, bias, padding, stride, dilation, groups, p.attr, p.scalars, p.algorithm);
+    return unary.call(input, weight, b, padding, stride, dilation, groups, p.attr, p.scalars, p.algorithm);
   }
   const bool relu = a == Act::Relu;
-  auto out = binary.call(input, *residual, weight, bias, padding, stride, dilation, groups, "add", at::Scalar(1.0),
+  // aten's binary call fuses the add for groups == 1 and a prepacked weight (or a channels_last input); otherwise it
+  // runs the conv, then at::add_relu_, which has no bf16 kernel: there the add (+ ReLU) is our pass
+  if (input.scalar_type() != at::kFloat && !(weight.is_mkldnn() && groups == 1)) {
+    auto y = unary.call(input, weight, b, padding, stride, dilation, groups, "none", Scalars(), std::nullopt);
+    return relu ? kernel_ops::add_relu_forward(y, *residual) : apply_act(y.add_(*residual), a, alpha, true);
+  }
+  auto out = binary.call(input, *residual, weight, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
                          relu ? OptStr("relu") : std::nullopt, Scalars(), std::nullopt);
   return relu ? out : apply_act(out, a, alpha, true);
 }
@@ -117,9 +127,13 @@ Tensor conv_act_stage(const Tensor& input, const Tensor& weight, const OptTensor
   const bool wants_grad = at::GradMode::is_enabled() && (input.requires_grad() || weight.requires_grad() ||
                                                          (bias.has_value() && bias->requires_grad()) ||
                                                          (residual.has_value() && residual->requires_grad()));
-  RF_CHECK(!prepacked || (fused_conv && input.is_cpu() && input.scalar_type() == at::kFloat && !wants_grad), op,
-           "a prepacked (oneDNN) weight runs only with fused_conv=True on fp32 CPU tensors without gradients; got ",
+  // the dtypes the caller may give oneDNN (resnet_fused/ops/onednn.py, runs: bf16 only where oneDNN has its ISA)
+  const bool onednn_dtype = input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16;
+  RF_CHECK(!prepacked || (fused_conv && input.is_cpu() && onednn_dtype && !wants_grad), op,
+           "a prepacked (oneDNN) weight runs only with fused_conv=True on fp32 or bf16 CPU tensors without gradients; got ",
            input.scalar_type(), " `input` on ", input.device(), wants_grad ? ", a gradient wanted" : "");
+  RF_CHECK(!prepacked || weight.scalar_type() == input.scalar_type(), op, "the prepacked `weight` is ",
+           weight.scalar_type(), ", `input` is ", input.scalar_type());
   if (!prepacked) {
     RF_CHECK(weight.dim() == 4, op, "expected `weight` of shape (Cout, Cin / groups, KH, KW), got ", weight.sym_sizes());
     RF_CHECK(groups > 0 && weight.sym_size(1) * groups == input.sym_size(1), op, "`weight` ", weight.sym_sizes(),

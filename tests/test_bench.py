@@ -158,10 +158,11 @@ def test_main_job_compares_against_compile_by_default():
     assert args.no_compile
 
 
-@pytest.mark.parametrize("engine", ["ort", "openvino"])
-def test_anchor_runs_the_model_and_is_checked(engine):
-    """An inference engine runs the exported model and its output is checked against eager before timing;
-    one that computes something else is refused."""
+@pytest.mark.parametrize("engine, dtype", [("ort", torch.float32), ("openvino", torch.float32),
+                                           ("openvino", torch.bfloat16)])
+def test_anchor_runs_the_model_and_is_checked(engine, dtype):
+    """An inference engine runs the exported model and its output is checked against eager (in the row's dtype)
+    before timing; one that computes something else is refused."""
     from resnet_fused.bench import anchors
 
     if engine not in anchors.available():
@@ -169,10 +170,27 @@ def test_anchor_runs_the_model_and_is_checked(engine):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
     x = torch.randn(2, 3, 9, 9)
-    run = anchors.runner(engine, model, x)
-    anchors.check_output(engine, torch.as_tensor(run()), model, x)  # a second run, within the same float64 bound
+    try:
+        run = anchors.runner(engine, model, x, dtype)
+    except RuntimeError as e:
+        if "asked for bf16 inference" not in str(e):
+            raise
+        pytest.skip(f"this CPU has no bf16 inference for OpenVINO: {e}")
+    anchors.check_output(engine, torch.as_tensor(run()), model, x, dtype)  # a second run, within the same bound
     with pytest.raises(RuntimeError, match="output differs"):
-        anchors.check_output(engine, torch.as_tensor(run()) + 1e-2, model, x)
+        anchors.check_output(engine, torch.as_tensor(run()) + (1e-2 if dtype == torch.float32 else 0.3), model, x, dtype)
+
+
+def test_bf16_models_rows_take_openvino_alone():
+    """The models suite's bf16 inference rows keep OpenVINO (bf16 precision) and leave ONNX Runtime out; fp32 rows
+    keep both; an anchor asked for a dtype it has not is an error."""
+    from resnet_fused.bench import anchors, models
+
+    names = ["eager", "ort", "openvino", "fused-cpu"]
+    assert models._providers_in(torch.bfloat16, names) == ["eager", "openvino", "fused-cpu"]
+    assert models._providers_in(torch.float32, names) == names
+    with pytest.raises(ValueError, match="no anchor 'ort' in torch.bfloat16"):
+        anchors.runner("ort", torch.nn.Identity(), torch.randn(1, 3, 4, 4), torch.bfloat16)
 
 
 def _ms(**kw):

@@ -1,7 +1,9 @@
 """The CPU inference engines a user would pick instead of PyTorch: ONNX Runtime and OpenVINO (the
 optional ``anchors`` extra). Each takes the eager model, exported once (torch.onnx.export /
-openvino.convert_model), runs fp32 on as many threads as torch uses, and is checked against eager
-PyTorch before it is timed: an anchor that computes something else is an error, not a number."""
+openvino.convert_model), runs on as many threads as torch uses, and is checked against eager
+PyTorch before it is timed: an anchor that computes something else is an error, not a number. fp32 both;
+bf16 OpenVINO alone (its bf16 inference precision, where this CPU has it; ONNX Runtime's CPU provider has
+no bf16 convolution)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from collections.abc import Callable
 import torch
 
 ENGINES = ("onnxruntime", "openvino")
+ENGINE_PROVIDERS = {"onnxruntime": "ort", "openvino": "openvino"}  # module -> provider name
 
 
 def available() -> list[str]:
     """The engines installed here, as provider names ("ort", "openvino")."""
-    names = {"onnxruntime": "ort", "openvino": "openvino"}
-    return [names[e] for e in ENGINES if importlib.util.find_spec(e) is not None]
+    return [ENGINE_PROVIDERS[e] for e in ENGINES if importlib.util.find_spec(e) is not None]
 
 
 def versions() -> dict[str, str]:
@@ -32,17 +34,23 @@ def versions() -> dict[str, str]:
     return out
 
 
-def runner(provider: str, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """A no-argument call running `model` (eval, fp32, CPU) on x with the engine `provider` names,
-    after checking its output against eager PyTorch's (the float64 model's error bounds it)."""
+DTYPES = {"ort": (torch.float32,), "openvino": (torch.float32, torch.bfloat16)}
+
+
+def runs(provider: str, dtype: torch.dtype) -> bool:
+    """Whether the engine `provider` names is an anchor for inference in `dtype`."""
+    return dtype in DTYPES.get(provider, ())
+
+
+def runner(provider: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> Callable[[], object]:
+    """A no-argument call running `model` (eval, fp32 weights, CPU) on x (fp32) with the engine `provider` names,
+    computing in `dtype`, after checking its output against eager PyTorch's in that dtype (the float64 model's error
+    bounds it)."""
     model = model.eval()
-    if provider == "ort":
-        run = _onnxruntime(model, x)
-    elif provider == "openvino":
-        run = _openvino(model, x)
-    else:
-        raise ValueError(f"unknown anchor {provider!r}; choose from {available()}")
-    check_output(provider, torch.as_tensor(run()), model, x)
+    if not runs(provider, dtype):
+        raise ValueError(f"no anchor {provider!r} in {dtype}; anchors: {available()}, dtypes {DTYPES}")
+    run = _onnxruntime(model, x) if provider == "ort" else _openvino(model, x, dtype)
+    check_output(provider, torch.as_tensor(run()), model, x, dtype)
     return run
 
 
@@ -74,27 +82,33 @@ def ort_session(model: torch.nn.Module, x: torch.Tensor, profile_prefix: str | N
     return session, {"x": x.contiguous().numpy()}
 
 
-def _openvino(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def _openvino(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
     import openvino as ov
 
     with torch.no_grad():
         ov_model = ov.convert_model(model, example_input=x)
+    precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": _threads(),
-                                                         "INFERENCE_PRECISION_HINT": "f32",
+                                                         "INFERENCE_PRECISION_HINT": precision,
                                                          "PERFORMANCE_HINT": "LATENCY"})
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # an ov.Type
+    if got != precision:  # a hint this CPU cannot take falls back without a word: a row in the wrong dtype
+        raise RuntimeError(f"openvino: asked for {precision} inference, compiled for {got} on this CPU")
     request = compiled.create_infer_request()
     feed = x.contiguous().numpy()
     return lambda: request.infer({0: feed})[compiled.output(0)]
 
 
-def check_output(provider: str, y: torch.Tensor, model: torch.nn.Module, x: torch.Tensor) -> None:
-    """The engine's output within 4x eager fp32's own error against float64 (plus fp32 resolution),
+def check_output(provider: str, y: torch.Tensor, model: torch.nn.Module, x: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """The engine's output within 4x eager's own error against float64 in `dtype` (plus that dtype's resolution),
     else RuntimeError."""
     with torch.no_grad():
-        eager = model(x)
+        eager = copy.deepcopy(model).to(dtype)(x.to(dtype))
         exact = copy.deepcopy(model).double()(x.double())
     err = (y.double() - exact).norm().item()
     eager_err = (eager.double() - exact).norm().item()
-    bound = 4 * eager_err + torch.finfo(torch.float32).eps * exact.norm().item() * 4
+    bound = 4 * eager_err + torch.finfo(dtype).eps * exact.norm().item() * 4
     if not err <= bound:
-        raise RuntimeError(f"{provider}: output differs from the model's ({err:.3g} from float64, eager fp32 {eager_err:.3g})")
+        raise RuntimeError(f"{provider}: output differs from the model's ({err:.3g} from float64, eager "
+                           f"{str(dtype).removeprefix('torch.')} {eager_err:.3g})")

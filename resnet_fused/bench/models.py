@@ -7,7 +7,7 @@ images/s (forward, backward, SGD step), every provider timed in the same alterna
                            Inductor's freezing, weights folded and prepacked) and compile-fused
                            (torch.compile(fuse_(model)): our ops must not slow a compiled graph)
   ort, openvino            CPU eval, when installed (the `anchors` extra): ONNX Runtime and OpenVINO,
-                           checked against eager before timing
+                           checked against eager before timing; in bf16 OpenVINO alone (anchors.runs)
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _model(name: str, provider: str, device, dtype):
         model = resnet_fused.fuse_(model.to(device, dtype, memory_format=torch.channels_last), backend="auto")
         return torch.compile(model)
     if provider in ("ort", "openvino"):
-        return model.to(device, dtype)
+        return model.to(device)  # exported in fp32; the engine computes in the row's dtype
     return prepare(model, provider, device, dtype)
 
 
@@ -53,7 +53,7 @@ def _step(provider: str, model, x, labels, training: bool):
         x = x.contiguous()
     if not training:
         if provider in ("ort", "openvino"):
-            return anchors.runner(provider, model, x.contiguous())
+            return anchors.runner(provider, model, x.float().contiguous(), x.dtype)
         model.eval()
 
         def infer():
@@ -78,8 +78,7 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                 for training in (False, True):
                     fields = dict(suite="models", case=name, shape=f"{batch}x3x{resolution}x{resolution}",
                                   dtype=str(dtype).removeprefix("torch."), mode="training" if training else "inference")
-                    names_ = [p for p in providers(device, compile_modes, training)
-                              if p not in ("ort", "openvino") or dtype == torch.float32]
+                    names_ = _providers_in(dtype, providers(device, compile_modes, training))
                     with rec.case(fields, names_) as c:
                         x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -104,7 +103,11 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
                                      **({"compile_s": first_s[p]} if p.startswith("compile") else {}))
 
 
+def _providers_in(dtype: torch.dtype, names: list[str]) -> list[str]:
+    return [p for p in names if p not in anchors.ENGINE_PROVIDERS.values() or anchors.runs(p, dtype)]
+
+
 def count(names, batches, dtypes, device, compile_modes) -> int:
-    per_dtype = sum(len([p for p in providers(device, compile_modes, training) if p not in ("ort", "openvino") or dtype == torch.float32])
+    per_dtype = sum(len(_providers_in(dtype, providers(device, compile_modes, training)))
                     for training in (False, True) for dtype in dtypes)
     return len(names) * len(batches) * per_dtype

@@ -261,9 +261,8 @@ class Folded:
         fused = _fuses(x, input_shape, weight, act, residual, conv.groups, wants_grad, folded_bias is not None)
         if fused and x.device.type == "cpu":  # reordered for oneDNN once, not per call
             weight = onednn.prepack_conv_weight(weight, conv.stride, conv.padding, conv.dilation, conv.groups, input_shape)
-        elif (x.device.type == "cuda" and folded_bias is not None and not wants_grad
-              and not (fused and act.name == "relu" and residual)):
-            folded_bias = folded_bias.float()  # our epilogue pass and our graph add it in fp32 (aten's fused call: io dtype)
+        elif folded_bias is not None and not wants_grad and _bias_in_fp32(x.device, fused, act, residual):
+            folded_bias = folded_bias.float()  # once here, not per call
         self.weight, self.bias = weight, folded_bias
         self.args = (conv.stride, conv.padding, conv.dilation, conv.groups, act.name, act.alpha, fused)
 
@@ -276,19 +275,29 @@ class Folded:
         return _conv_act_stage(pad_channels(x, self.pad), self.weight, self.bias, residual, *self.args)
 
 
+def _bias_in_fp32(device: torch.device, fused: bool, act: Activation, residual: bool) -> bool:
+    """Whether conv_act_stage (csrc/conv_act_stage.cpp) adds a folded bias in fp32: in our epilogue pass (CUDA: any
+    bias; CPU: beside a residual or an activation) and in our cuDNN graph; not in aten's or oneDNN's fused calls, nor
+    in aten's conv (their bias in the input's dtype)."""
+    if device.type == "cuda":
+        return not (fused and act.name == "relu" and residual)
+    return not fused and (residual or not act.is_identity)
+
+
 def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, residual: bool, groups: int,
            wants_grad: bool, bias: bool) -> bool:
-    """Whether the convolution takes the epilogue: oneDNN's post-ops on the CPU (fp32, at least onednn.MIN_OUTPUT
-    outputs); on CUDA cuDNN's conv + add + bias + ReLU (cudnn.cudnn_fuses) where a residual joins a ReLU, else, with
-    the cuDNN graphs on, our conv + epilogue graph (cudnn.graph_fuses); never where a gradient is wanted. A tuner's
-    Variant in force (onednn, cudnn_fused) overrides the size rule / turns cuDNN's one-call paths off."""
+    """Whether the convolution takes the epilogue: oneDNN's post-ops on the CPU (a dtype onednn.runs, at least
+    onednn.MIN_OUTPUT outputs); on CUDA cuDNN's conv + add + bias + ReLU (cudnn.cudnn_fuses) where a residual joins a
+    ReLU, else, with the cuDNN graphs on, our conv + epilogue graph (cudnn.graph_fuses); never where a gradient is
+    wanted. A tuner's Variant in force (onednn, cudnn_fused) overrides the size rule / turns cuDNN's one-call paths
+    off."""
     if wants_grad:
         return False
     variant = backends.variant()
     if x.device.type == "cpu":
         outputs = input_shape[0] * input_shape[2] * input_shape[3] * weight.shape[0]  # at stride 1, as onednn_inference counts
         pays = outputs >= onednn.MIN_OUTPUT if variant.onednn is None else variant.onednn
-        return pays and torch.backends.mkldnn.is_available() and x.dtype == torch.float32
+        return pays and onednn.runs(x.dtype)
     if not (torch.backends.cudnn.enabled and variant.cudnn_fused is not False):
         return False
     if act.name == "relu" and residual:

@@ -194,8 +194,10 @@ def conv_act(
     if weight.layout == torch._mkldnn:
         if not onednn.applies(input, weight, bias, residual, backend):
             needs_grad = [n for n, t in (("input", input), ("bias", bias), ("residual", residual)) if t is not None and t.requires_grad]
-            raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, fp32, without "
-                             f"gradients; got {input.dtype} input on {input.device}, requiring grad: {needs_grad or 'none'}")
+            raise ValueError(f"resnet_fused.conv_act: a prepacked (oneDNN) weight runs only on the cpu backend, in a dtype oneDNN "
+                             f"runs here (onednn.runs: fp32, bf16 with its bf16 ISA), weight and bias in the input's dtype, "
+                             f"without gradients; got {input.dtype} input on {input.device}, "
+                             f"{None if bias is None else bias.dtype} bias, requiring grad: {needs_grad or 'none'}")
         return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act)
     if onednn.onednn_inference(input, weight, bias, residual, backend):
         return onednn.conv_act(input, weight, bias, stride, padding, dilation, groups, residual, act)

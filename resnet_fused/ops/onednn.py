@@ -4,6 +4,8 @@ weight prepacked once into oneDNN's blocked layout (what Inductor's CPU freezing
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -25,15 +27,26 @@ _POST_OPS = {
 }
 
 
+@functools.cache
+def runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused convolution runs `dtype` on this CPU at its jit kernels' speed: fp32 wherever oneDNN is
+    built in; bf16 where oneDNN's bf16 ISA is there (AVX-512 and up: torch.ops.mkldnn._is_mkldnn_bf16_supported, which
+    honours ONEDNN_MAX_CPU_ISA; below it oneDNN would run bf16 on its reference kernels). fp16 is left to aten's conv:
+    untested on a CPU with AVX512-FP16 / AMX-FP16."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def applies(input: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, backend: str | None) -> bool:
-    """oneDNN's fused convolution computes conv_act here: CPU, fp32, and no gradient needed (it is not
-    differentiable)."""
+    """oneDNN's fused convolution computes conv_act here: CPU, a dtype it runs (runs), and no gradient needed (it is
+    not differentiable)."""
     return (
         input.device.type == "cpu"
         and backends.resolve(backend, input) == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and input.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16 / AVX-NE-CONVERT
+        and runs(input.dtype)
         and weight.dtype == input.dtype
+        and (bias is None or bias.dtype == input.dtype)  # its add post-op takes the bias in the input's dtype
         and (residual is None or residual.dtype == input.dtype)
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)))
@@ -54,7 +67,7 @@ def onednn_inference(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
 def prepack_conv_weight(weight: Tensor, stride, padding, dilation, groups: int, input_shape) -> Tensor:
     """``weight`` reordered once into oneDNN's blocked layout for inputs of ``input_shape``: conv_act then
     skips the per-call reorder, which costs most where weights are large and activations small (ResNet's
-    last stages). CPU, fp32; for conv_act only."""
+    last stages). CPU, a dtype oneDNN runs (runs); for conv_act only."""
     return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(pair(padding)), list(pair(stride)),
                                                      list(pair(dilation)), groups, list(input_shape))
 
@@ -71,6 +84,11 @@ def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding
         return ops(input, weight, bias, padding, stride, dilation, groups, unary, scalars, algorithm)
     check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
     relu = act.name == "relu"
+    if input.dtype != torch.float32 and not (weight.is_mkldnn and groups == 1):
+        # aten fuses the add for groups == 1 and a prepacked weight (or a channels_last input); otherwise it runs
+        # the conv, then at::add_relu_, which has no bf16 kernel: the add (+ ReLU) is then ours
+        out = ops(input, weight, bias, padding, stride, dilation, groups, "none", [], "").add_(residual)
+        return out.relu_() if relu else act(out)
     out = ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0,
                      "relu" if relu else None, [], "")
     return out if relu or act.is_identity else act(out)

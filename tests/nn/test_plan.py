@@ -318,6 +318,35 @@ def test_frozen_batchnorm_backbone_is_one_stage_op_per_conv():
         torch.testing.assert_close(f, e, rtol=1e-3, atol=1e-4, msg=name)
 
 
+# ---- bf16 inference on the CPU: oneDNN's fused convolution where it has its bf16 ISA ----
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("projection", [False, True], ids=["identity", "projection"])
+@pytest.mark.parametrize("isa", [True, False], ids=["bf16-isa", "no-bf16-isa"])
+def test_bf16_eval_block_takes_onednn_where_it_runs_bf16(kind, projection, isa, monkeypatch):
+    """bf16 eval on the cpu backend: where oneDNN runs bf16 (onednn.runs) every folded stage is oneDNN's convolution
+    with its post-ops on a prepacked weight, the bias in bf16; where not, aten's conv then our epilogue pass, with the
+    plan holding the bias in fp32 (no conversion per call; the projection's conv has none). Either way within eager
+    bf16's error of float64."""
+    from resnet_fused.ops import onednn
+
+    if isa and not onednn.runs(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 ISA on this CPU, or ONEDNN_MAX_CPU_ISA caps it")
+    if not isa:
+        monkeypatch.setattr(onednn, "runs", lambda dtype: dtype == torch.float32)
+    fused, eager = _pair(kind, projection)
+    fused, eager = fused.eval().bfloat16(), eager.eval().bfloat16()
+    x = activation((4, fused.conv1.in_channels, 32, 32), torch.bfloat16, CL)  # onednn.MIN_OUTPUT outputs per conv and up
+    _check(fused, eager, x, f"{kind} bf16 eval")
+    (chain,) = fused._plans._plans.values()
+    assert len(chain.stages) == fused.num_convs + projection
+    for s in chain.stages:
+        assert s.weight.is_mkldnn == isa and s.args[-1] == isa  # prepacked, fused_conv
+        if s.bias is not None:
+            assert s.bias.dtype == (torch.bfloat16 if isa else torch.float32)
+
+
 # ---- a tuner's Variant(pad_channels=True): the RGB stem on input and weight padded to 16-byte channel vectors ----
 
 

@@ -181,8 +181,9 @@ def test_conv_act_prepacked_weight_equals_plain(geometry):
             exact = reference_conv_act(x, w, b, s, p, d, residual, relu)
         for name, a in (("prepacked", got), ("plain", plain)):
             assert_within_eager_error(a, eager, exact, f"{name} {geometry} residual={residual is not None} relu={relu}")
-    with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, fp32, without gradients; "
-                                         r"got torch.float32 input on cpu, requiring grad: \['residual'\]"):
+    with pytest.raises(ValueError, match=r"prepacked \(oneDNN\) weight runs only on the cpu backend, in a dtype oneDNN runs "
+                                         r"here .*without gradients; got torch.float32 input on cpu, torch.float32 bias, "
+                                         r"requiring grad: \['residual'\]"):
         functional.conv_act(x, packed, b, s, p, d, 1, r.clone().requires_grad_())
     with pytest.raises(ValueError, match=r"requiring grad: \['input'\]"):
         functional.conv_act(x.requires_grad_(), packed, b, s, p, d)

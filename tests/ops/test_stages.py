@@ -13,6 +13,7 @@ from torch.profiler import profile
 
 import resnet_fused
 from resnet_fused import reference
+from resnet_fused.ops import onednn
 from helpers import CL, NCHW, activation, assert_within_eager_error, backend_params
 
 OPS = torch.ops.resnet_fused
@@ -595,13 +596,15 @@ def _conv_act_eager(x, w, b, r, stride, act):
 @pytest.mark.parametrize("fmt", [NCHW, CL])
 @pytest.mark.parametrize("act", list(POST_OPS))
 @pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("fused_conv, dtype", [(True, torch.float32), (False, torch.float32), (False, torch.bfloat16)],
-                         ids=["onednn-fp32", "aten-fp32", "aten-bf16"])  # oneDNN's fused convolution: fp32 (plan.py)
+@pytest.mark.parametrize("fused_conv, dtype", [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32),
+                                               (False, torch.bfloat16)],
+                         ids=["onednn-fp32", "onednn-bf16", "aten-fp32", "aten-bf16"])
 def test_conv_act_stage_matches_eager(fmt, act, residual, fused_conv, dtype):
-    """act(conv2d(x, w, b) (+ r)) without gradients: oneDNN's post-ops (fused_conv, fp32) or aten's conv with the
-    epilogue, against F.conv2d in float64 under the eager-error rule; stride 2, 7 odd channels, N=1."""
-    if fused_conv and not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch was built without oneDNN")
+    """act(conv2d(x, w, b) (+ r)) without gradients: oneDNN's post-ops (fused_conv: fp32, and bf16 where oneDNN has
+    its bf16 ISA) or aten's conv with the epilogue, against F.conv2d in float64 under the eager-error rule; stride 2,
+    7 odd channels, N=1."""
+    if fused_conv and not onednn.runs(dtype):
+        pytest.skip(f"oneDNN's fused convolution does not run {dtype} here (onednn.runs: no oneDNN, or no bf16 ISA)")
     alpha = 0.2 if act == "leaky_relu" else 0.0
     x = activation((1, 5, 9, 7), dtype, fmt)
     w, b = torch.randn(7, 5, 3, 3, dtype=dtype) * 0.3, torch.randn(7, dtype=dtype)
@@ -613,18 +616,58 @@ def test_conv_act_stage_matches_eager(fmt, act, residual, fused_conv, dtype):
     assert_within_eager_error(got, eager, exact, f"conv_act_stage {act}")
 
 
-def test_conv_act_stage_prepacked_weight_and_gradients():
-    """A weight prepacked for oneDNN gives the dense weight's result; where a gradient is wanted the op is aten's
-    differentiable conv, add and activation (input, weight, bias and residual gradients eager's)."""
-    from resnet_fused.ops.onednn import prepack_conv_weight
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_act_stage_prepacked_weight(dtype):
+    """A weight prepacked for oneDNN: without a residual the dense weight's result, bit for bit; with one (fused as
+    oneDNN's add post-op) within eager's error of float64; a bias in another dtype than the input's is taken in the
+    input's (oneDNN's add post-op wants it so)."""
+    if not onednn.runs(dtype):
+        pytest.skip(f"oneDNN's fused convolution does not run {dtype} here (onednn.runs)")
+    x = activation((2, 8, 6, 6), dtype, CL)
+    w, b, r = torch.randn(8, 8, 3, 3, dtype=dtype) * 0.2, torch.randn(8, dtype=dtype), activation((2, 8, 6, 6), dtype, CL)
+    args = ([1, 1], [1, 1], [1, 1], 1, "relu", 0.0)
+    packed_w = onednn.prepack_conv_weight(w, 1, 1, 1, 1, x.shape)
+    with torch.no_grad():
+        dense = OPS.conv_act_stage(x, w, b, None, *args, True)
+        torch.testing.assert_close(OPS.conv_act_stage(x, packed_w, b, None, *args, True), dense, rtol=0, atol=0)
+        fused = OPS.conv_act_stage(x, packed_w, b, r, *args, True)
+        torch.testing.assert_close(OPS.conv_act_stage(x, packed_w, b.float(), r, *args, True), fused, rtol=0, atol=0)
+        exact = _conv_act_eager(x.double(), w.double(), b.double(), r.double(), 1, "relu")
+        assert_within_eager_error(fused, _conv_act_eager(x, w, b, r, 1, "relu"), exact, f"prepacked {dtype} + residual")
 
+
+@pytest.mark.parametrize("fmt", [NCHW, CL])
+@pytest.mark.parametrize("prepacked", [True, False], ids=["prepacked", "dense"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_onednn_bf16_residual_where_aten_would_not_fuse_the_add(fmt, prepacked, act):
+    """bf16 through oneDNN with a residual where aten's binary call would not fuse the add (groups > 1, or a dense
+    weight) and would fall back to at::add_relu_, which has no bf16 kernel: the op (csrc) and functional.conv_act
+    (Python) add it themselves, within eager bf16's error of float64."""
+    from resnet_fused import functional
+
+    if not onednn.runs(torch.bfloat16):
+        pytest.skip("oneDNN's fused convolution does not run bf16 here (onednn.runs)")
+    dt = torch.bfloat16
+    for groups in (2, 1):
+        x = activation((2, 8, 9, 9), dt, fmt)
+        w, b = torch.randn(6, 8 // groups, 3, 3, dtype=dt) * 0.2, torch.randn(6, dtype=dt)
+        r = activation((2, 6, 9, 9), dt, fmt)
+        weight = onednn.prepack_conv_weight(w, 1, 1, 1, groups, x.shape) if prepacked else w
+        with torch.no_grad():
+            eager = POST_OPS[act](F.conv2d(x, w, b, 1, 1, 1, groups) + r)
+            exact = POST_OPS[act](F.conv2d(x.double(), w.double(), b.double(), 1, 1, 1, groups) + r.double())
+            got = OPS.conv_act_stage(x, weight, b, r, [1, 1], [1, 1], [1, 1], groups, act, 0.0, True)
+            assert_within_eager_error(got, eager, exact, f"conv_act_stage bf16 groups={groups} {act}")
+            got = functional.conv_act(x, weight, b, 1, 1, 1, groups, r, act, backend="cpu")
+            assert_within_eager_error(got, eager, exact, f"functional.conv_act bf16 groups={groups} {act}")
+
+
+def test_conv_act_stage_gradients_are_eagers():
+    """Where a gradient is wanted the op is aten's differentiable conv, add and activation, fused_conv or not
+    (input, weight, bias and residual gradients eager's)."""
     x = activation((2, 8, 6, 6), torch.float32, CL)
     w, b, r = torch.randn(8, 8, 3, 3) * 0.2, torch.randn(8), activation((2, 8, 6, 6), torch.float32, CL)
     args = ([1, 1], [1, 1], [1, 1], 1, "relu", 0.0)
-    with torch.no_grad():
-        dense = OPS.conv_act_stage(x, w, b, r, *args, True)
-        packed = OPS.conv_act_stage(x, prepack_conv_weight(w, 1, 1, 1, 1, x.shape), b, r, *args, True)
-    torch.testing.assert_close(packed, dense)
     leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
     out = OPS.conv_act_stage(*leaves, *args, True)  # fused_conv stands aside for the gradient
     twins = [t.clone().requires_grad_() for t in (x, w, b, r)]
@@ -650,6 +693,13 @@ def test_conv_act_stage_opcheck_and_errors():
         OPS.conv_act_stage(x, w, torch.randn(3), None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False)
     with pytest.raises(RuntimeError, match="unknown activation 'swish'"):
         OPS.conv_act_stage(x, w, b, None, [1, 1], [1, 1], [1, 1], 1, "swish", 0.0, False)
+    if onednn.runs(torch.float32):
+        packed = onednn.prepack_conv_weight(w.detach(), 1, 1, 1, 1, x.shape)
+        with pytest.raises(RuntimeError, match="a prepacked .oneDNN. weight runs only with fused_conv=True on fp32 or bf16 CPU "
+                                               "tensors without gradients; got Half `input` on cpu"):
+            OPS.conv_act_stage(x.half(), packed, None, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True)
+        with pytest.raises(RuntimeError, match="the prepacked `weight` is Float, `input` is BFloat16"):
+            OPS.conv_act_stage(x.bfloat16(), packed, None, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True)
 
 
 def test_stage_counts_num_batches_tracked():
