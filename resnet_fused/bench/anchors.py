@@ -42,7 +42,8 @@ def runs(provider: str, dtype: torch.dtype) -> bool:
     return dtype in DTYPES.get(provider, ())
 
 
-def runner(provider: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> Callable[[], object]:
+def runner(provider: str, model: torch.nn.Module, x: torch.Tensor,
+           dtype: torch.dtype = torch.float32) -> Callable[[], object]:
     """A no-argument call running `model` (eval, fp32 weights, CPU) on x (fp32) with the engine `provider` names,
     computing in `dtype`, after checking its output against eager PyTorch's in that dtype (the float64 model's error
     bounds it)."""
@@ -93,9 +94,13 @@ def _openvino(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Ca
                                                          "PERFORMANCE_HINT": "LATENCY"})
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # an ov.Type
     if got != precision:  # a hint this CPU cannot take falls back without a word: a row in the wrong dtype
-        raise RuntimeError(f"openvino: asked for {precision} inference, compiled for {got} on this CPU")
+        raise RuntimeError(f"openvino: no {precision} inference on this CPU (compiled for {got})")
     request = compiled.create_infer_request()
     feed = x.contiguous().numpy()
+    try:  # OpenVINO reads ONEDNN_MAX_CPU_ISA too: capped below its bf16 ISA, its bf16 kernels fail here
+        request.infer({0: feed})
+    except RuntimeError as e:
+        raise RuntimeError(f"openvino: no {precision} inference on this CPU ({str(e).strip().splitlines()[-1]})") from e
     return lambda: request.infer({0: feed})[compiled.output(0)]
 
 
