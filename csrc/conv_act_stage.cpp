@@ -91,11 +91,11 @@ Tensor onednn_conv_act(const Tensor& input, const Tensor& weight, const OptTenso
     return unary.call(input, weight, b, padding, stride, dilation, groups, p.attr, p.scalars, p.algorithm);
   }
   const bool relu = a == Act::Relu;
-  // aten's binary call fuses the add for groups == 1 and a prepacked weight (or a channels_last input); otherwise it
-  // runs the conv, then at::add_relu_, which has no bf16 kernel: there the add (+ ReLU) is our pass
-  if (input.scalar_type() != at::kFloat && !(weight.is_mkldnn() && groups == 1)) {
-    auto y = unary.call(input, weight, b, padding, stride, dilation, groups, "none", Scalars(), std::nullopt);
-    return relu ? kernel_ops::add_relu_forward(y, *residual) : apply_act(y.add_(*residual), a, alpha, true);
+  // aten's binary call fuses the add for groups == 1 and a prepacked weight (or a channels_last pair); otherwise it
+  // runs the conv, then for a ReLU at::add_relu_, which has no bf16 kernel: there the add + ReLU is our pass
+  if (relu && input.scalar_type() != at::kFloat && !(weight.is_mkldnn() && groups == 1)) {
+    const auto y = unary.call(input, weight, b, padding, stride, dilation, groups, "none", Scalars(), std::nullopt);
+    return kernel_ops::add_relu_forward(y, *residual);
   }
   auto out = binary.call(input, *residual, weight, b, padding, stride, dilation, groups, "add", at::Scalar(1.0),
                          relu ? OptStr("relu") : std::nullopt, Scalars(), std::nullopt);

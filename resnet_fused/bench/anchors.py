@@ -100,7 +100,7 @@ def _openvino(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Ca
     try:  # OpenVINO reads ONEDNN_MAX_CPU_ISA too: capped below its bf16 ISA, its bf16 kernels fail here
         request.infer({0: feed})
     except RuntimeError as e:
-        raise RuntimeError(f"openvino: no {precision} inference on this CPU ({str(e).strip().splitlines()[-1]})") from e
+        raise RuntimeError(f"openvino: no {precision} inference on this CPU ({(str(e).strip().splitlines() or [type(e).__name__])[-1]})") from e
     return lambda: request.infer({0: feed})[compiled.output(0)]
 
 

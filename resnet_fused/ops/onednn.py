@@ -84,11 +84,10 @@ def conv_act(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding
         return ops(input, weight, bias, padding, stride, dilation, groups, unary, scalars, algorithm)
     check_residual_of_conv(residual, input, weight, stride, padding, dilation, "conv_act")
     relu = act.name == "relu"
-    if input.dtype != torch.float32 and not (weight.is_mkldnn and groups == 1):
-        # aten fuses the add for groups == 1 and a prepacked weight (or a channels_last input); otherwise it runs
-        # the conv, then at::add_relu_, which has no bf16 kernel: the add (+ ReLU) is then ours
-        out = ops(input, weight, bias, padding, stride, dilation, groups, "none", [], "").add_(residual)
-        return out.relu_() if relu else act(out)
+    if relu and input.dtype != torch.float32 and not (weight.is_mkldnn and groups == 1):
+        # aten fuses the add for groups == 1 and a prepacked weight (or a channels_last pair); otherwise it runs the
+        # conv, then for a ReLU at::add_relu_, which has no bf16 kernel: the add + ReLU is then ours
+        return ops(input, weight, bias, padding, stride, dilation, groups, "none", [], "").add_(residual).relu_()
     out = ops.binary(input, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0,
                      "relu" if relu else None, [], "")
     return out if relu or act.is_identity else act(out)

@@ -640,9 +640,10 @@ def test_conv_act_stage_prepacked_weight(dtype):
 @pytest.mark.parametrize("prepacked", [True, False], ids=["prepacked", "dense"])
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_onednn_bf16_residual_where_aten_would_not_fuse_the_add(fmt, prepacked, act):
-    """bf16 through oneDNN with a residual where aten's binary call would not fuse the add (groups > 1, or a dense
-    weight) and would fall back to at::add_relu_, which has no bf16 kernel: the op (csrc) and functional.conv_act
-    (Python) add it themselves, within eager bf16's error of float64."""
+    """bf16 through oneDNN with a residual where aten's binary call may not fuse the add (groups > 1, a dense
+    weight) and falls back to the conv then, for a ReLU, at::add_relu_, which has no bf16 kernel: the op (csrc) and
+    functional.conv_act (Python) then add + ReLU themselves (SiLU: aten's fallback add); within eager bf16's error
+    of float64."""
     from resnet_fused import functional
 
     if not onednn.runs(torch.bfloat16):
