@@ -18,12 +18,12 @@ from collections.abc import Callable
 import torch
 
 ENGINES = ("onnxruntime", "openvino")
-ENGINE_PROVIDERS = {"onnxruntime": "ort", "openvino": "openvino"}  # module -> provider name
 
 
 def available() -> list[str]:
     """The engines installed here, as provider names ("ort", "openvino")."""
-    return [ENGINE_PROVIDERS[e] for e in ENGINES if importlib.util.find_spec(e) is not None]
+    names = {"onnxruntime": "ort", "openvino": "openvino"}
+    return [names[e] for e in ENGINES if importlib.util.find_spec(e) is not None]
 
 
 def versions() -> dict[str, str]:
@@ -34,7 +34,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-DTYPES = {"ort": (torch.float32,), "openvino": (torch.float32, torch.bfloat16)}
+DTYPES = {"ort": (torch.float32,), "openvino": (torch.float32, torch.bfloat16)}  # provider -> what it computes in
 
 
 def runs(provider: str, dtype: torch.dtype) -> bool:
@@ -100,7 +100,8 @@ def _openvino(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Ca
     try:  # OpenVINO reads ONEDNN_MAX_CPU_ISA too: capped below its bf16 ISA, its bf16 kernels fail here
         request.infer({0: feed})
     except RuntimeError as e:
-        raise RuntimeError(f"openvino: no {precision} inference on this CPU ({(str(e).strip().splitlines() or [type(e).__name__])[-1]})") from e
+        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RuntimeError(f"openvino: no {precision} inference on this CPU ({last_line})") from e
     return lambda: request.infer({0: feed})[compiled.output(0)]
 
 

@@ -104,7 +104,7 @@ def run(names, batches, resolution: int, dtypes, device: torch.device, compile_m
 
 
 def _providers_in(dtype: torch.dtype, names: list[str]) -> list[str]:
-    return [p for p in names if p not in anchors.ENGINE_PROVIDERS.values() or anchors.runs(p, dtype)]
+    return [p for p in names if p not in anchors.DTYPES or anchors.runs(p, dtype)]
 
 
 def count(names, batches, dtypes, device, compile_modes) -> int:
