@@ -1,7 +1,7 @@
-// A CPU memory arena for the fused layers' inference outputs: blocks freed by tensors allocated inside
-// an arena scope are kept (up to a cap) and handed out again to allocations of the same size, so a
-// repeated forward pass writes into memory that is already mapped instead of page-faulting fresh pages
-// (what ONNX Runtime's arena does). Installed as the process's CPU allocator, it passes every allocation
+// A CPU memory arena for the fused layers' outputs, and in training for what their stages save for the backward:
+// blocks freed by tensors allocated inside an arena scope are kept (up to a cap) and handed out again to allocations
+// of the same size, so a repeated forward pass writes into memory that is already mapped instead of page-faulting
+// fresh pages (what ONNX Runtime's arena does). Installed as the process's CPU allocator, it passes every allocation
 // made outside a scope straight to the allocator it replaced; scopes are per thread
 // (resnet_fused._C.cpu_arena_enter / cpu_arena_exit, from resnet_fused.ops.arena).
 #include <c10/core/Allocator.h>

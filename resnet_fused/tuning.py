@@ -49,7 +49,7 @@ from resnet_fused import backends
 from resnet_fused.activations import Activation
 from resnet_fused.backends import RULES, Variant
 from resnet_fused._layout import memory_format
-from resnet_fused.ops import cudnn
+from resnet_fused.ops import arena, cudnn
 
 logger = logging.getLogger("resnet_fused")
 
@@ -270,8 +270,9 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
 
 
 def _call(layer: nn.Module, c: Candidate, x: torch.Tensor, extra: tuple) -> torch.Tensor:
-    if c.backend is None:
-        return layer._run_eager(x, *extra)
+    if c.backend is None:  # on the CPU in the arena, as a fused plan runs (timed as it runs in a model)
+        with arena.scope(x):
+            return layer._run_eager(x, *extra)
     if torch.compiler.is_compiling():  # a context variable cannot be set while tracing: the backend's rules
         return layer._run_fused(x, c.backend, *extra)
     with backends.use_variant(c.variant):  # the layer's plan for this candidate (resnet_fused/nn/plan.py)

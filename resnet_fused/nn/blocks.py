@@ -16,7 +16,7 @@ import functools
 
 from resnet_fused import backends, tuning
 from resnet_fused.activations import Activation
-from resnet_fused.ops import arena, cudnn
+from resnet_fused.ops import cudnn
 from resnet_fused.nn import plan
 from resnet_fused.nn.batchnorm import is_plain_batchnorm, lowers_to_inductor
 from resnet_fused.nn.conv_bn import can_defer, conv_bn_defer_forward, conv_bn_forward, conv_bn_projection_forward, is_fusable_conv
@@ -97,15 +97,14 @@ class _FusedBlock(nn.Module):
             stages = [plan.Deferring(conv, bn) for conv, bn in pairs[:-1]] + [plan.Staged(*pairs[-1], _RELU)]
             projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
             identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
-            return plan.Chain(functools.partial(_run_deferred, stages, identity), [], None)
+            return plan.Chain(functools.partial(_run_deferred, stages, identity), [], plan.cpu_arena(x))
         if plan.folds(every_pair, torch.is_grad_enabled()):
             stages, projection = self._folded_stages(pairs, ds, module, x)
         else:
             stages = [plan.Staged(conv, bn, _RELU) for conv, bn in pairs]
             projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
         identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
-        pool = arena._arena() if x.device.type == "cpu" and isinstance(stages[0], plan.Folded) else None
-        return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], pool)
+        return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], plan.cpu_arena(x))
 
     def _folded_stages(self, pairs: list, ds, module, x: torch.Tensor) -> tuple[list, plan.Folded | None]:
         """Eval with BN folded: a Folded stage per pair; a projection's BN shift joins the last conv's bias."""

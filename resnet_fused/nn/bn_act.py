@@ -61,7 +61,8 @@ class _FusedBNActForward:
             return functools.partial(tuning.run, self)
         if plan.stage_backend(self, x, backend, ()) is None:
             return functools.partial(self._run_fused, backend=backend)
-        return functools.partial(plan.bn_stage, self, act)  # (the norm's semantics are nn.BatchNorm2d's)
+        # one bn_act_stage call (the norm's semantics are nn.BatchNorm2d's)
+        return plan.Chain(functools.partial(plan.bn_stage, self, act), [], plan.cpu_arena(x))
 
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         return bn_act_forward(self, x, self._activation(), backend=backend, process_group=self.process_group)

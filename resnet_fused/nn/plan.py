@@ -136,8 +136,14 @@ def conv_bn_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.
     if folds([pair], torch.is_grad_enabled()):
         stage = Folded(conv, bn, act, x.shape, x, residual is not None, cache=cache, name=name,
                        residual_grad=residual is not None and residual.requires_grad, pad=pad)
-        return Chain(stage, [stage], arena._arena() if x.device.type == "cpu" else None)
-    return Staged(conv, bn, act, pad)
+        return Chain(stage, [stage], cpu_arena(x))
+    return Chain(Staged(conv, bn, act, pad), [], cpu_arena(x))
+
+
+def cpu_arena(x: torch.Tensor):
+    """What a plan for x runs its stages in: on the CPU, resnet_fused._C with the memory arena installed (outputs, and
+    in training the tensors saved for the backward, in blocks earlier calls freed: ops/arena.py), else None."""
+    return arena._arena() if x.device.type == "cpu" else None
 
 
 def pad_channels(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -320,7 +326,7 @@ class Chain:
     def __call__(self, *args):
         if self.arena is None:
             return self.run(*args)
-        self.arena.cpu_arena_enter()  # CPU inference: outputs in memory the last call freed (ops/arena.py)
+        self.arena.cpu_arena_enter()  # CPU: outputs in memory the last call freed (ops/arena.py)
         try:
             return self.run(*args)
         finally:

@@ -8,7 +8,7 @@ functions that validate arguments, pick the backend and call them. One module pe
   conv_bn_act.py  conv_bn_act, conv_act, route()
   cudnn.py        CUDA inference: cuDNN conv + epilogue, cudnn_conv_add_relu
   onednn.py       CPU inference through oneDNN, weight prepacking
-  arena.py        CPU inference outputs in reused memory (csrc/cpu_arena.cpp)
+  arena.py        CPU outputs of the fused layers in reused memory (csrc/cpu_arena.cpp)
   triton.py       the Triton launchers as ops (resnet_fused::triton_*)
   kernels.py      each backend's kernel ops;  _bn_math.py: BN math;  _checks.py: argument checks;
                   _autocast.py: conv2d's autocast rule for the conv ops

@@ -1,9 +1,11 @@
-"""CPU inference outputs from a memory arena (csrc/cpu_arena.cpp): the blocks a fused layer's outputs
-lived in are kept when freed and reused for the same sizes in the next call, so a forward pass writes
-into memory already mapped instead of page-faulting fresh pages from the system (with glibc, a
-ResNet-50 forward at batch 8 spends about a sixth of its time there; ONNX Runtime's arena avoids it).
+"""CPU outputs of the fused layers from a memory arena (csrc/cpu_arena.cpp): the blocks a fused layer's
+outputs (in training also the tensors its stages save for the backward) lived in are kept when freed
+and reused for the same sizes in the next call, so a forward pass writes into memory already mapped
+instead of page-faulting fresh pages from the system. With glibc, a ResNet-50 forward at batch 8 spends
+about a sixth of its time there (ONNX Runtime's arena avoids it); in training the arena takes most of a
+step's page faults and system time away.
 
-The arena becomes the process's CPU allocator on the first fused CPU inference call and passes every
+The arena becomes the process's CPU allocator on the first fused CPU call and passes every
 allocation made outside ``scope()`` straight to the allocator it replaced; only the fused layers'
 own allocations are pooled. It keeps at most ``RESNET_FUSED_CPU_ARENA_MB`` (default 1024) of freed
 blocks; ``RESNET_FUSED_CPU_ARENA_MB=0`` leaves the allocator alone. ``empty_cache()`` returns them.

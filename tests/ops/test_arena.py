@@ -1,6 +1,7 @@
-"""The CPU arena (resnet_fused/ops/arena.py, csrc/cpu_arena.cpp): fused CPU inference reuses the memory
-its outputs freed, never a block still in use, without changing a value; nothing outside its scope is
-pooled; RESNET_FUSED_CPU_ARENA_MB=0 leaves the allocator alone."""
+"""The CPU arena (resnet_fused/ops/arena.py, csrc/cpu_arena.cpp): fused CPU layers, in inference and in
+training, reuse the memory their outputs (and saved tensors) freed, never a block still in use, without
+changing a value; nothing outside its scope is pooled; RESNET_FUSED_CPU_ARENA_MB=0 leaves the allocator
+alone."""
 
 import copy
 import os
@@ -11,6 +12,7 @@ import threading
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import resnet_fused
 from helpers import assert_within_eager_error, randomize_bn
@@ -20,9 +22,9 @@ from resnet_fused.ops import arena
 pytestmark = pytest.mark.skipif(not backends.has_extension(), reason="resnet_fused._C is not built")
 
 
-def _model():
+def _model(training: bool = False):
     torch.manual_seed(0)
-    block = randomize_bn(torchvision.models.resnet.Bottleneck(64, 16, downsample=None)).eval()
+    block = randomize_bn(torchvision.models.resnet.Bottleneck(64, 16, downsample=None)).train(training)
     return block.to(memory_format=torch.channels_last)
 
 
@@ -55,6 +57,61 @@ def test_live_outputs_are_never_reused():
     assert len({t.data_ptr() for t in kept}) == 4
     for got, want in zip(kept, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _training_step(model, x, grad):
+    """out and the gradients of x and of every parameter, for one forward + backward with grad_output `grad`."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(out, [x, *params], grad)
+    return [out.detach(), *grads]
+
+
+def _conv_bn_relu():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()))
+
+
+def _bn_relu():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()))
+
+
+@pytest.mark.parametrize("build", [lambda: _model(training=True), _conv_bn_relu, _bn_relu],
+                         ids=["bottleneck", "conv_bn_relu", "bn_relu"])
+def test_training_reuses_freed_blocks_and_keeps_its_values(build):
+    eager = build().train().to(memory_format=torch.channels_last)
+    fused = resnet_fused.fuse_(copy.deepcopy(eager), backend="cpu")
+    x = _input()
+    grad = torch.randn_like(eager(x))
+    arena.empty_cache()
+    first = [t.clone() for t in _training_step(fused, x, grad)]  # the graph and its saved tensors freed on return
+    cached = arena.cached_bytes()
+    assert cached > 0, "the training step's outputs and saved tensors were not pooled"
+    x2 = x.detach().requires_grad_()
+    out = fused(x2)  # the forward takes its blocks from the arena
+    assert arena.cached_bytes() < cached
+    second = [out.detach(), *torch.autograd.grad(out, [x2, *fused.parameters()], grad)]
+    for got, want in zip(second, first):
+        torch.testing.assert_close(got, want)
+    exact = _training_step(copy.deepcopy(eager).double(), x.double(), grad.double())
+    for i, (got, want, ref) in enumerate(zip(second, _training_step(copy.deepcopy(eager), x, grad), exact)):
+        assert_within_eager_error(got, want, ref, f"fused training block, arena, result {i}")
+
+
+def test_training_graphs_kept_alive_keep_their_saved_tensors():
+    """Four forward passes with their graphs alive at once, then their backward passes: a saved tensor in a
+    block still in use would have been overwritten by a later forward."""
+    fused = resnet_fused.fuse_(_model(training=True), backend="cpu")
+    inputs = [(_input() * (i + 1)).requires_grad_() for i in range(4)]
+    grads = [torch.randn_like(x) for x in inputs]
+    expected = [_training_step(copy.deepcopy(fused), x, g) for x, g in zip(inputs, grads)]
+    outs = [fused(x) for x in inputs]
+    for x, out, g, want in zip(inputs, outs, grads, expected):
+        got = [out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], g)]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
 
 
 def test_allocations_outside_a_scope_are_not_pooled():
