@@ -305,10 +305,10 @@ def _tune(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, key:
 def _margin(x: torch.Tensor, backward: bool) -> float:
     """How much faster than eager a fused candidate must be to be chosen. On a busy machine medians move
     by several percent between runs, and a coin-flip win would risk a layer slower than eager
-    (RESNET_FUSED_TUNING_MARGIN, default 5 %). Except CPU inference: there the fused outputs come from
-    the arena (resnet_fused/ops/arena.py), which an isolated timing cannot credit, as the eager
-    candidate's outputs reuse freed memory in a tight loop but page-fault inside a model (resnet50 at
-    batch 8: tuned with the margin 161-165 ms, where the rules, fused everywhere, ran 155)."""
+    (RESNET_FUSED_TUNING_MARGIN, default 5 %). Except CPU inference, measured when only the fused outputs
+    came from the arena (resnet_fused/ops/arena.py) and an eager layer's page-faulted inside a model:
+    resnet50 at batch 8 tuned with the margin ran 161-165 ms where the rules ran 155. The eager candidate
+    now runs in the arena too (_call); the rule stays until that is measured again."""
     if x.device.type == "cpu" and not backward:
         return 0.0
     return float(os.environ.get("RESNET_FUSED_TUNING_MARGIN", "0.05"))
