@@ -97,14 +97,14 @@ class _FusedBlock(nn.Module):
             stages = [plan.Deferring(conv, bn) for conv, bn in pairs[:-1]] + [plan.Staged(*pairs[-1], _RELU)]
             projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
             identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
-            return plan.Chain(functools.partial(_run_deferred, stages, identity), [], plan.cpu_arena(x))
+            return plan.Chain(functools.partial(_run_deferred, stages, identity), [], x)
         if plan.folds(every_pair, torch.is_grad_enabled()):
             stages, projection = self._folded_stages(pairs, ds, module, x)
         else:
             stages = [plan.Staged(conv, bn, _RELU) for conv, bn in pairs]
             projection = plan.Staged(ds[0], ds[1], _NONE) if ds is not None else None
         identity = None if not self.shortcut else next(f for f in (projection, module, _same) if f is not None)
-        return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], plan.cpu_arena(x))
+        return plan.Chain(functools.partial(_run_stages, stages, identity), stages + [projection], x)
 
     def _folded_stages(self, pairs: list, ds, module, x: torch.Tensor) -> tuple[list, plan.Folded | None]:
         """Eval with BN folded: a Folded stage per pair; a projection's BN shift joins the last conv's bias."""

@@ -62,7 +62,7 @@ class _FusedBNActForward:
         if plan.stage_backend(self, x, backend, ()) is None:
             return functools.partial(self._run_fused, backend=backend)
         # one bn_act_stage call (the norm's semantics are nn.BatchNorm2d's)
-        return plan.Chain(functools.partial(plan.bn_stage, self, act), [], plan.cpu_arena(x))
+        return plan.Chain(functools.partial(plan.bn_stage, self, act), [], x)
 
     def _run_fused(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         return bn_act_forward(self, x, self._activation(), backend=backend, process_group=self.process_group)

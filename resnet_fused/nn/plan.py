@@ -136,14 +136,8 @@ def conv_bn_plan(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Activation, x: torch.
     if folds([pair], torch.is_grad_enabled()):
         stage = Folded(conv, bn, act, x.shape, x, residual is not None, cache=cache, name=name,
                        residual_grad=residual is not None and residual.requires_grad, pad=pad)
-        return Chain(stage, [stage], cpu_arena(x))
-    return Chain(Staged(conv, bn, act, pad), [], cpu_arena(x))
-
-
-def cpu_arena(x: torch.Tensor):
-    """What a plan for x runs its stages in: on the CPU, resnet_fused._C with the memory arena installed (outputs, and
-    in training the tensors saved for the backward, in blocks earlier calls freed: ops/arena.py), else None."""
-    return arena._arena() if x.device.type == "cpu" else None
+        return Chain(stage, [stage], x)
+    return Chain(Staged(conv, bn, act, pad), [], x)
 
 
 def pad_channels(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -313,12 +307,15 @@ def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, 
 
 
 class Chain:
-    """A layer's plan: its stages run in order, `valid` while every folded stage is."""
+    """A layer's plan for inputs like x: its stages run in order, `valid` while every folded stage is. On the CPU they
+    run in the memory arena (outputs, and in training the tensors saved for the backward, in blocks earlier calls
+    freed: ops/arena.py)."""
 
     __slots__ = ("run", "stages", "arena")
 
-    def __init__(self, run: Callable, stages: list, arena):
-        self.run, self.stages, self.arena = run, [s for s in stages if isinstance(s, Folded)], arena
+    def __init__(self, run: Callable, stages: list, x: torch.Tensor):
+        self.run, self.stages = run, [s for s in stages if isinstance(s, Folded)]
+        self.arena = arena._arena() if x.device.type == "cpu" else None  # resnet_fused._C with the arena installed
 
     def valid(self) -> bool:
         return all(s.valid() for s in self.stages)
