@@ -59,13 +59,15 @@ def test_live_outputs_are_never_reused():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def _results(model, x, out, grad):
+    """out and the gradients of x and of every parameter of model, out's backward taken with grad_output `grad`."""
+    return [out.detach(), *torch.autograd.grad(out, [x, *model.parameters()], grad)]
+
+
 def _training_step(model, x, grad):
-    """out and the gradients of x and of every parameter, for one forward + backward with grad_output `grad`."""
+    """_results of one forward + backward of model on x."""
     x = x.detach().requires_grad_()
-    out = model(x)
-    params = list(model.parameters())
-    grads = torch.autograd.grad(out, [x, *params], grad)
-    return [out.detach(), *grads]
+    return _results(model, x, model(x), grad)
 
 
 def _conv_bn_relu():
@@ -92,7 +94,7 @@ def test_training_reuses_freed_blocks_and_keeps_its_values(build):
     x2 = x.detach().requires_grad_()
     out = fused(x2)  # the forward takes its blocks from the arena
     assert arena.cached_bytes() < cached
-    second = [out.detach(), *torch.autograd.grad(out, [x2, *fused.parameters()], grad)]
+    second = _results(fused, x2, out, grad)
     for got, want in zip(second, first):
         torch.testing.assert_close(got, want)
     exact = _training_step(copy.deepcopy(eager).double(), x.double(), grad.double())
@@ -109,8 +111,7 @@ def test_training_graphs_kept_alive_keep_their_saved_tensors():
     expected = [_training_step(copy.deepcopy(fused), x, g) for x, g in zip(inputs, grads)]
     outs = [fused(x) for x in inputs]
     for x, out, g, want in zip(inputs, outs, grads, expected):
-        got = [out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], g)]
-        for a, b in zip(got, want):
+        for a, b in zip(_results(fused, x, out, g), want):
             torch.testing.assert_close(a, b)
 
 
