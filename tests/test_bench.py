@@ -12,11 +12,12 @@ import time
 import pytest
 import torch
 
-from resnet_fused import tuning
+from resnet_fused import backends, tuning
 from resnet_fused.bench import __main__ as bench
 from resnet_fused.bench import rows as bench_rows
 from resnet_fused.bench.convs import RESNET50_CONVS, ConvShape
-from resnet_fused.bench.ops import OpCase
+from resnet_fused.bench.ops import OpCase, _make_call
+from resnet_fused.ops import arena
 
 
 def test_bytes_moved_are_the_floor():
@@ -25,6 +26,21 @@ def test_bytes_moved_are_the_floor():
     assert OpCase("bn_act eval", shape, torch.bfloat16, False).bytes_moved() == 3 * 120 * 2
     # forward 3 + backward: read grad_out, x, out; write grad_x, grad_residual
     assert OpCase("bn_act train+bwd", shape, torch.float16, True).bytes_moved() == 8 * 120 * 2
+
+
+@pytest.mark.parametrize("name", ["bn_act eval", "bn_act train+bwd", "add_relu"])
+@pytest.mark.parametrize("provider", ["eager", "cpu"])
+def test_cpu_ops_are_timed_in_the_arena(name, provider):
+    """The ops suite times CPU kernels, not page faults: every provider's outputs (and in the backward its
+    gradients) come from the arena and go back to it when freed."""
+    if arena._arena() is None or (provider == "cpu" and not backends.available()["cpu"]):
+        pytest.skip("no arena or no cpu backend in this build")
+    case = OpCase(name, (2, 16, 32, 32), torch.float32, True)  # 128 KiB per activation, above the arena's minimum
+    call = _make_call(case, provider, torch.device("cpu"))
+    arena.empty_cache()
+    out = call()
+    del out
+    assert arena.cached_bytes() >= 2 * 16 * 32 * 32 * 4
 
 
 def test_conv_flops_and_shapes():
