@@ -59,8 +59,10 @@ def main() -> None:
            "Times are medians (CPU: ~50 ms blocks of each provider in alternating rounds, because the machine's",
            "speed drifts; GPU: CUDA events, inputs rotated past L2); `vs eager` is eager's median over this",
            "provider's, measured in the same run. The `ops` rows' copy rate is a copy measured in the same run",
-           "(CPU: `copy_` between preallocated buffers past the last-level cache, the ops' threads); the",
-           "`overhead` rows give host time per call at tiny sizes and the dispatched ops per step.", ""]
+           "(CPU: `copy_` between preallocated buffers on the ops' threads; since 2026-12-07 one activation's, timed",
+           "in the same alternating rounds as the ops, which run in the memory arena; before, once per run, past the",
+           "last-level cache, with fresh outputs). The `overhead` rows give host time per call at tiny sizes and the",
+           "dispatched ops per step.", ""]
     runs = sorted(HERE.glob("results/*/results.json"))
     if not runs:
         out.append("No runs committed yet.")
