@@ -148,17 +148,18 @@ struct Chunks {
   }
   int64_t first_channel(int64_t chunk) const { return g.channels_last ? 0 : g.channel_of_run(chunk / per_plane); }
   // f(chunk, c, slot) for every chunk covering each channel c in [c0, c1), each channel's chunks in a
-  // fixed order (deterministic sums); slot = chunk * width + (c - first channel). channels_last walks
-  // chunk by chunk, so that the partials of [c0, c1) are read as contiguous runs.
+  // fixed order (deterministic sums); slot = chunk * width + (c - first channel). Both layouts walk the
+  // chunks in memory order (channels_last: chunk by chunk; contiguous: image by image, the planes of
+  // [c0, c1) in turn), so that the partials of [c0, c1) are read as contiguous runs, not one per C.
   template <typename F>
   void for_each_chunk_of(int64_t c0, int64_t c1, const F& f) const {
     if (g.channels_last) {
       for (int64_t k = 0; k < count; ++k)
         for (int64_t c = c0; c < c1; ++c) f(k, c, k * width + c);
     } else {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t plane = c; plane < g.num_runs; plane += g.C)
-          for (int64_t s = 0; s < per_plane; ++s) f(plane * per_plane + s, c, plane * per_plane + s);
+      for (int64_t n = 0; n < g.num_runs / g.C; ++n)
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t s = 0, k = (n * g.C + c) * per_plane; s < per_plane; ++s, ++k) f(k, c, k);
     }
   }
 };
