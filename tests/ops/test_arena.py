@@ -120,12 +120,12 @@ def test_training_graphs_kept_alive_keep_their_saved_tensors():
 def test_channels_last_statistics_map_no_new_pages_in_the_arena(op):
     """The CPU statistics kernels keep per-chunk fp64 partials, chunks x C of them in channels_last (1.6 MB at
     16x256x56x56). They come from the tensor allocator, so a warm call in the arena reuses them; as std::vectors
-    they went back to glibc's system pool at each free and faulted in again, as glibc's trim heuristics had it (seen
+    glibc returned them to the system at each free (as its trim heuristics had it) and they faulted in again (seen
     for bn_stats: 752 page faults per call at this shape, 1536 and 1.7x the kernel's time at batch 32 on a 2-core
     VM; bn_act_backward_reduce's one vector of both sums stayed mapped there, and is checked for the same rule)."""
     torch.manual_seed(0)
     x = torch.randn(16, 256, 56, 56).contiguous(memory_format=torch.channels_last)
-    args = {"bn_stats": (x,), "bn_act_backward_reduce": (torch.randn_like(x), x, torch.randn(256), None)}[op]
+    args = (x,) if op == "bn_stats" else (torch.randn_like(x), x, torch.randn(256), None)
 
     def call():
         return getattr(torch.ops.resnet_fused, op)(*args)
