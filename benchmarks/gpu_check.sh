@@ -102,7 +102,9 @@ run_build() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$summary"
     $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' | tee -a "$summary"
     nvcc --version | tail -1 | tee -a "$summary"
-    { c++ --version | head -1; env | grep -E "^(TORCH|CUDA|NCCL|OMP)_" ; } 2>&1 | tee -a "$summary"
+    # the compiler the build takes (torch's cpp_extension: $CXX, else c++), the kernel (gVisor says 4.4.0), glibc
+    { echo "CXX=${CXX:-(unset: c++)}"; ${CXX:-c++} --version | head -1; echo "kernel $(uname -r), $(ldd --version | head -1)"
+      env | grep -E "^(TORCH|CUDA|NCCL|OMP)_" ; } 2>&1 | tee -a "$summary"
     local arch t0=$SECONDS
     arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     # the visible GPU's architecture only; all cores

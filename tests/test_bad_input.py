@@ -1,6 +1,7 @@
 """Bad input raises an error that names the problem, at the public functions and at the C++ ops."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -107,8 +108,11 @@ OPS = torch.ops.resnet_fused
 def _x(*shape, dtype=torch.float32):
     return torch.randn(shape or (2, 4, 3, 3)).to(dtype)
 torch.set_num_threads(16)
-# first an aten error (its C++ exception unwinds through torch's frames only), then ours
-for call, message in [("torch.zeros(2) + torch.zeros(3)", "must match")] + %r:
+# first an aten error (its C++ exception unwinds through torch's frames only), then the dispatcher's error for one
+# of our ops (thrown in torch's frames, before any of ours run), then ours (unwinding through this extension's frames)
+THEIRS = [("torch.zeros(2) + torch.zeros(3)", "must match"),
+          ("OPS.cudnn_conv_add_relu(_x(), _x(3, 4, 3, 3), None, _x(), [1, 1], [1, 1], [1, 1], 1)", "'CPU' backend")]
+for call, message in THEIRS + %r:
     print(call, flush=True)
     try:
         eval(call)
@@ -142,7 +146,23 @@ def test_cpp_op_errors_in_a_fresh_process():
                        *cmd]
             gdb = subprocess.run(gdb_cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
             report += "\n--- gdb ---\n" + gdb.stdout[-12000:]
-    pytest.fail(f"{report}\n--- calls ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}")
+    pytest.fail(f"{report}\n--- runtime ---\n{_runtime_report()}\n--- calls ---\n{result.stdout[-4000:]}\n"
+                f"--- stderr ---\n{result.stderr[-8000:]}")
+
+
+def _runtime_report() -> str:
+    """What a crash in C++ exception handling depends on, read off this process (which loaded the same libraries
+    as the child): the kernel (gVisor reports 4.4.0), glibc, the C++ runtime and unwinder libraries mapped, the
+    compiler the build took (CXX), and whether x86 shadow stacks (CET) are on for this thread."""
+    with open("/proc/self/maps") as maps:
+        runtime = sorted({line.split()[-1] for line in maps if re.search(r"lib(stdc\+\+|gcc_s|gomp|unwind)[^/]*$", line)})
+    try:
+        with open("/proc/self/status") as status:
+            cet = [line.strip() for line in status if line.startswith("x86_Thread_features")]
+    except OSError:
+        cet = []
+    return "\n".join([f"kernel {os.uname().release}", f"glibc {os.confstr('CS_GNU_LIBC_VERSION')}",
+                      f"CXX={os.environ.get('CXX', '(unset: c++)')}", *runtime, *(cet or ["x86_Thread_features: (not reported)"])])
 
 
 def test_cudnn_conv_add_relu_rejects_cpu_tensors():
@@ -153,3 +173,9 @@ def test_cudnn_conv_add_relu_rejects_cpu_tensors():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             with pytest.raises(NotImplementedError, match=r"resnet_fused::cudnn_conv_add_relu.*'CPU' backend"):
                 torch.ops.resnet_fused.cudnn_conv_add_relu(x, w, None, r, [1, 1], [1, 1], [1, 1], 1)
+
+
+def test_runtime_report_names_the_cpp_runtime():
+    """The fresh-process test's crash report (read only when it fails) names the C++ runtime this process loaded."""
+    report = _runtime_report()
+    assert re.search(r"libstdc\+\+\.so", report) and "kernel " in report and "glibc" in report, report
