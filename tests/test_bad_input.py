@@ -162,7 +162,26 @@ def _runtime_report() -> str:
     except OSError:
         cet = []
     return "\n".join([f"kernel {os.uname().release}", f"glibc {os.confstr('CS_GNU_LIBC_VERSION')}",
-                      f"CXX={os.environ.get('CXX', '(unset: c++)')}", *runtime, *(cet or ["x86_Thread_features: (not reported)"])])
+                      f"CXX={os.environ.get('CXX', '(unset: c++)')}", *_built_by(), *runtime,
+                      *(cet or ["x86_Thread_features: (not reported)"])])
+
+
+def _built_by() -> list[str]:
+    """The compilers that built this extension's modules and torch's libc10 (their ELF .comment), by readelf."""
+    import resnet_fused
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return ["built by: (no readelf)"]
+    package = os.path.dirname(resnet_fused.__file__)
+    libs = sorted(os.path.join(package, f) for f in os.listdir(package) if f.endswith(".so"))
+    libs.append(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    lines = []
+    for lib in libs:
+        dump = subprocess.run([readelf, "-p", ".comment", lib], capture_output=True, text=True).stdout
+        compilers = sorted(set(re.findall(r"\]\s+(.+)", dump)))
+        lines.append(f"{os.path.basename(lib)} built by: {'; '.join(compilers) or '(no .comment)'}")
+    return lines
 
 
 def test_cudnn_conv_add_relu_rejects_cpu_tensors():
@@ -179,3 +198,4 @@ def test_runtime_report_names_the_cpp_runtime():
     """The fresh-process test's crash report (read only when it fails) names the C++ runtime this process loaded."""
     report = _runtime_report()
     assert re.search(r"libstdc\+\+\.so", report) and "kernel " in report and "glibc" in report, report
+    assert re.search(r"libc10\.so built by: (GCC|\(no readelf\))", report), report
