@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import resnet_fused
 from resnet_fused import backends, functional
 
 OPS = torch.ops.resnet_fused
@@ -168,8 +169,6 @@ def _runtime_report() -> str:
 
 def _built_by() -> list[str]:
     """The compilers that built this extension's modules and torch's libc10 (their ELF .comment), by readelf."""
-    import resnet_fused
-
     readelf = shutil.which("readelf")
     if readelf is None:
         return ["built by: (no readelf)"]

@@ -1,6 +1,7 @@
 """bn_stats and bn_act_backward_reduce at 32x256x56x56 fp32, both layouts, in the CPU arena; x.sum() beside
-them as the one-read floor. Interleaved rounds; medians in ms. The build under test comes from PYTHONPATH."""
-import json, statistics, sys, time
+them as the one-read floor. Interleaved rounds, the first 2 untimed; each
+call's median and minimum in ms. The build under test comes from PYTHONPATH."""
+import json, statistics, time
 import torch
 import resnet_fused
 from resnet_fused.ops import arena
@@ -26,5 +27,6 @@ for layout in ("nchw", "nhwc"):
                 t = time.perf_counter(); f(x); dt = time.perf_counter() - t
             if r >= 2: times[k].append(1e3 * dt)
     for k, v in times.items():
-        out[f"{layout} {k}"] = round(statistics.median(v), 2); out[f"{layout} {k} min"] = round(min(v), 2)
+        out[f"{layout} {k}"] = round(statistics.median(v), 2)
+        out[f"{layout} {k} min"] = round(min(v), 2)
 print(json.dumps(out))
