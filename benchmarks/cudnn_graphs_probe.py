@@ -6,7 +6,8 @@ cudnn-frontend graphs below and reports supported / unsupported with cuDNN's rea
 
   conv+genstats          Y = conv(X), (sum Y, sum Y^2) per channel in the epilogue
   bnrelu+conv+genstats   Y = conv(relu(X * scale + bias)), the same statistics (the previous BN + ReLU on load;
-                         not for the stem, whose input is the image)
+                         not for the stem, whose input is the image); scale and bias in the io dtype
+  bnrelu32+conv+genstats the same with fp32 scale and bias (the form csrc/cudnn/graphs.cpp tries first)
   conv+reduce            conv+genstats with the statistics taken by two reduction nodes, sum Y and sum Y * Y to
   bnrelu+conv+reduce     (1, K, 1, 1) (the generic runtime-fusion engine; csrc/cudnn/graphs.cpp tries these where
                          genstats has no engine: bf16 on Hopper)
@@ -29,7 +30,7 @@ import time
 import torch
 import torchvision
 
-PATTERNS = ("conv+genstats", "bnrelu+conv+genstats", "conv+reduce", "bnrelu+conv+reduce")
+PATTERNS = ("conv+genstats", "bnrelu+conv+genstats", "bnrelu32+conv+genstats", "conv+reduce", "bnrelu+conv+reduce")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,8 +75,9 @@ class Probe:
         cl = torch.channels_last
         self.x = torch.randn(batch, c["cin"], *c["hw"], device="cuda", dtype=dtype).contiguous(memory_format=cl)
         self.w = (torch.randn(c["cout"], c["cin"], *c["kernel"], device="cuda", dtype=dtype) * 0.05).contiguous(memory_format=cl)
-        self.scale = (torch.rand(1, c["cin"], 1, 1, device="cuda", dtype=dtype) + 0.5).contiguous(memory_format=cl)
-        self.bias = (torch.randn(1, c["cin"], 1, 1, device="cuda", dtype=dtype) * 0.1).contiguous(memory_format=cl)
+        coeff = torch.float32 if pattern.startswith("bnrelu32+") else dtype  # scale and bias
+        self.scale = (torch.rand(1, c["cin"], 1, 1, device="cuda", dtype=coeff) + 0.5).contiguous(memory_format=cl)
+        self.bias = (torch.randn(1, c["cin"], 1, 1, device="cuda", dtype=coeff) * 0.1).contiguous(memory_format=cl)
         out_hw = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(c["hw"], c["padding"], c["kernel"], c["stride"])]
         self.y = torch.empty(batch, c["cout"], *out_hw, device="cuda", dtype=dtype).contiguous(memory_format=cl)
         self.sum = torch.empty(1, c["cout"], 1, 1, device="cuda", dtype=torch.float32).contiguous(memory_format=cl)
@@ -99,9 +101,10 @@ class Probe:
         W = g.tensor(name="W", dim=self.w.size(), stride=self.w.stride(), data_type=io)
         self.tensors = {X: self.x, W: self.w}
         image = X
-        if self.pattern.startswith("bnrelu+"):
-            S = g.tensor(name="S", dim=self.scale.size(), stride=self.scale.stride(), data_type=io)
-            B = g.tensor(name="B", dim=self.bias.size(), stride=self.bias.stride(), data_type=io)
+        if self.pattern.startswith("bnrelu"):
+            coeff = cudnn.data_type.FLOAT if self.scale.dtype == torch.float32 else io
+            S = g.tensor(name="S", dim=self.scale.size(), stride=self.scale.stride(), data_type=coeff)
+            B = g.tensor(name="B", dim=self.bias.size(), stride=self.bias.stride(), data_type=coeff)
             self.tensors.update({S: self.scale, B: self.bias})
             image = g.relu(name="relu", input=g.bias(name="bias", input=g.scale(name="scale", input=X, scale=S), bias=B))
         Y = g.conv_fprop(image=image, weight=W, padding=list(c["padding"]), stride=list(c["stride"]), dilation=[1, 1])
@@ -131,7 +134,7 @@ class Probe:
     def run_today(self):
         """What the cuda backend runs for the same result today: (bn_act_apply,) aten's conv, bn_stats."""
         x = self.x
-        if self.pattern.startswith("bnrelu+"):
+        if self.pattern.startswith("bnrelu"):
             x = torch.ops.resnet_fused.bn_act_apply(x, self.scale.view(-1).float(), self.bias.view(-1).float(), None, "relu", 0.0)
         c = self.c
         y = torch.nn.functional.conv2d(x, self.w, None, c["stride"], c["padding"])
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
         for dname in dtypes:
             dtype = DTYPES[dname]
             for pattern in patterns:
-                if pattern.startswith("bnrelu+") and c["image"]:
+                if pattern.startswith("bnrelu") and c["image"]:
                     continue  # the stem's input is the image: no BN before it
                 p = Probe(cudnn, handle, c, args.batch, dtype, pattern)
                 total += 1

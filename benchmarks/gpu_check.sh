@@ -36,7 +36,9 @@
 # log, appended), junit.xml, results-<part>.json, rows.jsonl (the last part's rows).
 # Environment: PYTHON (default python3), TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage or part),
 # CHECK_BUDGET (seconds for the check stage, build included), BENCH_MARGIN (default 60), PYTEST_WORKERS
-# (default 8), BENCH_ARGS (extra bench arguments).
+# (default 8), BENCH_ARGS (extra bench arguments), PREBUILT=0 (build here even where prebuilt/ fits).
+# prebuilt/ (benchmarks/prebuild_gpu.sh, run on a CPU machine beforehand and carried) replaces the build where its
+# MANIFEST matches this machine's torch, Python, GPU architecture and this tree's sources.
 set -uo pipefail
 
 MAX_FILES=8 MAX_BYTES=$((15 * 1024 * 1024))
@@ -79,6 +81,7 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree's package, installed (-e) or with prebuilt/'s modules
 summary="$out/summary.txt" log="$out/gpu_check.log"
 note() { echo "$*" | tee -a "$summary"; }
 section() { note "== $* $(date -u +%FT%TZ)"; echo "==== $* $(date -u +%FT%TZ)" >>"$log"; }
@@ -96,6 +99,16 @@ install_frontend() {
     fi
 }
 
+# prebuilt/ (benchmarks/prebuild_gpu.sh, carried with the tree) fits this machine and tree (benchmarks/prebuilt.py);
+# says why not where it does not (PREBUILT=0: never used)
+prebuilt_fits() {  # arch
+    [[ ${PREBUILT:-1} != 0 && -d prebuilt ]] || return 1
+    local why
+    why=$($PY benchmarks/prebuilt.py check prebuilt --arch "$1") && return 0
+    note "prebuilt/ not used: $why"
+    return 1
+}
+
 run_build() {
     section build
     install_frontend
@@ -105,12 +118,18 @@ run_build() {
     # the compiler the build takes (torch's cpp_extension: $CXX, else c++), the kernel (gVisor says 4.4.0), glibc
     { echo "CXX=${CXX:-(unset: c++)}"; ${CXX:-c++} --version | head -1; echo "kernel $(uname -r), $(ldd --version | head -1)"
       env | grep -E "^(TORCH|CUDA|NCCL|OMP)_" ; } 2>&1 | tee -a "$summary"
-    local arch t0=$SECONDS
+    local arch t0=$SECONDS rc
     arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-    # the visible GPU's architecture only; all cores
-    TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$log" 2>&1
-    local rc=$?
-    note "build (arch $arch): rc=$rc in $((SECONDS - t0)) s"
+    if prebuilt_fits "$arch"; then
+        cp prebuilt/*.so resnet_fused/  # the package is then imported from this tree (PYTHONPATH above), not installed
+        rc=0
+        note "build: prebuilt/ used (benchmarks/prebuild_gpu.sh): $(grep -E '^(commit|compiler|built)=' prebuilt/MANIFEST | tr '\n' ' ')"
+    else
+        # the visible GPU's architecture only; all cores
+        TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$log" 2>&1
+        rc=$?
+        note "build (arch $arch): rc=$rc in $((SECONDS - t0)) s"
+    fi
     $PY -c 'from resnet_fused import backends; from resnet_fused.ops import cudnn; print("backends:", backends.available(), "extension has CUDA:", backends.extension_has_cuda(), "cuDNN graphs:", cudnn.graphs_built())' 2>&1 | tee -a "$summary"
     return $rc
 }

@@ -163,7 +163,8 @@ Tensor conv_act_stage(const Tensor& input, const Tensor& weight, const OptTensor
   if (fused_conv && !wants_grad) {
     if (input.is_cpu()) return onednn_conv_act(input, weight, bias, residual, stride, padding, dilation, groups, a, alpha);
     RF_CHECK(input.is_cuda(), op, "fused_conv runs oneDNN on the CPU or cuDNN on CUDA; got ", input.device(), " tensors");
-    if (a == Act::Relu && residual.has_value()) {
+    // aten's add_relu graph takes the bias as given: only in the input's dtype (the cuDNN graph converts any other)
+    if (a == Act::Relu && residual.has_value() && (!bias.has_value() || bias->scalar_type() == input.scalar_type())) {
       return at::cudnn_convolution_add_relu(input, weight, *residual, at::Scalar(1.0), bias, stride, padding, dilation, groups);
     }
     if (auto y = conv_act_graph(input, weight, bias, residual, stride, padding, dilation, groups, a, alpha)) return *y;

@@ -165,3 +165,56 @@ def test_cudnn_graphs_probe_covers_the_resnet_convs():
 def test_cudnn_graphs_probe_without_gpu_says_so(capsys):
     assert _probe().main([]) == 3
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def _prebuilt():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prebuilt", SCRIPT.parent / "prebuilt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(root: pathlib.Path) -> pathlib.Path:
+    (root / "csrc" / "cuda").mkdir(parents=True)
+    (root / "csrc" / "ops.cpp").write_text("// schemas\n")
+    (root / "csrc" / "cuda" / "k.cu").write_text("// kernel\n")
+    (root / "setup.py").write_text("# build\n")
+    return root
+
+
+def test_prebuilt_manifest_fits_only_the_tree_and_machine_it_was_built_for(tmp_path, capsys):
+    """prebuilt/MANIFEST (benchmarks/prebuild_gpu.sh) is used by gpu_check.sh only where the torch, Python ABI, CUDA
+    architecture and sources match: a changed source, a renamed file or another architecture each refuse it, saying why."""
+    prebuilt = _prebuilt()
+    root, out = _tree(tmp_path / "tree"), tmp_path / "prebuilt"
+    out.mkdir()
+    assert prebuilt.main(["check", str(out), "--arch", "9.0", "--root", str(root)]) == 1
+    assert "no " in capsys.readouterr().out
+    assert prebuilt.main(["write", str(out), "--arch", "9.0", "--root", str(root), "--commit", "abc"]) == 0
+    capsys.readouterr()
+    assert prebuilt.main(["check", str(out), "--arch", "9.0", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == "fits"
+
+    assert prebuilt.main(["check", str(out), "--arch", "10.0", "--root", str(root)]) == 1
+    assert "arch is 10.0 here, 9.0 in prebuilt/MANIFEST" in capsys.readouterr().out
+    before = prebuilt.source_hash(root)
+    (root / "csrc" / "cuda" / "k.cu").write_text("// kernel, edited\n")
+    assert prebuilt.main(["check", str(out), "--arch", "9.0", "--root", str(root)]) == 1
+    assert "sources is" in capsys.readouterr().out
+    (root / "csrc" / "cuda" / "k.cu").write_text("// kernel\n")
+    assert prebuilt.source_hash(root) == before
+    (root / "csrc" / "cuda" / "k.cu").rename(root / "csrc" / "cuda" / "k2.cu")  # same bytes, another name
+    assert prebuilt.source_hash(root) != before
+    manifest = prebuilt.read(out / "MANIFEST")
+    assert prebuilt.mismatches(manifest, {**manifest, "torch": "0.0"}) == ["torch is 0.0 here, " + manifest["torch"] +
+                                                                           " in prebuilt/MANIFEST"]
+
+
+def test_gpu_check_calls_prebuilt_as_it_parses():
+    """The check gpu_check.sh runs before using prebuilt/ is one prebuilt.py accepts, and prebuild_gpu.sh's write too."""
+    text = SCRIPT.read_text()
+    assert "benchmarks/prebuilt.py check prebuilt --arch" in text
+    assert "benchmarks/prebuilt.py write prebuilt --arch" in (SCRIPT.parent / "prebuild_gpu.sh").read_text()
+    assert "prebuilt/" in (SCRIPT.parent.parent / ".gitignore").read_text().split()

@@ -1,5 +1,5 @@
 // The per-channel finalize of cuDNN's genstats: (sum y, sum y^2) over the M = N H W values of each channel ->
-// (mean, biased var), one thread per channel, fp64 math: mean = sum / M, var = max(sum_sq / M - mean^2, 0).
+// (mean, biased var), one thread per channel, fp64 math: mean = sum / M, var = max(sum_sq / M - mean^2, 0) (NaN kept).
 #include "genstats_finalize.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -15,7 +15,8 @@ __global__ void __launch_bounds__(gpu::kThreads)
   if (c >= C) return;
   const double m = sum[c] / count;
   mean[c] = static_cast<float>(m);
-  var[c] = static_cast<float>(fmax(sum_sq[c] / count - m * m, 0.0));
+  const double v = sum_sq[c] / count - m * m;
+  var[c] = static_cast<float>(v != v ? v : fmax(v, 0.0));  // NaN passes (as bn_stats'), rounding's negatives clamp
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <ATen/cuda/Exceptions.h>
 #include <ATen/cudnn/Handle.h>
 #include <ATen/native/ConvUtils.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/StringUtil.h>
 #include <c10/util/bit_cast.h>
@@ -377,6 +378,9 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
   auto g = std::make_shared<Graph>();
   g->key = key;
   if (c.failed.count(sig)) return c.graphs.emplace(std::move(key), std::move(g)).first->second;
+  // no build while a CUDA graph captures (it may compile and allocate): this call runs its passes, nothing is cached,
+  // and the first call outside a capture builds it (a captured step's warm-up run, as CUDA graphs want, does)
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return g;
   const auto tries = forms(p, x.scalar_type(), epilogue);
   const bool several = tries.size() > 1;
   std::string reason;
@@ -421,9 +425,17 @@ bool nonempty(at::IntArrayRef shape) {
   return std::all_of(shape.begin(), shape.end(), [](int64_t d) { return d > 0; });
 }
 
-// Whether a graph may run this call: the graphs on, a nonempty output, a signature graphs take (cheap: before a guard)
+// cuDNN as torch's switches allow it: enabled, and no deterministic algorithms asked for (genstats and the reduction
+// nodes sum across thread blocks in no fixed order; the passes' aten conv and bn_stats follow the switches)
+bool cudnn_switches_allow() {
+  const at::Context& ctx = at::globalContext();
+  return ctx.userEnabledCuDNN() && !ctx.deterministicCuDNN() && !ctx.deterministicAlgorithms();
+}
+
+// Whether a graph may run this call: the graphs on, torch's cuDNN switches, a nonempty output, a signature graphs take
+// (cheap: before a guard)
 bool graph_may_run(const Tensor& x, const Tensor& w, at::IntArrayRef y_shape) {
-  return cudnn_graphs_enabled() && nonempty(y_shape) && graph_applies(x, w);
+  return cudnn_graphs_enabled() && cudnn_switches_allow() && nonempty(y_shape) && graph_applies(x, w);
 }
 
 // The graph this call runs where graph_may_run, or null where cuDNN has no engine for the signature; handle: the

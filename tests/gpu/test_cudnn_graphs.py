@@ -194,6 +194,43 @@ def test_conv_genstats_fallbacks(graphs_on):
         _stats_close(mean, var, y, "fallback")
 
 
+def test_conv_genstats_follows_torch_cudnn_switches(graphs_on):
+    """cuDNN disabled, or deterministic algorithms asked for (genstats sums across thread blocks in no fixed order): no
+    graph is tried (nothing reported) and the passes run, deterministic: two calls give the same bits."""
+    x = activation((4, 32, 10, 10), torch.float16, CL, "cuda")
+    w = (torch.randn(32, 32, 3, 3, device="cuda") / 17).half().contiguous(memory_format=CL)
+    for switches in (lambda: torch.backends.cudnn.flags(enabled=False),
+                     lambda: torch.backends.cudnn.flags(enabled=True, deterministic=True)):
+        before = len(cudnn.graph_report())
+        with switches():
+            first, second = (OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1]) for _ in range(2))
+        assert _report_of(before) == []
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        _stats_close(first[1], first[2], first[0], "switches")
+
+
+def test_conv_genstats_first_seen_under_capture_runs_the_passes(graphs_on):
+    """A signature first seen while a CUDA graph captures is not built then (a build may compile and allocate): the
+    captured call runs the passes (aten's conv, warmed up before, and bn_stats), nothing is cached or reported, and the
+    first call outside the capture builds the graph."""
+    x = activation((4, 48, 12, 12), torch.float16, CL, "cuda")
+    w = (torch.randn(48, 48, 3, 3, device="cuda") / 20).half().contiguous(memory_format=CL)
+    with cudnn.graphs(False):
+        want = OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1])  # aten's conv warmed up at this shape
+    before = len(cudnn.graph_report())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _report_of(before) == []
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    OPS.conv_genstats(x, w, [1, 1], [1, 1], [1, 1])
+    assert len(_report_of(before)) == 1
+
+
 def test_conv_genstats_opcheck(graphs_on):
     x = activation((2, 16, 8, 8), torch.float16, CL, "cuda").requires_grad_()
     w = torch.randn(16, 16, 3, 3, device="cuda").half().contiguous(memory_format=CL).requires_grad_()
