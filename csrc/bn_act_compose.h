@@ -18,6 +18,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "activation.h"
 #include "bn_coeffs.h"
 #include "checks.h"
 
@@ -36,9 +37,18 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_batch(const Tensor& input, const OptTe
                                                 const OptTensor& running_mean, const OptTensor& running_var,
                                                 std::optional<double> momentum, const OptTensor& momentum_tensor,
                                                 const OptTensor& num_batches_tracked) {
-  RF_CHECK(batch_mean.has_value() == batch_var.has_value(), "bn_act_batch", "give both batch_mean and batch_var, or neither");
-  check_running(input, running_mean, running_var, momentum, momentum_tensor, num_batches_tracked, "bn_act_batch");
-  const int64_t C = input.dim() > 1 ? input.size(1) : 0;
+  // everything checked before the running statistics or the counter move
+  const char* op = "bn_act_batch";
+  check_activation(input, op, "input");
+  check_bn_vector(weight, input, op, "weight", "input");
+  check_bn_vector(bias, input, op, "bias", "input");
+  if (residual.has_value()) check_like(*residual, input, op, "residual", "input");
+  parse_act(act, op);
+  RF_CHECK(batch_mean.has_value() == batch_var.has_value(), op, "give both batch_mean and batch_var, or neither");
+  check_bn_vector(batch_mean, input, op, "batch_mean", "input");
+  check_bn_vector(batch_var, input, op, "batch_var", "input");
+  check_running(input, running_mean, running_var, momentum, momentum_tensor, num_batches_tracked, op);
+  const int64_t C = input.size(1);
   const coeffs::Running running{running_mean, running_var, momentum, momentum_tensor, num_batches_tracked,
                                 C > 0 ? static_cast<double>(input.numel() / C) : 0.0};
   Tensor mean, var, scale, shift;

@@ -33,13 +33,20 @@ inline void check_channel_vector(const at::Tensor& v, const at::Tensor& ref, con
   RF_CHECK(v.device() == ref.device(), op, "`", name, "` is on ", v.device(), " but the activations are on ", ref.device());
 }
 
-// A BN parameter or statistic: None, or a floating (C,) vector, C = input's channels (`of` names input), on input's device.
+// The dtypes a per-channel vector is read (and a running statistic written) in: bn_coeffs.h's In / InOut
+inline bool is_vector_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A BN parameter or statistic: None, or a float32 / float64 / float16 / bfloat16 (C,) vector, C = input's channels
+// (`of` names input), on input's device.
 inline void check_bn_vector(const std::optional<at::Tensor>& v, const at::Tensor& input, const char* op, const char* name,
                             const char* of) {
   if (!v.has_value()) return;
   RF_CHECK(v->dim() == 1 && v->sym_numel() == input.sym_size(1), op, "expected `", name, "` of shape (", input.sym_size(1),
            "), one per channel of ", of, " ", input.sym_sizes(), ", got ", v->sym_sizes());
-  RF_CHECK(v->is_floating_point(), op, "expected `", name, "` to be floating point, got ", v->scalar_type());
+  RF_CHECK(is_vector_dtype(v->scalar_type()), op, "expected `", name, "` to be float32, float64, float16 or bfloat16, got ",
+           v->scalar_type());
   RF_CHECK(v->device() == input.device(), op, "`", name, "` is on ", v->device(), " but `", of, "` is on ", input.device());
 }
 
@@ -166,8 +173,7 @@ inline void check_coeff_vector(const at::Tensor& v, const at::Tensor& ref, const
                                const char* ref_name) {
   const auto t = v.scalar_type();
   RF_CHECK(v.dim() == 1, op, "expected `", name, "` to be a 1-D per-channel vector, got shape ", v.sizes());
-  RF_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, "expected `", name,
-           "` to be float32, float64, float16 or bfloat16, got ", t);
+  RF_CHECK(is_vector_dtype(t), op, "expected `", name, "` to be float32, float64, float16 or bfloat16, got ", t);
   RF_CHECK(v.numel() == ref.numel(), op, "`", name, "` has shape ", v.sizes(), " but `", ref_name, "` has shape ",
            ref.sizes());
   RF_CHECK(v.device() == ref.device(), op, "`", name, "` is on ", v.device(), " but `", ref_name, "` is on ", ref.device());
@@ -189,6 +195,15 @@ inline void check_one_value(const std::optional<at::Tensor>& t, const at::Device
            t->sym_sizes(), " on ", t->device());
 }
 
+// an optional momentum_tensor: one float32 / float64 / float16 / bfloat16 value on `device` (read as bn_coeffs.h's In)
+inline void check_momentum_tensor(const std::optional<at::Tensor>& t, const at::Device& device, const char* op) {
+  check_one_value(t, device, op, "momentum_tensor");
+  if (t.has_value()) {
+    RF_CHECK(is_vector_dtype(t->scalar_type()), op, "expected `momentum_tensor` to be float32, float64, float16 or bfloat16, got ",
+             t->scalar_type());
+  }
+}
+
 // a training stage's optional running statistics (bn_act_batch, bn_act_stage): per-channel vectors of input given
 // together, a momentum >= 0, one-value momentum_tensor and 0-dim num_batches_tracked on input's device
 inline void check_running(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
@@ -199,7 +214,7 @@ inline void check_running(const at::Tensor& input, const std::optional<at::Tenso
   check_bn_vector(running_var, input, op, "running_var", "input");
   RF_CHECK(running_mean.has_value() == running_var.has_value(), op, "give both running_mean and running_var, or neither");
   RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
-  check_one_value(momentum_tensor, input.device(), op, "momentum_tensor");
+  check_momentum_tensor(momentum_tensor, input.device(), op);
   if (num_batches_tracked.has_value()) {
     RF_CHECK(num_batches_tracked->dim() == 0 && num_batches_tracked->device() == input.device(), op,
              "expected `num_batches_tracked` to be a 0-dim tensor on ", input.device(), ", got shape ",
@@ -219,7 +234,7 @@ inline void check_bn_update_running(const at::Tensor& running_mean, const at::Te
   RF_CHECK(momentum_tensor.has_value() || momentum.has_value() || num_batches_tracked.has_value(), op,
            "give a momentum, a momentum_tensor or num_batches_tracked (momentum=None: 1 / num_batches_tracked)");
   RF_CHECK(!momentum.has_value() || *momentum >= 0.0, op, "expected momentum >= 0, got ", *momentum);
-  check_one_value(momentum_tensor, mean.device(), op, "momentum_tensor");
+  check_momentum_tensor(momentum_tensor, mean.device(), op);
   check_one_value(num_batches_tracked, mean.device(), op, "num_batches_tracked");
 }
 

@@ -46,6 +46,8 @@ def _stats(C=4):
         (lambda: functional.add_relu(_x(dtype=torch.int64), _x(dtype=torch.int64)), TypeError, r"floating point, got torch.int64"),
         (lambda: functional.add_relu(_x(), "x"), TypeError, r"`residual` must be a Tensor, got str"),
         (lambda: functional.bn_act(_x(), *_stats(), bias=[0.0] * 4), TypeError, r"`bias` must be a Tensor or None, got list"),
+        (lambda: functional.bn_act(_x(), *_stats(), weight=torch.ones(4, dtype=torch.float8_e4m3fn)), TypeError,
+         r"`weight` to be float32, float64, float16 or bfloat16, got torch.float8_e4m3fn"),
     ],
 )
 def test_public_functions_reject_bad_input(call, error, message):
@@ -91,6 +93,16 @@ CPP_BAD_CALLS = [
      r"got \[5, 3, 3, 3\]"),
     ("OPS.conv_genstats(_x(), torch.randn(5, 4, 3, 3, dtype=torch.float64), [1, 1], [1, 1], [1, 1])",
      r"conv_genstats: `weight` is Double on cpu but `input` is Float on cpu"),
+    # per-channel vectors in a dtype the kernels cannot read or write (a float8 running statistic would be written as fp32)
+    ("OPS.bn_act_batch(_x(), None, None, None, 1e-5, 'relu', 0.0, None, None, torch.zeros(4, dtype=torch.float8_e4m3fn), "
+     "torch.ones(4, dtype=torch.float8_e4m3fn), 0.1, None, None)",
+     r"bn_act_batch: expected `running_mean` to be float32, float64, float16 or bfloat16, got Float8_e4m3fn"),
+    ("OPS.bn_act_stage(_x(), torch.ones(4, dtype=torch.float8_e5m2), None, *_stats(), None, True, 0.1, None, 1e-5, 'relu', 0.0, None)",
+     r"bn_act_stage: expected `weight` to be float32, float64, float16 or bfloat16, got Float8_e5m2"),
+    ("OPS.bn_act_batch(_x(), None, None, None, 1e-5, 'relu', 0.0, None, None, *_stats(), None, torch.tensor(1), None)",
+     r"bn_act_batch: expected `momentum_tensor` to be float32, float64, float16 or bfloat16, got Long"),
+    ("OPS.bn_act_batch(_x(), None, None, None, 1e-5, 'relu', 0.0, torch.zeros(2), torch.ones(2), *_stats(), 0.1, None, None)",
+     r"bn_act_batch: expected `batch_mean` of shape \(4\), one per channel of input \[2, 4, 3, 3\], got \[2\]"),
 ]
 
 
@@ -99,7 +111,30 @@ CPP_BAD_CALLS = [
                                                             enumerate(CPP_BAD_CALLS)])
 def test_cpp_ops_reject_bad_input(call, message):
     with pytest.raises(RuntimeError, match=message):
-        eval(call, {"OPS": OPS, "torch": torch, "_x": _x})
+        eval(call, {"OPS": OPS, "torch": torch, "_x": _x, "_stats": _stats})
+
+
+@needs_extension
+@pytest.mark.parametrize("bad", ["batch_mean", "residual", "act", "running_dtype"])
+def test_training_stage_moves_no_state_before_its_checks_pass(bad):
+    """bn_act_batch rejects its input before the running statistics or num_batches_tracked move, and writes nothing
+    past a running statistic it cannot hold (the bytes beside a float8 view stay as they were)."""
+    x, C = _x(), 4
+    base_mean, base_var = torch.full((3 * C,), 0.25), torch.full((3 * C,), 2.0)
+    running_mean, running_var, counter = base_mean[C:2 * C], base_var[C:2 * C], torch.tensor(5)
+    if bad == "running_dtype":
+        base_mean, base_var = torch.full((3 * C,), 0.25).to(torch.float8_e4m3fn), torch.full((3 * C,), 2.0).to(torch.float8_e4m3fn)
+        running_mean, running_var = base_mean[C:2 * C], base_var[C:2 * C]
+    before = (base_mean.float().clone(), base_var.float().clone())
+    args = dict(residual=_x(2, 4, 3, 2) if bad == "residual" else None, act="swish" if bad == "act" else "relu",
+                batch_mean=torch.zeros(C - 1) if bad == "batch_mean" else None,
+                batch_var=torch.ones(C - 1) if bad == "batch_mean" else None)
+    with pytest.raises(RuntimeError, match={"batch_mean": "`batch_mean` of shape", "residual": "`residual` has shape",
+                                            "act": "unknown activation 'swish'", "running_dtype": "`running_mean` to be"}[bad]):
+        OPS.bn_act_batch(x, None, None, args["residual"], 1e-5, args["act"], 0.0, args["batch_mean"], args["batch_var"],
+                         running_mean, running_var, None, None, counter)
+    assert counter.item() == 5
+    assert torch.equal(base_mean.float(), before[0]) and torch.equal(base_var.float(), before[1])
 
 
 _CHILD = """
@@ -108,6 +143,8 @@ import resnet_fused
 OPS = torch.ops.resnet_fused
 def _x(*shape, dtype=torch.float32):
     return torch.randn(shape or (2, 4, 3, 3)).to(dtype)
+def _stats(C=4):
+    return torch.zeros(C), torch.ones(C)
 torch.set_num_threads(16)
 # first an aten error (its C++ exception unwinds through torch's frames only), then the dispatcher's error for one
 # of our ops (thrown in torch's frames, before any of ours run), then ours (unwinding through this extension's frames)

@@ -34,16 +34,20 @@ def check_matches(t: Tensor, shape, dtype: torch.dtype, device: torch.device, fn
         )
 
 
+# the dtypes a per-channel vector may have (what the C++ kernels read, csrc/checks.h is_vector_dtype)
+VECTOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def check_channel_vector(v: Tensor | None, channels: int, device: torch.device, fn: str, name: str, of: str) -> None:
-    """v is None or a float (channels,) vector on `device`; `of` names what has the channels."""
+    """v is None or a (channels,) vector of VECTOR_DTYPES on `device`; `of` names what has the channels."""
     if v is None:
         return
     if not isinstance(v, Tensor):
         raise TypeError(f"resnet_fused.{fn}: `{name}` must be a Tensor or None, got {type(v).__name__}")
     if v.dim() != 1 or v.numel() != channels:
         raise ValueError(f"resnet_fused.{fn}: expected `{name}` of shape ({channels},), one per channel of {of}, got {tuple(v.shape)}")
-    if not v.is_floating_point():
-        raise TypeError(f"resnet_fused.{fn}: expected `{name}` to be floating point, got {v.dtype}")
+    if v.dtype not in VECTOR_DTYPES:
+        raise TypeError(f"resnet_fused.{fn}: expected `{name}` to be float32, float64, float16 or bfloat16, got {v.dtype}")
     if v.device != device:
         raise ValueError(f"resnet_fused.{fn}: `{name}` is on {v.device} but `input` is on {device}")
 

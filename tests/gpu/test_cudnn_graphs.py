@@ -194,6 +194,27 @@ def test_conv_genstats_fallbacks(graphs_on):
         _stats_close(mean, var, y, "fallback")
 
 
+@pytest.mark.parametrize("offset", [3.0, 10.0], ids=["mean3sigma", "mean10sigma"])
+def test_conv_genstats_normalizes_channels_far_from_zero_mean(offset, graphs_on):
+    """genstats sums y and y^2 in fp32 and var = E[y^2] - mean^2 loses digits as mean^2 / var grows (a conv of
+    non-negative activations). What that costs where it matters, the BN output: y normalized with the graph's
+    statistics (bn_scale_shift, bn_act_apply: the block's path) against y normalized with float64 statistics of the
+    same y, within 2x eager's error (F.batch_norm of that y in fp16), channel means 3 and 10 standard deviations out."""
+    x = activation((32, 64, 28, 28), torch.float16, CL, "cuda", offset=offset)
+    w = (torch.eye(64, device="cuda") + torch.randn(64, 64, device="cuda") * 0.01).half().view(64, 64, 1, 1)
+    w = w.contiguous(memory_format=CL)
+    before = len(cudnn.graph_report())
+    y, mean, var = OPS.conv_genstats(x, w, [1, 1], [0, 0], [1, 1])
+    new = _report_of(before)
+    print(new, f"mean/std up to {(mean / var.sqrt()).abs().max().item():.1f}")
+    scale, shift = OPS.bn_scale_shift(mean, var, None, None, 1e-5)
+    got = OPS.bn_act_apply(y, scale, shift, None, "none", 0.0)
+    y64 = y.double()
+    exact = F.batch_norm(y64, None, None, None, None, True, 0.0, 1e-5)
+    eager = F.batch_norm(y, None, None, None, None, True, 0.0, 1e-5)
+    assert_within_eager_error(got, eager, exact, f"BN output, channel means {offset} sigma out")
+
+
 def test_conv_genstats_follows_torch_cudnn_switches(graphs_on):
     """cuDNN disabled, or deterministic algorithms asked for (genstats sums across thread blocks in no fixed order): no
     graph is tried (nothing reported) and the passes run, deterministic: two calls give the same bits."""

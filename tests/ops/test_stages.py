@@ -225,6 +225,47 @@ def test_stage_kernels_match_reference(fmt, dtype, device):
         torch.testing.assert_close(got[3], exact[3].to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("momentum", ["0.1", "none", "tensor"])
+@pytest.mark.parametrize("shape", [(4, 3, 1, 1), (2, 33, 7, 7), (2, 64, 56, 56)], ids=["C3hw1", "C33hw49", "C64hw3136"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not resnet_fused.backends.available()["cuda"], reason="needs a CUDA GPU and the extension built with CUDA"))])
+def test_stage_kernels_equal_their_steps(device, dtype, fmt, shape, momentum):
+    """bn_act_batch and bn_act_backward give bit for bit what their kernel ops give one after another (CUDA runs
+    the coefficients, the count and the running update inside the reductions' launches; the same fp32 values through
+    the same fp64 math): the statistics, the running statistics and num_batches_tracked (three steps, momentum None:
+    the cumulative average), the output, and the backward's gradients."""
+    C = shape[1]
+    x = activation(shape, dtype, fmt, device)
+    w, b, rm, rv = (t.to(device) for t in _bn_args(C, requires_grad=False))
+    grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    count = x.numel() / C
+    mom = {"0.1": 0.1, "none": None, "tensor": None}[momentum]
+    mom_t = torch.tensor(0.3, device=device) if momentum == "tensor" else None
+    fused_state = [rm.clone(), rv.clone(), torch.tensor(2, device=device)]
+    steps_state = [rm.clone(), rv.clone(), torch.tensor(2, device=device)]
+    for _ in range(3):
+        out, mean, var = OPS.bn_act_batch(x, w, b, None, 1e-5, "relu", 0.0, None, None, fused_state[0], fused_state[1], mom,
+                                          mom_t, fused_state[2])
+        s_mean, s_var = OPS.bn_stats(x)
+        steps_state[2] += 1
+        OPS.bn_update_running(steps_state[0], steps_state[1], s_mean, s_var, count, mom, mom_t, steps_state[2])
+        scale, shift = OPS.bn_scale_shift(s_mean, s_var, w, b, 1e-5)
+        s_out = OPS.bn_act_apply(x, scale, shift, None, "relu", 0.0)
+        for name, got, want in zip(("mean", "var", "out", "running_mean", "running_var", "num_batches_tracked"),
+                                   (mean, var, out, *fused_state), (s_mean, s_var, s_out, *steps_state)):
+            assert torch.equal(got, want), name
+    assert fused_state[2].item() == 5
+
+    got = OPS.bn_act_backward(grad, x, mean, var, w, out, 1e-5, True, True, True, False)
+    sum_dy, sum_dy_xmu = OPS.bn_act_backward_reduce(grad, x, mean, out)
+    a, b_, c, grad_weight = OPS.bn_backward_coeffs(sum_dy, sum_dy_xmu, var, w, 1e-5, count, True)
+    grad_input, _ = OPS.bn_act_backward_elemt(grad, out, x, mean, a, b_, c, False)
+    for name, g, want in zip(("grad_input", "grad_weight", "grad_bias"), got, (grad_input, grad_weight, sum_dy)):
+        assert torch.equal(g, want), name
+
+
 @pytest.mark.parametrize("fmt", [NCHW, CL])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv_genstats_matches_reference(fmt, dtype):
