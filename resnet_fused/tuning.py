@@ -249,7 +249,7 @@ def run(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None)
     # per layer, a cheap key first: the full signature costs a few hundred microseconds of Python, and
     # torch.compile can trace this lookup (the shapes are constants there) but not the signature
     autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    fast = (training, backward, autocast, cudnn.graphs_enabled(),
+    fast = (x.device, training, backward, autocast, cudnn.graphs_enabled(),
             *((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (x, residual) if t is not None))
     seen: dict = layer.__dict__.setdefault("_tuned_choices", {})  # fast key -> Candidate (None: the rules)
     if fast in seen or torch.compiler.is_compiling():

@@ -50,25 +50,48 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
   RF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_stats_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
-      Scratch<2> s(C);  // [0]: sum, then chunk mean; [1]: sum (x - m)^2
-      std::vector<float> shift(C);  // m: the chunk mean in fp32
+      Scratch<2> s(C);
       double* sum = s.v[0].data();
+      double* sq = s.v[1].data();
+      std::vector<float> shift(C);       // m per channel: this thread's latest chunk mean, in fp32
+      std::vector<char> shifted(C, 0);   // whether this thread has an m for the channel yet
+      const std::array<const float*, 1> m{shift.data()};
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t c0 = ch.first_channel(k);
+        const int64_t c0 = ch.first_channel(k), c1 = c0 + ch.width;
         const double n_k = static_cast<double>(ch.elems(k));
-        // two passes over the chunk (cached): the mean in fp64 lanes, then the sum of squares about m in fp32 lanes
-        // (non-negative terms); shifted data, so  M2 = sum (x - m)^2 - n_k (mean_k - m)^2  whatever m's rounding
-        chunk_sums<double, 1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
-        for (int64_t c = c0; c < c0 + ch.width; ++c) sum[c] /= n_k, shift[c] = static_cast<float>(sum[c]);
-        chunk_sums<float, 1, 1, 1>(ch, k, std::array{xp}, std::array<const float*, 1>{shift.data()},
-                                   std::array{s.v[1].data()}, [](auto v, auto p) {
-                                     const auto d = v[0] - p[0];
-                                     return std::array{d * d};
-                                   });
-        for (int64_t c = c0; c < c0 + ch.width; ++c) {
-          const double d = sum[c] - static_cast<double>(shift[c]);
-          part_mean[k * ch.width + c - c0] = sum[c];
-          part_m2[k * ch.width + c - c0] = std::max(0.0, s.v[1][c] - n_k * d * d);
+        const auto slot = [&](int64_t c) { return k * ch.width + c - c0; };
+        // contiguous (a chunk is one plane's segment, its sums in registers): one pass about an m from an earlier chunk of
+        // the channel, d = x - m:  mean_k = m + sum d / n_k,  M2_k = sum d^2 - (sum d)^2 / n_k,
+        // the d terms in fp32 lanes. The subtraction loses -log2(1 - q) bits, q = (sum d)^2 / (n_k sum d^2) (how far m is
+        // from mean_k against the chunk's spread): past half a bit, the chunk is taken again in two passes
+        bool one_pass = !g.channels_last && shifted[c0];
+        if (one_pass) {
+          chunk_sums<float, 1, 1, 2>(ch, k, std::array{xp}, m, std::array{sum, sq}, [](auto v, auto p) {
+            const auto d = v[0] - p[0];
+            return std::array{d, d * d};
+          });
+          for (int64_t c = c0; c < c1 && one_pass; ++c) one_pass = 2.0 * sum[c] * sum[c] <= n_k * sq[c];
+          for (int64_t c = c0; c < c1 && one_pass; ++c) {
+            const double mean_k = static_cast<double>(shift[c]) + sum[c] / n_k;
+            part_mean[slot(c)] = mean_k;
+            part_m2[slot(c)] = std::max(0.0, sq[c] - sum[c] * sum[c] / n_k);
+            shift[c] = static_cast<float>(mean_k);
+          }
+        }
+        if (!one_pass) {
+          // two passes over the chunk (cached): the mean in fp64 lanes, then the sum of squares about m = that mean in
+          // fp32 lanes (non-negative terms); shifted data, so  M2 = sum (x - m)^2 - n_k (mean_k - m)^2  whatever m's rounding
+          chunk_sums<double, 1, 0, 1>(ch, k, std::array{xp}, {}, std::array{sum}, [](auto v, auto) { return std::array{v[0]}; });
+          for (int64_t c = c0; c < c1; ++c) sum[c] /= n_k, shift[c] = static_cast<float>(sum[c]), shifted[c] = 1;
+          chunk_sums<float, 1, 1, 1>(ch, k, std::array{xp}, m, std::array{sq}, [](auto v, auto p) {
+            const auto d = v[0] - p[0];
+            return std::array{d * d};
+          });
+          for (int64_t c = c0; c < c1; ++c) {
+            const double d = sum[c] - static_cast<double>(shift[c]);
+            part_mean[slot(c)] = sum[c];
+            part_m2[slot(c)] = std::max(0.0, sq[c] - n_k * d * d);
+          }
         }
       }
     });

@@ -172,7 +172,7 @@ struct Cache {
   std::mutex mutex;
   std::unordered_map<Key, std::shared_ptr<const Graph>, c10::hash<Key>> graphs;  // (signature..., handle)
   std::unordered_set<Key, c10::hash<Key>> reported;                              // signatures
-  std::unordered_set<Key, c10::hash<Key>> failed;                                // signatures whose graph failed to run
+  std::unordered_set<Key, c10::hash<Key>> failed;    // signatures declined: none built, or it failed to run
   std::vector<std::pair<std::string, std::string>> report;  // (signature, "" or the reason), first seen first
 };
 
@@ -398,6 +398,8 @@ std::shared_ptr<const Graph> graph_for(Pattern p, const Tensor& x, const Tensor&
     g->graph.reset();
     reason += several ? c10::str(reason.empty() ? "" : "; ", form_label(p, epilogue, form), ": ", why) : why;
   }
+  // declined for the device (the signature names it): another thread's handle takes the decline, not the builds again
+  if (!reason.empty()) c.failed.insert(sig);
   if (c.reported.insert(sig).second) {
     std::string what = describe(p, x, w, conv, epilogue);
     if (!reason.empty()) {

@@ -75,8 +75,9 @@ class _FusedBlock(nn.Module):
     def _planned(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:
         """This block on its plan for x's signature on the backend setting `backend` (made on the first call)."""
         ds = self.downsample
+        # the shortcut's modules themselves (one replaced inside downsample is another plan) and their modes
         key = plan.layer_signature(self, x, backend) + (
-            self.shortcut, ds is not None and tuple(m.training for m in ds._modules.values()))
+            self.shortcut, ds is not None and tuple((m, m.training) for m in ds._modules.values()))
         return self._plans.get(key, lambda: self._make_plan(x, backend))(x)
 
     def _make_plan(self, x: torch.Tensor, backend: str | None):

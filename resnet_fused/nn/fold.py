@@ -52,7 +52,8 @@ class FoldCache:
         hit = self._entries.get(name)
         if hit is not None and hit[1] == stamp and _same(hit[0], tensors):
             return hit[2], hit[3]
-        with torch.no_grad():
+        # plain tensors also when made under inference_mode: a later call with grad enabled may save them for backward
+        with torch.inference_mode(False), torch.no_grad():
             weight, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         self._entries[name] = (tuple(_ref(t) for t in tensors), stamp, weight, bias)
         return weight, bias

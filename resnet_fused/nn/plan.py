@@ -92,12 +92,14 @@ def tensor_signature(t: torch.Tensor | None) -> tuple | None:
 def layer_signature(layer: nn.Module, x: torch.Tensor, backend: str | None, modules=None) -> tuple:
     """What a plan of `layer` for input x on the backend setting `backend` (None: the one in force) depends on,
     besides the values of its parameters and buffers; the tuner's Variant in force and the cuDNN graphs' switch
-    included. modules: those the layer runs (default: its submodules)."""
+    included, and torch's cuDNN switches that a route reads (cudnn.enabled, allow_tf32). modules: those the layer runs
+    (default: its submodules)."""
     modules = tuple(layer._modules.values()) if modules is None else tuple(modules)
     modes = tuple(m is not None and m.training for m in modules)
     return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(),
             torch.is_autocast_enabled(x.device.type), backend if backend is not None else backends.get_backend(),
-            backends.variant(), cudnn.graphs_enabled(), layer.process_group, modules, modes)
+            backends.variant(), cudnn.graphs_enabled(), torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+            layer.process_group, modules, modes)
 
 
 def stage_backend(layer: nn.Module, x: torch.Tensor, backend: str | None, pairs) -> str | None:
@@ -301,8 +303,9 @@ def _fuses(x: torch.Tensor, input_shape, weight: torch.Tensor, act: Activation, 
     if not (torch.backends.cudnn.enabled and variant.cudnn_fused is not False):
         return False
     if act.name == "relu" and residual:
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) or weight.is_contiguous(memory_format=torch.channels_last)
-        return cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, channels_last, groups, torch.backends.cudnn.allow_tf32)
+        # cuDNN's layout rule, as the routed call reads it (a 1x1 weight or 1x1 map is contiguous in both layouts)
+        return cudnn.cudnn_fuses(input_shape, weight.shape, x.dtype, cudnn._channels_last(x, weight), groups,
+                                 torch.backends.cudnn.allow_tf32)
     return cudnn.graph_fuses(input_shape, x, weight, act, groups, bias, residual)
 
 

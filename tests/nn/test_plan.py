@@ -420,3 +420,35 @@ def test_cuda_padded_is_a_candidate_where_it_pads(monkeypatch):
         assert names[0] == "eager" and names[-1] == "cuda-padded", names
         assert "cuda-padded" not in [c.name for c in tuning.candidates(gpu, training, backward)]
     assert "cuda-padded" not in [c.name for c in tuning.candidates(torch.device("cpu"), False, False, pads=True)]
+
+
+@needs_extension
+def test_plan_follows_a_replaced_downsample_child():
+    """Swapping a module inside the block's downsample Sequential (a user's swap, convert_sync_batchnorm) makes a new
+    plan: the block then computes with the new BN, as eager does."""
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    block = resnet_fused.fuse_(torchvision.models.resnet.BasicBlock(8, 16, 2, ds).eval(), backend="cpu")
+    x = activation((2, 8, 8, 8), torch.float32, CL)
+    with torch.no_grad():
+        block(x)
+        new = randomize_bn(nn.BatchNorm2d(16)).eval()
+        block.downsample[1] = new
+        got, want = block(x), block._run_eager(x)
+    assert_within_eager_error(got, want, block.double()._run_eager(x.double()).float(), "after the swap")
+
+
+@needs_extension
+def test_fold_made_under_inference_mode_serves_a_grad_call():
+    """A fold first made under torch.inference_mode() is a plain tensor: a later eval call whose input needs grad
+    (saliency maps, adversarial inputs) through frozen parameters saves it for backward, as eager does."""
+    block = resnet_fused.fuse_(torchvision.models.resnet.BasicBlock(8, 8).eval(), backend="cpu")
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x = activation((2, 8, 6, 6), torch.float32, CL)
+    with torch.inference_mode():
+        block(x)
+    leaf = x.clone().requires_grad_()
+    block(leaf).sum().backward()
+    eager_leaf = x.clone().requires_grad_()
+    block._run_eager(eager_leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-4, atol=1e-5)

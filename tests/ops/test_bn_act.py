@@ -189,3 +189,25 @@ def test_backend_selection():
         backends.resolve("cuda", x)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         backends.resolve("fast", x)
+
+
+@pytest.mark.skipif(not backends.has_extension(), reason="the C++ CPU kernels' chunking")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bn_stats_chunks_far_from_each_other(fmt):
+    """The CPU statistics take a channel's later chunks (NCHW: plane segments) in one pass about an earlier chunk's mean
+    and in two passes where that mean is far off against the chunk's spread: images whose means alternate between 0 and
+    1e4 (spread 1 and 1e-2), and plain N(3, 1) data, against float64 within a few fp32 ulps (mean) and 2x the fp32
+    rounding of a float64 variance's terms (var)."""
+    torch.manual_seed(0)
+    shape = (8, 3, 40, 40)
+    far = torch.randn(shape).double()
+    far[1::2] = far[1::2] * 1e-2 + 1e4
+    for x64 in (far, torch.randn(shape).double() + 3.0):
+        x = x64.float().contiguous(memory_format=fmt)
+        exact_var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+        mean, var = torch.ops.resnet_fused.bn_stats(x)
+        eager_var, eager_mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        for got, eager, exact, what in ((mean, eager_mean, exact_mean, "mean"), (var, eager_var, exact_var, "var")):
+            err, eager_err = (got.double() - exact).abs().max().item(), (eager.double() - exact).abs().max().item()
+            ulp = torch.finfo(torch.float32).eps * exact.abs().max().item()
+            assert err <= 2 * eager_err + 2 * ulp, f"{what}: error {err:.3g}, eager's {eager_err:.3g}, ulp {ulp:.3g}"
