@@ -11,6 +11,8 @@
 # of the GPU image's Python minor version, default python3.12, else pyenv's 3.12), TORCH_CUDA_ARCH_LIST (default 9.0:
 # H100 / H200), PREBUILD_VENV (default /tmp/resnet_fused_prebuild_venv; reused while it holds TORCH_VERSION),
 # MAX_JOBS (default: the cores here). Takes ~7 minutes on 2 cores, plus ~3 GB of downloads for a fresh venv.
+# The modules' RUNPATH names this venv's cuDNN and NVRTC folders; there `import torch` has loaded both (and cudart)
+# before resnet_fused imports _C, so their sonames resolve to the GPU machine's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
