@@ -103,7 +103,8 @@ Tensor onednn_conv_act(const Tensor& input, const Tensor& weight, const OptTenso
 }
 
 // fp32 ones / zeros of `channels` on `device`: the epilogue's per-channel scale (the BN scale is in the folded
-// weight) and a missing bias. Kept for good: never freed, so also safe when first made inside a CUDA graph capture
+// weight) and a missing bias. Kept for good; one first made inside a CUDA graph capture holds its values once that graph
+// has replayed (its fill is captured, not run): a capture's warm-up calls, as CUDA graphs want, make it first
 const Tensor& constant_vector(double value, int64_t channels, const at::Device& device) {
   static std::mutex mutex;
   static std::map<std::tuple<double, int64_t, at::DeviceType, c10::DeviceIndex>, Tensor> vectors;

@@ -45,8 +45,9 @@ def bias_act(y: Tensor, bias: Tensor | None, residual: Tensor | None, act: Activ
 
 @functools.cache
 def _constant(value: float, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # a per-channel coefficient vector, made once: kept for good (never freed, so also safe when first made inside
-    # a CUDA graph capture: its replays write the same values again); nothing writes to it
+    # a per-channel coefficient vector, made once and kept for good; nothing writes to it. One first made inside a
+    # CUDA graph capture holds its values once that graph has replayed (its fill is captured, not run): a capture's
+    # warm-up calls, as CUDA graphs want, make it first
     return torch.full((channels,), value, dtype=dtype, device=device)
 
 
