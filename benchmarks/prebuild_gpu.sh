@@ -15,7 +15,6 @@
 # before resnet_fused imports _C, so their sonames resolve to the GPU machine's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
 torch_version=${TORCH_VERSION:-2.11.0}
 arch=${TORCH_CUDA_ARCH_LIST:-9.0}
 venv=${PREBUILD_VENV:-/tmp/resnet_fused_prebuild_venv}

@@ -120,11 +120,9 @@ def test_training_stage_moves_no_state_before_its_checks_pass(bad):
     """bn_act_batch rejects its input before the running statistics or num_batches_tracked move, and writes nothing
     past a running statistic it cannot hold (the bytes beside a float8 view stay as they were)."""
     x, C = _x(), 4
-    base_mean, base_var = torch.full((3 * C,), 0.25), torch.full((3 * C,), 2.0)
+    dtype = torch.float8_e4m3fn if bad == "running_dtype" else torch.float32
+    base_mean, base_var = torch.full((3 * C,), 0.25).to(dtype), torch.full((3 * C,), 2.0).to(dtype)
     running_mean, running_var, counter = base_mean[C:2 * C], base_var[C:2 * C], torch.tensor(5)
-    if bad == "running_dtype":
-        base_mean, base_var = torch.full((3 * C,), 0.25).to(torch.float8_e4m3fn), torch.full((3 * C,), 2.0).to(torch.float8_e4m3fn)
-        running_mean, running_var = base_mean[C:2 * C], base_var[C:2 * C]
     before = (base_mean.float().clone(), base_var.float().clone())
     args = dict(residual=_x(2, 4, 3, 2) if bad == "residual" else None, act="swish" if bad == "act" else "relu",
                 batch_mean=torch.zeros(C - 1) if bad == "batch_mean" else None,

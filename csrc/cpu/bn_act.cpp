@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
         const int64_t c0 = ch.first_channel(k), c1 = c0 + ch.width;
         const double n_k = static_cast<double>(ch.elems(k));
         const auto slot = [&](int64_t c) { return k * ch.width + c - c0; };
-        // contiguous (a chunk is one plane's segment, its sums in registers): one pass about an m from an earlier chunk of
-        // the channel, d = x - m:  mean_k = m + sum d / n_k,  M2_k = sum d^2 - (sum d)^2 / n_k,
+        // contiguous (a chunk is a segment of one plane, channel c0, its sums in registers): one pass about an m from an
+        // earlier chunk of the channel, d = x - m:  mean_k = m + sum d / n_k,  M2_k = sum d^2 - (sum d)^2 / n_k,
         // the d terms in fp32 lanes. The subtraction loses -log2(1 - q) bits, q = (sum d)^2 / (n_k sum d^2) (how far m is
         // from mean_k against the chunk's spread): past half a bit, the chunk is taken again in two passes
         bool one_pass = !g.channels_last && shifted[c0];
@@ -70,12 +70,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
             const auto d = v[0] - p[0];
             return std::array{d, d * d};
           });
-          for (int64_t c = c0; c < c1 && one_pass; ++c) one_pass = 2.0 * sum[c] * sum[c] <= n_k * sq[c];
-          for (int64_t c = c0; c < c1 && one_pass; ++c) {
-            const double mean_k = static_cast<double>(shift[c]) + sum[c] / n_k;
-            part_mean[slot(c)] = mean_k;
-            part_m2[slot(c)] = std::max(0.0, sq[c] - sum[c] * sum[c] / n_k);
-            shift[c] = static_cast<float>(mean_k);
+          one_pass = 2.0 * sum[c0] * sum[c0] <= n_k * sq[c0];
+          if (one_pass) {
+            const double mean_k = static_cast<double>(shift[c0]) + sum[c0] / n_k;
+            part_mean[slot(c0)] = mean_k;
+            part_m2[slot(c0)] = std::max(0.0, sq[c0] - sum[c0] * sum[c0] / n_k);
+            shift[c0] = static_cast<float>(mean_k);
           }
         }
         if (!one_pass) {
